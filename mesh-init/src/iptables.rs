@@ -1,0 +1,145 @@
+//! Applying a rules [`Plan`](crate::rules::Plan) to the kernel, atomically.
+//!
+//! Every change — first install, re-run with other flags, cleanup — is one
+//! `iptables-restore --noflush` transaction per IP family: the removal of whatever mesh-init left
+//! before (found with `iptables-save`) followed by the new rules. Either the whole transaction
+//! commits or the kernel keeps exactly the rules it had. Only chains mesh-init owns and the jumps
+//! into them are ever touched; foreign rules stay where they are.
+
+mod backend;
+mod state;
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
+
+pub use backend::{Backend, BackendChoice};
+pub use state::Installed;
+
+use crate::rules::{self, Family, Plan, TproxyRoute};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no iptables binary found ({tried}); install the Debian package `iptables` (apt-get install iptables)")]
+    NotInstalled { tried: String },
+    #[error("--iptables-backend {0}: `{1}` is not installed; install the Debian package `iptables`, or choose another backend")]
+    BackendMissing(BackendChoice, String),
+    #[error("cannot run `{cmd}`: {source}")]
+    Spawn { cmd: String, source: std::io::Error },
+    #[error("`{cmd}` failed ({status}); the kernel's {family} rules are unchanged:\n{stderr}")]
+    Restore { cmd: String, family: Family, status: std::process::ExitStatus, stderr: String },
+    #[error("`{cmd}` failed ({status}): {stderr}")]
+    Command { cmd: String, status: std::process::ExitStatus, stderr: String },
+}
+
+/// What an apply or cleanup did, for the user.
+#[derive(Debug)]
+pub struct Outcome {
+    pub family: Family,
+    pub backend: Backend,
+    /// Rules of a previous run that this transaction replaced or removed.
+    pub removed: usize,
+    pub added: usize,
+}
+
+/// Replaces whatever mesh-init installed for `plan.family` with `plan`, in one transaction.
+pub fn apply(backend: Backend, plan: &Plan) -> Result<Outcome, Error> {
+    let installed = Installed::read(backend, plan.family)?;
+    restore(backend, plan.family, &installed.transaction(plan))?;
+    Route { family: plan.family }.reconcile(plan.tproxy_route)?;
+    Ok(Outcome { family: plan.family, backend, removed: installed.rule_count(), added: plan.rule_count() })
+}
+
+/// Removes every chain and jump mesh-init owns for `family`, and nothing else.
+pub fn cleanup(backend: Backend, family: Family) -> Result<Outcome, Error> {
+    let installed = Installed::read(backend, family)?;
+    let empty = Plan { family, tables: Default::default(), tproxy_route: None };
+    if !installed.is_empty() {
+        restore(backend, family, &installed.transaction(&empty))?;
+    }
+    Route { family }.reconcile(None)?;
+    Ok(Outcome { family, backend, removed: installed.rule_count(), added: 0 })
+}
+
+/// Feeds `text` to `iptables-restore --noflush`, first with `--test`: the legacy backend commits
+/// table by table, so a transaction that could fail half-way (a missing match module in the
+/// mangle table, say) is caught before any table changes.
+fn restore(backend: Backend, family: Family, text: &str) -> Result<(), Error> {
+    let bin = backend.restore_binary(family);
+    tracing::debug!(%bin, "transaction:\n{text}");
+    for args in [&["--noflush", "--wait", "--test"][..], &["--noflush", "--wait"][..]] {
+        let cmd = format!("{bin} {}", args.join(" "));
+        let mut child = Command::new(&bin)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| Error::Spawn { cmd: cmd.clone(), source })?;
+        // A write error means the child died early; its status and stderr say why.
+        let _ = child.stdin.take().expect("piped").write_all(text.as_bytes());
+        let out = child.wait_with_output().map_err(|source| Error::Spawn { cmd: cmd.clone(), source })?;
+        if !out.status.success() {
+            return Err(Error::Restore {
+                cmd,
+                family,
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn run(bin: &str, args: &[&str]) -> Result<String, Error> {
+    let cmd = format!("{bin} {}", args.join(" "));
+    let out = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| Error::Spawn { cmd: cmd.clone(), source })?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            cmd,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The policy route of the TPROXY mode: marked packets are delivered locally.
+struct Route {
+    family: Family,
+}
+
+impl Route {
+    fn ip(&self, args: &[&str]) -> Result<String, Error> {
+        let mut full = vec![if self.family == Family::V4 { "-4" } else { "-6" }];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Makes the policy route of the TPROXY mode exist exactly once when `want` is set, and not at
+    /// all otherwise. Only mesh-init's own mark/table pair is ever touched.
+    fn reconcile(&self, want: Option<TproxyRoute>) -> Result<(), Error> {
+        let owned = rules::TPROXY_ROUTE;
+        let (mark, table) = (owned.mark.to_string(), owned.table.to_string());
+        let listing = self.ip(&["rule", "show"])?;
+        let present = listing.lines().filter(|l| state::parse_tproxy_rule(l) == Some(owned)).count();
+        let wanted = usize::from(want.is_some());
+        for _ in wanted..present {
+            self.ip(&["rule", "del", "fwmark", &mark, "lookup", &table])?;
+        }
+        if want.is_some() {
+            if present == 0 {
+                self.ip(&["rule", "add", "fwmark", &mark, "lookup", &table])?;
+            }
+            self.ip(&["route", "replace", "local", "default", "dev", "lo", "table", &table])?;
+        } else if present > 0 {
+            self.ip(&["route", "flush", "table", &table])?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,31 @@
+//! mesh-init: makes every TCP connection of a pod pass through its sidecar proxy.
+//!
+//! The crate is laid out as deciding, then doing:
+//! - [`capture`]: the flag set every mode shares (istio-iptables' names) and its validation into
+//!   a [`capture::CaptureConfig`];
+//! - [`rules`]: the iptables rules that config means, as a typed plan, and its rendering to
+//!   `iptables-restore` input;
+//! - [`iptables`]: applying a plan atomically (one transaction per IP family), re-runs, cleanup,
+//!   and the choice between the legacy and nf_tables backends;
+//! - `ebpf` (feature `ebpf`): the same interception with eBPF programs attached to a cgroup;
+//! - [`validate`]: proving from inside the namespace that interception works;
+//! - [`netns`]: joining a network namespace without `ip netns exec`'s remount of `/sys`;
+//! - [`orig_dst`]: reading `SO_ORIGINAL_DST`, shared by validation and the tests.
+
+pub mod capture;
+#[cfg(feature = "ebpf")]
+pub mod ebpf;
+pub mod iptables;
+pub mod netns;
+pub mod orig_dst;
+pub mod rules;
+pub mod validate;
+
+/// True when the current network namespace has a global-scope IPv6 address, which is when
+/// istio-iptables programs ip6tables without being asked.
+pub fn has_global_ipv6() -> bool {
+    // Columns: address, ifindex, prefix length, scope, flags, name. Scope 00 is global.
+    std::fs::read_to_string("/proc/net/if_inet6")
+        .map(|t| t.lines().any(|l| l.split_whitespace().nth(3) == Some("00")))
+        .unwrap_or(false)
+}

@@ -1,0 +1,235 @@
+//! The `mesh-init` binary: the command line over the library. Errors become one readable
+//! sentence and a non-zero exit here, and nowhere else.
+
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use mesh_init::{
+    capture::CaptureArgs,
+    iptables::{self, Backend, BackendChoice, Installed},
+    netns,
+    rules::{self, Family},
+    validate,
+};
+
+#[derive(Parser)]
+#[command(name = "mesh-init", version, about = "Transparent traffic interception for a service mesh sidecar")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (tracing's env-filter syntax), e.g. `debug`.
+    #[arg(long, global = true, env = "MESH_INIT_LOG", default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write Istio-compatible iptables rules redirecting the pod's TCP traffic to the proxy.
+    Iptables(IptablesCmd),
+    /// Load eBPF programs that redirect the cgroup's TCP traffic to the proxy (no iptables).
+    Ebpf(EbpfCmd),
+    /// Prove, from inside the namespace, that outbound connections reach the redirect port with
+    /// their original destination.
+    Validate(ValidateCmd),
+    /// Show what mesh-init has installed: iptables chains (in the namespace) and eBPF programs.
+    Status(StatusCmd),
+}
+
+/// Selects the network namespace to work in.
+#[derive(clap::Args)]
+struct NetnsArg {
+    /// Work inside this network namespace: a name from `ip netns list` or a path such as
+    /// /proc/PID/ns/net. Preferred over `ip netns exec`, which hides cgroup2 and bpffs.
+    #[arg(long = "netns", visible_alias = "network-namespace", env = "NETWORK_NAMESPACE")]
+    netns: Option<String>,
+}
+
+impl NetnsArg {
+    fn enter(&self) -> Result<()> {
+        if let Some(ns) = &self.netns {
+            netns::enter(ns)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(clap::Args)]
+struct IptablesCmd {
+    #[command(flatten)]
+    capture: CaptureArgs,
+    #[command(flatten)]
+    netns: NetnsArg,
+    /// Print the iptables-restore input that would be applied (per family) and change nothing.
+    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN")]
+    dry_run: bool,
+    /// Remove every chain and jump mesh-init owns, and nothing else.
+    #[arg(long = "cleanup-only", env = "CLEANUP_ONLY")]
+    cleanup_only: bool,
+    /// Also program ip6tables (automatic when the namespace has a global IPv6 address).
+    #[arg(long = "dual-stack", env = "DUAL_STACK")]
+    dual_stack: bool,
+    /// Which iptables to use; `auto` follows the rules already present, as kube-proxy does.
+    #[arg(long = "iptables-backend", visible_alias = "force-iptables-binary", env = "IPTABLES_BACKEND", value_enum, default_value = "auto")]
+    backend: BackendChoice,
+}
+
+#[derive(clap::Args)]
+struct EbpfCmd {
+    #[command(flatten)]
+    capture: CaptureArgs,
+    #[command(flatten)]
+    netns: NetnsArg,
+    #[cfg(feature = "ebpf")]
+    #[command(flatten)]
+    ebpf: mesh_init::ebpf::EbpfArgs,
+    /// Everything else, so that the missing feature is reported instead of a flag error.
+    #[cfg(not(feature = "ebpf"))]
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    rest: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct ValidateCmd {
+    #[command(flatten)]
+    capture: CaptureArgs,
+    #[command(flatten)]
+    netns: NetnsArg,
+    /// An address that the rules must capture; the connection never leaves the host when they do.
+    /// 192.0.2.1 is a documentation address (RFC 5737), routed nowhere.
+    #[arg(long = "probe-address", default_value = "192.0.2.1:15099")]
+    probe: Vec<SocketAddr>,
+    /// How long to wait for the redirected connection.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(clap::Args)]
+struct StatusCmd {
+    #[command(flatten)]
+    netns: NetnsArg,
+    #[arg(long = "iptables-backend", value_enum, default_value = "auto")]
+    backend: BackendChoice,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("expected a duration such as 500ms or 2s, got {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        _ => Err(format!("expected a duration such as 500ms or 2s, got {s:?}")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log_level))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-init: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Iptables(cmd) => run_iptables(cmd),
+        Command::Ebpf(cmd) => run_ebpf(cmd),
+        Command::Validate(cmd) => run_validate(cmd),
+        Command::Status(cmd) => run_status(cmd),
+    }
+}
+
+fn run_iptables(cmd: IptablesCmd) -> Result<()> {
+    // Every flag is checked before anything, the namespace included, is touched.
+    let capture = cmd.capture.validate()?;
+    cmd.netns.enter()?;
+    let mut families = vec![Family::V4];
+    if cmd.dual_stack || mesh_init::has_global_ipv6() {
+        families.push(Family::V6);
+    }
+    if cmd.dry_run {
+        for family in families {
+            let restore = if family == Family::V4 { "iptables-restore" } else { "ip6tables-restore" };
+            println!("# {family}: {restore} --noflush");
+            print!("{}", rules::render(&rules::plan(&capture, family)));
+        }
+        return Ok(());
+    }
+    let backend = Backend::select(cmd.backend)?;
+    tracing::info!(%backend, "iptables backend");
+    if cmd.cleanup_only {
+        for family in [Family::V4, Family::V6] {
+            let done = iptables::cleanup(backend, family)?;
+            println!("{family}: removed {} mesh-init rules ({backend})", done.removed);
+        }
+        return Ok(());
+    }
+    for family in [Family::V4, Family::V6] {
+        if families.contains(&family) {
+            let done = iptables::apply(backend, &rules::plan(&capture, family))?;
+            println!("{family}: {} rules in place, {} replaced ({backend})", done.added, done.removed);
+        } else {
+            // A previous dual-stack run may have left IPv6 rules that this run no longer wants.
+            let done = iptables::cleanup(backend, family)?;
+            if done.removed > 0 {
+                println!("{family}: removed {} rules of a previous run ({backend})", done.removed);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "ebpf")]
+fn run_ebpf(cmd: EbpfCmd) -> Result<()> {
+    let capture = cmd.capture.validate()?;
+    cmd.netns.enter()?;
+    mesh_init::ebpf::run(&cmd.ebpf, &capture)?;
+    Ok(())
+}
+
+#[cfg(not(feature = "ebpf"))]
+fn run_ebpf(_cmd: EbpfCmd) -> Result<()> {
+    anyhow::bail!(
+        "this mesh-init was built without the `ebpf` feature; rebuild with default features \
+         (needs nightly rust-src and bpf-linker: run scripts/setup.sh), or use `mesh-init iptables`"
+    )
+}
+
+fn run_validate(cmd: ValidateCmd) -> Result<()> {
+    let capture = cmd.capture.validate()?;
+    cmd.netns.enter()?;
+    for probe in &cmd.probe {
+        let got = validate::outbound(capture.outbound_port, *probe, &capture.proxy_uids, cmd.timeout)
+            .with_context(|| format!("validation of {probe} failed"))?;
+        println!("ok: a connection to {probe} reached port {} with original destination {got}", capture.outbound_port);
+    }
+    Ok(())
+}
+
+fn run_status(cmd: StatusCmd) -> Result<()> {
+    cmd.netns.enter()?;
+    match Backend::select(cmd.backend) {
+        Ok(backend) => {
+            for family in [Family::V4, Family::V6] {
+                let installed = Installed::read(backend, family)?;
+                if installed.is_empty() {
+                    println!("iptables {family} ({backend}): nothing installed");
+                } else {
+                    print!("iptables {family} ({backend}):\n{installed}");
+                }
+            }
+        }
+        Err(e) => println!("iptables: {e}"),
+    }
+    #[cfg(feature = "ebpf")]
+    mesh_init::ebpf::status(&mut std::io::stdout())?;
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! `mesh-init validate`: proving, from inside the namespace, that interception works.
+//!
+//! Like istio-validation it runs after the rules are in place and before the proxy starts: it
+//! listens on the redirect port itself, dials an address that must be captured, and checks that
+//! the connection arrived on the listener with that address as its `SO_ORIGINAL_DST`. A failure
+//! exits non-zero with one sentence saying which step failed, so a pod never starts with traffic
+//! silently bypassing its proxy.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use crate::orig_dst::original_dst;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ValidationError {
+    #[error("cannot listen on {addr} ({source}); run validate before the proxy starts, or check --envoy-port")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("running as UID {uid}, which is a proxy UID: its traffic is exempt by design; run validate as another user")]
+    ProxyUser { uid: u32 },
+    #[error("connecting to {probe} failed ({source}): outbound traffic is not redirected to port {port}")]
+    Connect { probe: SocketAddr, port: u16, source: std::io::Error },
+    #[error("the connection to {probe} was not redirected to port {port} within {timeout:?}")]
+    NotRedirected { probe: SocketAddr, port: u16, timeout: Duration },
+    #[error("the redirected connection has no SO_ORIGINAL_DST ({source})")]
+    NoOriginalDst { source: nix::Error },
+    #[error("SO_ORIGINAL_DST is {got}, expected {probe}: the rules rewrite the destination wrongly")]
+    WrongOriginalDst { probe: SocketAddr, got: SocketAddr },
+    #[error("I/O on the validation connection failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Checks that a TCP connect to `probe` is redirected to `port` on this host and that the
+/// original destination reads back as `probe`.
+pub fn outbound(port: u16, probe: SocketAddr, proxy_uids: &[u32], timeout: Duration) -> Result<SocketAddr, ValidationError> {
+    let uid = nix::unistd::geteuid().as_raw();
+    if proxy_uids.contains(&uid) {
+        return Err(ValidationError::ProxyUser { uid });
+    }
+    let bind: SocketAddr = if probe.is_ipv6() { (std::net::Ipv6Addr::UNSPECIFIED, port).into() } else { ([0, 0, 0, 0], port).into() };
+    let listener = TcpListener::bind(bind).map_err(|source| ValidationError::Listen { addr: bind, source })?;
+    listener.set_nonblocking(true)?;
+
+    let mut client = TcpStream::connect_timeout(&probe, timeout)
+        .map_err(|source| ValidationError::Connect { probe, port, source })?;
+    let deadline = Instant::now() + timeout;
+    let mut accepted = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(ValidationError::NotRedirected { probe, port, timeout })
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    accepted.set_nonblocking(false)?;
+    let got = original_dst(&accepted, probe.is_ipv6()).map_err(|source| ValidationError::NoOriginalDst { source })?;
+    if got != probe {
+        return Err(ValidationError::WrongOriginalDst { probe, got });
+    }
+    // A round trip proves the path carries data, not only a handshake.
+    client.write_all(b"mesh-init validate\n")?;
+    let mut buf = [0u8; 19];
+    accepted.set_read_timeout(Some(timeout))?;
+    accepted.read_exact(&mut buf)?;
+    Ok(got)
+}
