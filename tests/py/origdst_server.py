@@ -7,8 +7,12 @@ answers every connection with one line saying where it was going and who sent it
 `orig` comes from SO_ORIGINAL_DST (IPv4) / IP6T_SO_ORIGINAL_DST (IPv6), or is `none` when the
 socket has none (a connection that was not redirected, or one steered without NAT).
 Usage: origdst_server.py PORT [PORT...]   (prints "ready" once every socket listens)
+With TRANSPARENT=1 in the environment the sockets set IP_TRANSPARENT, as a TPROXY listener must.
 """
-import selectors, socket, struct, sys
+import os, selectors, socket, struct, sys
+
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
 
 SO_ORIGINAL_DST = 80
 
@@ -37,6 +41,11 @@ def main():
         for fam, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
             s = socket.socket(fam, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if os.environ.get("TRANSPARENT") == "1":
+                if fam == socket.AF_INET:
+                    s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                else:
+                    s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
             if fam == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s.bind((host, port))

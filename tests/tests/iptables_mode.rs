@@ -1,0 +1,175 @@
+//! What only the iptables mode has: dry runs, golden files accepted by the real
+//! `iptables-restore`, both backends, TPROXY, DNS capture and large rule sets.
+
+use std::{
+    fs,
+    io::Write,
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use mesh_e2e::{bin, check, privileged, script, Netns, PodNet, Proc, POD_V4, REMOTE_V4};
+
+/// Feeds `text` to `<restore> --test` inside `ns`; returns stderr on failure.
+fn restore_test(ns: &Netns, restore: &str, text: &str) -> Result<(), String> {
+    let mut child = ns
+        .command(restore)
+        .args(["--noflush", "--test"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn restore");
+    // A write error means restore exited early; its status and stderr say why.
+    let _ = child.stdin.take().unwrap().write_all(text.as_bytes());
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Splits golden/dry-run output into (IPv4 text, IPv6 text) at the `# IPv6:` header.
+fn split_families(text: &str) -> (String, String) {
+    let at = text.find("# IPv6:").unwrap_or(text.len());
+    (text[..at].to_string(), text[at..].to_string())
+}
+
+#[test]
+fn golden_files_are_accepted_by_both_backends() {
+    if !privileged("golden_files_are_accepted_by_both_backends") {
+        return;
+    }
+    let ns = Netns::new("golden");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../mesh-init/tests/golden");
+    let mut seen = 0;
+    for entry in fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let (v4, v6) = split_families(&fs::read_to_string(&path).unwrap());
+        for backend in ["nft", "legacy"] {
+            for (restore, text) in [(format!("iptables-{backend}-restore"), &v4), (format!("ip6tables-{backend}-restore"), &v6)] {
+                restore_test(&ns, &restore, text).unwrap_or_else(|e| panic!("{} rejected by {restore}: {e}", path.display()));
+            }
+        }
+        seen += 1;
+    }
+    assert!(seen >= 10, "expected the golden files in {}", dir.display());
+}
+
+#[test]
+fn dry_run_needs_no_root_and_prints_valid_input() {
+    if !privileged("dry_run_needs_no_root_and_prints_valid_input") {
+        return;
+    }
+    // As `nobody`, outside any namespace: it must not need privileges or change anything.
+    let out = check(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin("mesh-init"))
+            .args(["iptables", "--dry-run", "--dual-stack", "-d", "15090,15021", "-x", "10.96.0.0/12"]),
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("-A ISTIO_OUTPUT -d 10.96.0.0/12 -j RETURN"), "{text}");
+    let (v4, v6) = split_families(&text);
+    assert!(!v6.is_empty(), "--dual-stack prints the IPv6 half");
+    let ns = Netns::new("dry");
+    restore_test(&ns, "iptables-restore", &v4).unwrap();
+    restore_test(&ns, "ip6tables-restore", &v6).unwrap();
+    assert!(!ns.sh("iptables-save").contains("ISTIO"), "--test changed nothing");
+}
+
+#[test]
+fn legacy_backend_is_used_when_asked_and_then_detected() {
+    if !privileged("legacy_backend_is_used_when_asked_and_then_detected") {
+        return;
+    }
+    let ns = Netns::new("legacy");
+    let init = |args: &[&str]| {
+        let out = check(Command::new(bin("mesh-init")).args(["iptables", "--netns", ns.name()]).args(args));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(init(&["--iptables-backend", "legacy"]).contains("(legacy)"));
+    assert!(ns.sh("iptables-legacy-save -t nat").contains("-A OUTPUT -p tcp -j ISTIO_OUTPUT"));
+    assert!(!ns.sh("iptables-nft-save -t nat").contains("ISTIO"), "nothing written to nf_tables");
+    // With rules in the legacy tables, auto must follow them rather than split the rule set.
+    assert!(init(&[]).contains("(legacy)"), "auto detects the legacy rules");
+    assert!(init(&["--cleanup-only"]).contains("(legacy)"));
+    assert!(!ns.sh("iptables-legacy-save").contains("ISTIO"));
+}
+
+#[test]
+fn thousand_ports_and_cidrs_apply_and_work() {
+    if !privileged("thousand_ports_and_cidrs_apply_and_work") {
+        return;
+    }
+    let net = PodNet::new("scale");
+    let ports: Vec<String> = (0..1000).map(|i| (20000 + 3 * i).to_string()).collect();
+    let cidrs: Vec<String> = (0..1000).map(|i| format!("10.{}.{}.128/25", 100 + i / 250, i % 250)).collect();
+    let out = check(Command::new(bin("mesh-init")).args(["iptables", "--netns", net.pod.name(), "-o", &ports.join(","), "-x", &cidrs.join(",")]));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    let rules = net.pod.sh("iptables-save -t nat | grep -c '^-A ISTIO_OUTPUT'");
+    let rules: usize = rules.trim().parse().unwrap();
+    assert!(rules < 1000 + 100, "ports are packed: {rules} rules in ISTIO_OUTPUT ({summary})");
+    // 20003 is excluded, 20004 is not.
+    let mut proxy = Proc::spawn(net.pod.command_as(1337, 1337, "python3").arg(script("origdst_server.py")).arg("15000"));
+    proxy.wait_for_line("ready");
+    let mut remote = Proc::spawn(net.remote.command("python3").arg(script("origdst_server.py")).args(["20003", "20004"]));
+    remote.wait_for_line("ready");
+    let probe = |port: u16| net.pod.sh(&format!("python3 {} {REMOTE_V4}:{port}", script("probe.py").display()));
+    assert!(probe(20003).contains("port=20003"), "excluded port goes direct");
+    assert!(probe(20004).contains("port=15000"), "other ports are captured");
+}
+
+#[test]
+fn tproxy_delivers_inbound_with_the_client_address_kept() {
+    if !privileged("tproxy_delivers_inbound_with_the_client_address_kept") {
+        return;
+    }
+    let net = PodNet::new("tproxy");
+    check(Command::new(bin("mesh-init")).args(["iptables", "--netns", net.pod.name(), "-m", "TPROXY", "-z", "15006", "-d", "8081"]));
+    // IP_TRANSPARENT needs CAP_NET_ADMIN: give the proxy UID just that, as a sidecar would get it.
+    let mut cmd = net.pod.command("setpriv");
+    cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups", "--inh-caps=+net_admin", "--ambient-caps=+net_admin", "--", "env", "TRANSPARENT=1", "python3"])
+        .arg(script("origdst_server.py"))
+        .arg("15006");
+    let mut proxy = Proc::spawn(&mut cmd);
+    proxy.wait_for_line("ready");
+    let mut app = Proc::spawn(net.pod.command("python3").arg(script("origdst_server.py")).arg("8081"));
+    app.wait_for_line("ready");
+    let probe = |addr: &str| net.remote.sh(&format!("python3 {} {addr}", script("probe.py").display()));
+    let r = probe(&format!("{POD_V4}:8080"));
+    assert!(r.contains("port=15006"), "inbound goes to the TPROXY port: {r}");
+    assert!(r.contains("local=10.200.0.1:8080"), "the destination is kept: {r}");
+    assert!(r.contains("peer=10.200.0.2:"), "the client's address is kept: {r}");
+    assert!(probe(&format!("{POD_V4}:8081")).contains("port=8081"), "excluded port reaches the app");
+    assert!(net.pod.sh("ip rule").contains("fwmark 0x539 lookup 133"));
+    check(Command::new(bin("mesh-init")).args(["iptables", "--netns", net.pod.name(), "--cleanup-only"]));
+    assert!(!net.pod.sh("ip rule").contains("lookup 133"), "cleanup removes the policy route");
+}
+
+#[test]
+fn dns_is_captured_to_the_dns_port_except_for_the_proxy() {
+    if !privileged("dns_is_captured_to_the_dns_port_except_for_the_proxy") {
+        return;
+    }
+    let net = PodNet::new("dns");
+    check(Command::new(bin("mesh-init")).args(["iptables", "--netns", net.pod.name(), "--redirect-dns"]));
+    // A UDP "DNS server" that answers with its own name, in the pod (the proxy's DNS port) and
+    // on the remote (the real server).
+    let server = |name: &str, port: u16| {
+        format!(
+            "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', {port})); print('ready', flush=True)\n\
+             while True:\n    d, a = s.recvfrom(512); s.sendto(b'{name}', a)"
+        )
+    };
+    let mut proxy_dns = Proc::spawn(net.pod.command_as(1337, 1337, "python3").args(["-c", &server("proxy", 15053)]));
+    proxy_dns.wait_for_line("ready");
+    let mut real_dns = Proc::spawn(net.remote.command("python3").args(["-c", &server("real", 53)]));
+    real_dns.wait_for_line("ready");
+    let ask = "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); \
+               s.sendto(b'q', ('10.200.0.2', 53)); print(s.recvfrom(512)[0].decode())";
+    let app = check(net.pod.command("python3").args(["-c", ask]));
+    assert_eq!(String::from_utf8_lossy(&app.stdout).trim(), "proxy", "the application's DNS goes to the proxy");
+    let proxy = check(net.pod.command_as(1337, 1337, "python3").args(["-c", ask]));
+    assert_eq!(String::from_utf8_lossy(&proxy.stdout).trim(), "real", "the proxy's own DNS goes out");
+}
