@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every test: unit, golden, and end-to-end tests in network namespaces (root needed for
+# those; with CI set they fail instead of skipping). Installs what a fresh machine lacks first.
+#
+#   scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+bash scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
+
+mesh_reap_stale
+trap mesh_reap_stale EXIT
+
+# The e2e tests run the workspace's binaries: build them first, in the same target directory.
+cargo build --workspace --bins --locked
+cargo test --workspace --locked --no-fail-fast "$@"
