@@ -21,6 +21,9 @@ struct Cli {
     /// Log filter (tracing's env-filter syntax), e.g. `debug`.
     #[arg(long, global = true, env = "MESH_INIT_LOG", default_value = "info")]
     log_level: String,
+    /// istio-iptables' log flag (`default:info`), accepted so Istio's injector template works.
+    #[arg(long = "log_output_level", global = true, hide = true)]
+    istio_log_level: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -124,8 +127,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let level = match &cli.istio_log_level {
+        Some(istio) => istio.rsplit(':').next().unwrap_or("info").to_string(),
+        None => cli.log_level.clone(),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log_level))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
@@ -157,11 +164,14 @@ fn run_iptables(cmd: IptablesCmd) -> Result<()> {
         families.push(Family::V6);
     }
     if cmd.dry_run {
+        let mut text = String::new();
         for family in families {
             let restore = if family == Family::V4 { "iptables-restore" } else { "ip6tables-restore" };
-            println!("# {family}: {restore} --noflush");
-            print!("{}", rules::render(&rules::plan(&capture, family)));
+            text += &format!("# {family}: {restore} --noflush\n");
+            text += &rules::render(&rules::plan(&capture, family));
         }
+        // A reader that stops early (`| head`) is not an error.
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
         return Ok(());
     }
     let backend = Backend::select(cmd.backend)?;
