@@ -1,0 +1,217 @@
+//! The admin API, Envoy's names: `/config_dump`, `/clusters`, `/listeners`, `/stats/prometheus`,
+//! `/ready`, `POST /logging?level=`, `POST /quitquitquit`. It runs on the control runtime, so a
+//! saturated data plane does not hide what the proxy is doing.
+//!
+//! `/clusters` and `/listeners` answer Envoy's text format (`name::address::stat::value`) by
+//! default and JSON with `?format=json`.
+
+use std::{convert::Infallible, fmt::Write, sync::atomic::Ordering, sync::Arc};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::Notify};
+
+use crate::{drain, logging::LogHandle, reload::Control};
+
+pub struct Admin {
+    pub control: Arc<Control>,
+    /// None when logging was not installed through [`crate::logging::init`] (library use).
+    pub log: Option<LogHandle>,
+    /// Notified by `/quitquitquit`; the process then drains as on SIGTERM.
+    pub shutdown: Arc<Notify>,
+    pub drain: Arc<drain::Trigger>,
+}
+
+/// Serves the admin API on `listener` forever.
+pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            r
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding: {e}\n")),
+    }
+}
+
+/// A query parameter's value (percent-decoding `%2C` and `+` enough for log directives).
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| v.replace("%2C", ",").replace("%2c", ",").replace("%3D", "=").replace("%3d", "=").replace('+', " "))
+    })
+}
+
+#[derive(Serialize)]
+struct EndpointView {
+    address: std::net::SocketAddr,
+    active_connections: u64,
+    total_connections: u64,
+    idle_connections: usize,
+    active_requests: u64,
+    total_requests: u64,
+    errors: u64,
+}
+
+#[derive(Serialize)]
+struct ClusterView {
+    name: String,
+    lb_policy: crate::config::LbPolicy,
+    endpoints: Vec<EndpointView>,
+}
+
+impl Admin {
+    fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let query = req.uri().query();
+        let json_format = query_param(query, "format").as_deref() == Some("json");
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/") => text(
+                StatusCode::OK,
+                "GET /config_dump\nGET /clusters[?format=json]\nGET /listeners[?format=json]\nGET /stats/prometheus\nGET /ready\nPOST /logging?level=LEVEL\nPOST /quitquitquit\n",
+            ),
+            (&Method::GET, "/config_dump") => {
+                let snapshot = self.control.snapshot.load();
+                #[derive(Serialize)]
+                struct Dump<'a> {
+                    version: &'a str,
+                    source: &'a str,
+                    config: &'a crate::config::Config,
+                    last_rejected: Option<crate::reload::Rejection>,
+                }
+                json(&Dump {
+                    version: &snapshot.origin.version,
+                    source: &snapshot.origin.source,
+                    config: &snapshot.config,
+                    last_rejected: self.control.last_rejected(),
+                })
+            }
+            (&Method::GET, "/clusters") => {
+                let snapshot = self.control.snapshot.load();
+                let views: Vec<ClusterView> = snapshot
+                    .clusters
+                    .iter()
+                    .map(|c| ClusterView {
+                        name: c.name.to_string(),
+                        lb_policy: c.policy,
+                        endpoints: c
+                            .endpoints
+                            .iter()
+                            .map(|e| EndpointView {
+                                address: e.addr,
+                                active_connections: e.stats.active_connections.load(Ordering::Relaxed),
+                                total_connections: e.stats.total_connections.load(Ordering::Relaxed),
+                                idle_connections: e.idle_connections(),
+                                active_requests: e.stats.active_requests.load(Ordering::Relaxed),
+                                total_requests: e.stats.total_requests.load(Ordering::Relaxed),
+                                errors: e.stats.errors.load(Ordering::Relaxed),
+                            })
+                            .collect(),
+                    })
+                    .collect();
+                if json_format {
+                    return json(&serde_json::json!({ "clusters": views }));
+                }
+                let mut out = String::new();
+                for c in &views {
+                    for e in &c.endpoints {
+                        for (stat, v) in [
+                            ("cx_active", e.active_connections),
+                            ("cx_total", e.total_connections),
+                            ("rq_active", e.active_requests),
+                            ("rq_total", e.total_requests),
+                            ("rq_error", e.errors),
+                        ] {
+                            let _ = writeln!(out, "{}::{}::{stat}::{v}", c.name, e.address);
+                        }
+                    }
+                }
+                text(StatusCode::OK, out)
+            }
+            (&Method::GET, "/listeners") => {
+                let info = self.control.listeners.info();
+                if json_format {
+                    return json(&info);
+                }
+                let mut out = String::new();
+                for l in info {
+                    let _ = writeln!(out, "{}::{}", l.name, l.address);
+                }
+                text(StatusCode::OK, out)
+            }
+            (&Method::GET, "/stats/prometheus") => {
+                let mut r = text(StatusCode::OK, self.control.metrics.encode());
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
+            (&Method::GET, "/ready") => {
+                if self.drain.is_draining() {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
+                } else {
+                    text(StatusCode::OK, "LIVE\n")
+                }
+            }
+            (&Method::POST, "/logging") => {
+                let Some(level) = query_param(query, "level") else {
+                    return text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=debug (an EnvFilter string)\n");
+                };
+                match &self.log {
+                    None => text(StatusCode::NOT_IMPLEMENTED, "logging was not set up by mesh-proxy\n"),
+                    Some(h) => match h.set(&level) {
+                        Ok(()) => {
+                            tracing::info!(%level, "log level changed");
+                            text(StatusCode::OK, format!("level: {level}\n"))
+                        }
+                        Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                    },
+                }
+            }
+            (&Method::POST, "/quitquitquit") => {
+                self.shutdown.notify_one();
+                text(StatusCode::OK, "OK\n")
+            }
+            (_, "/" | "/config_dump" | "/clusters" | "/listeners" | "/stats/prometheus" | "/ready" | "/logging" | "/quitquitquit") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the endpoints\n"),
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Clusters and their endpoints as the data plane uses them: balancing, connecting with one retry on
+//! another endpoint, per-endpoint counters and the HTTP/1.1 keep-alive pool of each endpoint.
+//!
+//! Endpoints outlive config snapshots: a reload that keeps `cluster/ip:port` hands the same
+//! [`Endpoint`] (its counters and idle connections) to the new snapshot, through the
+//! [`EndpointRegistry`].
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, Weak,
+    },
+    time::Duration,
+};
+
+use hyper::{body::Incoming, client::conn::http1::SendRequest};
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+use crate::{balance, config, config::LbPolicy, metrics::Metrics, tcp};
+
+/// The name metrics and logs give traffic forwarded to its original destination.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+
+/// Idle upstream connections kept per endpoint; more are closed when they come back.
+const MAX_IDLE_PER_ENDPOINT: usize = 256;
+
+/// Counters shown by `/clusters`.
+#[derive(Debug, Default, Serialize)]
+pub struct EndpointStats {
+    pub active_connections: AtomicU64,
+    pub total_connections: AtomicU64,
+    /// Requests (HTTP) or connections (TCP) in flight: the load `least_request` compares.
+    pub active_requests: AtomicU64,
+    pub total_requests: AtomicU64,
+    /// Failed connects, resets and timeouts.
+    pub errors: AtomicU64,
+}
+
+/// One upstream address of one cluster.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub stats: EndpointStats,
+    /// HTTP/1.1 connections ready for another request. A plain mutex: held for a push or a pop.
+    idle: Mutex<Vec<SendRequest<Incoming>>>,
+}
+
+/// Decrements `active_connections` when the upstream connection it travels with closes.
+pub struct ConnectionGuard(Arc<Endpoint>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.stats.active_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Decrements `active_requests` when the request or TCP session ends.
+pub struct RequestGuard(Arc<Endpoint>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.stats.active_requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { addr, stats: EndpointStats::default(), idle: Mutex::new(Vec::new()) }
+    }
+
+    /// Counts a request (or TCP session) until the guard drops.
+    pub fn start_request(self: &Arc<Self>) -> RequestGuard {
+        self.stats.active_requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.total_requests.fetch_add(1, Ordering::Relaxed);
+        RequestGuard(self.clone())
+    }
+
+    pub fn record_error(&self) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Opens a counted TCP connection.
+    pub async fn connect(self: &Arc<Self>, timeout: Duration) -> io::Result<(TcpStream, ConnectionGuard)> {
+        let stream = tcp::connect(self.addr, None, timeout).await?;
+        self.stats.active_connections.fetch_add(1, Ordering::Relaxed);
+        self.stats.total_connections.fetch_add(1, Ordering::Relaxed);
+        Ok((stream, ConnectionGuard(self.clone())))
+    }
+
+    /// An idle pooled HTTP connection that is still usable, if there is one.
+    pub async fn checkout(&self) -> Option<SendRequest<Incoming>> {
+        loop {
+            let mut sender = self.idle.lock().expect("pool lock poisoned").pop()?;
+            // Waits only for a connection whose previous response is being finished; a closed one
+            // errors at once and is dropped.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    /// Returns a connection after its response was read to the end.
+    pub fn checkin(&self, sender: SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().expect("pool lock poisoned");
+        if idle.len() < MAX_IDLE_PER_ENDPOINT {
+            idle.push(sender);
+        }
+    }
+
+    /// Opens a new HTTP/1.1 connection; its driver task ends when the connection closes.
+    pub async fn connect_http(self: &Arc<Self>, timeout: Duration) -> io::Result<SendRequest<Incoming>> {
+        let (stream, guard) = self.connect(timeout).await?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
+            }
+            drop(guard);
+        });
+        Ok(sender)
+    }
+
+    pub fn idle_connections(&self) -> usize {
+        self.idle.lock().expect("pool lock poisoned").len()
+    }
+}
+
+/// A set of equivalent endpoints and the policy that spreads load over them.
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: Arc<str>,
+    pub policy: LbPolicy,
+    pub connect_timeout: Duration,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Round-robin cursor; shared by all threads, so relaxed atomic increments.
+    rr: AtomicUsize,
+    connect_failures: Counter,
+}
+
+/// No endpoint of a cluster could be connected to.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cluster {cluster} has no endpoints")]
+    NoEndpoints { cluster: Arc<str> },
+    #[error("cluster {cluster}: endpoint {addr}: {source}")]
+    Failed { cluster: Arc<str>, addr: SocketAddr, source: io::Error },
+}
+
+impl Cluster {
+    pub fn new(c: &config::Cluster, registry: &EndpointRegistry, metrics: &Metrics) -> Self {
+        let name: Arc<str> = Arc::from(c.name.as_str());
+        let endpoints = c.endpoints.iter().map(|a| registry.get(&name, *a)).collect();
+        Self {
+            connect_failures: metrics.connect_failures(&name),
+            name,
+            policy: c.lb_policy,
+            connect_timeout: c.connect_timeout,
+            endpoints,
+            rr: AtomicUsize::new(0),
+        }
+    }
+
+    /// The original destination of one downstream connection as a cluster (Istio's
+    /// PassthroughCluster), for HTTP requests no route claims.
+    pub fn passthrough(addr: SocketAddr, connect_timeout: Duration, connect_failures: Counter) -> Self {
+        Self {
+            name: Arc::from(PASSTHROUGH_CLUSTER),
+            policy: LbPolicy::RoundRobin,
+            connect_timeout,
+            endpoints: vec![Arc::new(Endpoint::new(addr))],
+            rr: AtomicUsize::new(0),
+            connect_failures,
+        }
+    }
+
+    /// Picks an endpoint by the cluster's policy, avoiding `exclude`.
+    pub fn pick(&self, exclude: Option<usize>) -> Option<usize> {
+        balance::with_rng(|rng| {
+            balance::pick_endpoint(
+                self.policy,
+                self.endpoints.len(),
+                exclude,
+                &self.rr,
+                |i| self.endpoints[i].stats.active_requests.load(Ordering::Relaxed),
+                rng,
+            )
+        })
+    }
+
+    pub fn record_connect_failure(&self, endpoint: &Endpoint, error: &io::Error) {
+        endpoint.record_error();
+        self.connect_failures.inc();
+        tracing::warn!(cluster = %self.name, endpoint = %endpoint.addr, %error, "upstream connect failed");
+    }
+
+    /// Connects over TCP to an endpoint; a failed connect is retried once on another endpoint.
+    pub async fn connect_tcp(&self) -> Result<(Arc<Endpoint>, TcpStream, ConnectionGuard), ConnectError> {
+        let mut exclude = None;
+        let mut last = None;
+        for _ in 0..2 {
+            let Some(i) = self.pick(exclude) else { break };
+            let ep = &self.endpoints[i];
+            match ep.connect(self.connect_timeout).await {
+                Ok((stream, guard)) => return Ok((ep.clone(), stream, guard)),
+                Err(e) => {
+                    self.record_connect_failure(ep, &e);
+                    exclude = Some(i);
+                    last = Some((ep.addr, e));
+                }
+            }
+        }
+        Err(match last {
+            Some((addr, source)) => ConnectError::Failed { cluster: self.name.clone(), addr, source },
+            None => ConnectError::NoEndpoints { cluster: self.name.clone() },
+        })
+    }
+}
+
+/// Hands out the same [`Endpoint`] for the same cluster name and address across reloads, so
+/// counters and pooled connections survive an update that keeps the endpoint.
+#[derive(Debug, Default)]
+pub struct EndpointRegistry {
+    endpoints: Mutex<HashMap<(Arc<str>, SocketAddr), Weak<Endpoint>>>,
+}
+
+impl EndpointRegistry {
+    pub fn get(&self, cluster: &Arc<str>, addr: SocketAddr) -> Arc<Endpoint> {
+        let mut map = self.endpoints.lock().expect("registry lock poisoned");
+        // Forget endpoints no snapshot holds any more.
+        map.retain(|_, w| w.strong_count() > 0);
+        let key = (cluster.clone(), addr);
+        if let Some(ep) = map.get(&key).and_then(Weak::upgrade) {
+            return ep;
+        }
+        let ep = Arc::new(Endpoint::new(addr));
+        map.insert(key, Arc::downgrade(&ep));
+        ep
+    }
+}

@@ -1,0 +1,88 @@
+//! Inbound: a redirected connection whose original destination is this namespace's own address
+//! goes to the local application on the same address and port.
+//!
+//! The proxy connects from 127.0.0.6 (IPv4) / ::6 (IPv6), the sources mesh-init's rules let
+//! through untouched: without them, the proxy's own connection to the pod address would be
+//! redirected back to the proxy. 127.0.0.6 is on `lo` already (all of 127/8 is); ::6 is used only
+//! when it has been assigned to `lo`, and otherwise the kernel picks the source.
+
+use std::{
+    collections::HashSet,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
+
+use tokio::net::TcpStream;
+
+use crate::tcp;
+
+pub const INBOUND_SOURCE_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
+pub const INBOUND_SOURCE_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
+
+/// The addresses of this network namespace's interfaces.
+#[derive(Debug, Default, Clone)]
+pub struct LocalAddrs(HashSet<IpAddr>);
+
+impl LocalAddrs {
+    /// Reads the interface addresses (`getifaddrs`).
+    pub fn discover() -> io::Result<Self> {
+        let mut set = HashSet::new();
+        for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
+            let Some(addr) = ifa.address else { continue };
+            if let Some(v4) = addr.as_sockaddr_in() {
+                set.insert(IpAddr::V4(v4.ip()));
+            } else if let Some(v6) = addr.as_sockaddr_in6() {
+                set.insert(IpAddr::V6(v6.ip()));
+            }
+        }
+        Ok(Self(set))
+    }
+
+    pub fn from_addrs(addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        Self(addrs.into_iter().collect())
+    }
+
+    /// Loopback addresses are always local; the rest must be on an interface.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || self.0.contains(&ip)
+    }
+}
+
+/// Connects to the local application at `dst` from the inbound passthrough source.
+pub async fn connect_local(dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    match dst {
+        SocketAddr::V4(_) => tcp::connect(dst, Some(INBOUND_SOURCE_V4), timeout).await,
+        SocketAddr::V6(_) => match tcp::connect(dst, Some(INBOUND_SOURCE_V6), timeout).await {
+            Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => {
+                tracing::debug!(%dst, "::6 is not on lo; connecting from the kernel's choice of source");
+                tcp::connect(dst, None, timeout).await
+            }
+            r => r,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_local_app_sees_127_0_0_6() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _c = connect_local(l.local_addr().unwrap(), Duration::from_secs(1)).await.unwrap();
+        let (_, peer) = l.accept().await.unwrap();
+        assert_eq!(peer.ip(), INBOUND_SOURCE_V4);
+    }
+
+    #[test]
+    fn loopback_and_interface_addresses_are_local() {
+        let local = LocalAddrs::discover().unwrap();
+        assert!(local.contains("127.0.0.1".parse().unwrap()));
+        assert!(local.contains("127.9.9.9".parse().unwrap()));
+        assert!(local.contains("::1".parse().unwrap()));
+        assert!(!local.contains("192.0.2.1".parse().unwrap()));
+        let given = LocalAddrs::from_addrs(["10.200.0.1".parse().unwrap()]);
+        assert!(given.contains("10.200.0.1".parse().unwrap()));
+    }
+}

@@ -1,0 +1,168 @@
+//! Listening sockets and their accept loops, on the data-plane runtime.
+//!
+//! Listeners are keyed by address: an update that keeps an address keeps its socket (nothing is
+//! re-bound, no connection attempt is refused), a new address is bound before anything is swapped
+//! (so a bind failure rejects the whole update), and a removed one stops accepting while its
+//! established connections carry on.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use serde::Serialize;
+use socket2::{Domain, Socket, Type};
+use tokio::{net::TcpListener, runtime::Handle, sync::oneshot};
+
+use crate::{config, drain, metrics::ListenerLabels, proxy::Proxy};
+
+/// Pending connections the kernel queues per listener.
+const BACKLOG: i32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+#[error("listener {name}: binding {address}: {source}")]
+pub struct BindError {
+    pub name: String,
+    pub address: SocketAddr,
+    pub source: io::Error,
+}
+
+/// A bound, running listener.
+struct Running {
+    name: String,
+    /// Dropping it stops the accept loop.
+    _stop: oneshot::Sender<()>,
+}
+
+/// Sockets bound for an update, not yet accepting.
+pub struct Prepared {
+    bound: Vec<(config::Listener, std::net::TcpListener)>,
+    keep: Vec<SocketAddr>,
+}
+
+/// What `/listeners` shows.
+#[derive(Debug, Serialize)]
+pub struct ListenerInfo {
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+pub struct Listeners {
+    /// Where accept loops and connections run.
+    data: Handle,
+    proxy: Arc<Proxy>,
+    drain: Arc<drain::Trigger>,
+    running: Mutex<HashMap<SocketAddr, Running>>,
+}
+
+impl Listeners {
+    pub fn new(data: Handle, proxy: Arc<Proxy>, drain: Arc<drain::Trigger>) -> Self {
+        Self { data, proxy, drain, running: Mutex::new(HashMap::new()) }
+    }
+
+    /// Binds every listener of `wanted` that is not running yet. On error nothing changes.
+    pub fn prepare(&self, wanted: &[config::Listener]) -> Result<Prepared, BindError> {
+        let running = self.running.lock().expect("listeners lock poisoned");
+        let mut prepared = Prepared { bound: Vec::new(), keep: Vec::new() };
+        for l in wanted {
+            if running.contains_key(&l.address) {
+                prepared.keep.push(l.address);
+                continue;
+            }
+            let socket = bind(l.address)
+                .map_err(|source| BindError { name: l.name.clone(), address: l.address, source })?;
+            prepared.bound.push((l.clone(), socket));
+        }
+        Ok(prepared)
+    }
+
+    /// Starts the newly bound listeners and stops those the update dropped.
+    pub fn commit(&self, prepared: Prepared) {
+        let mut running = self.running.lock().expect("listeners lock poisoned");
+        running.retain(|addr, r| {
+            let keep = prepared.keep.contains(addr);
+            if !keep {
+                tracing::info!(listener = %r.name, address = %addr, "listener removed: no longer accepting");
+            }
+            keep
+        });
+        for (l, socket) in prepared.bound {
+            let (stop_tx, stop_rx) = oneshot::channel();
+            let _guard = self.data.enter();
+            let listener = match TcpListener::from_std(socket) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(listener = %l.name, error = %e, "cannot register the listening socket");
+                    continue;
+                }
+            };
+            tracing::info!(listener = %l.name, address = %l.address, "listening");
+            self.data.spawn(accept_loop(listener, l.name.clone(), self.proxy.clone(), self.drain.watch(), stop_rx));
+            running.insert(l.address, Running { name: l.name, _stop: stop_tx });
+        }
+    }
+
+    /// Stops every accept loop (the drain).
+    pub fn stop_all(&self) {
+        self.running.lock().expect("listeners lock poisoned").clear();
+    }
+
+    pub fn info(&self) -> Vec<ListenerInfo> {
+        let running = self.running.lock().expect("listeners lock poisoned");
+        let mut v: Vec<_> =
+            running.iter().map(|(a, r)| ListenerInfo { name: r.name.clone(), address: *a }).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}
+
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // A restarted proxy must be able to bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    name: String,
+    proxy: Arc<Proxy>,
+    drain: drain::Watch,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let labels = ListenerLabels { listener: name };
+    let total = proxy.metrics.downstream_connections.get_or_create(&labels).clone();
+    let active = proxy.metrics.downstream_connections_active.get_or_create(&labels).clone();
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stop => break,
+            _ = drain.signaled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                total.inc();
+                active.inc();
+                let (proxy, drain, active) = (proxy.clone(), drain.clone(), active.clone());
+                tokio::spawn(async move {
+                    proxy.handle(stream, peer, drain).await;
+                    active.dec();
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(listener = %labels.listener, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(listener = %labels.listener, "accept loop stopped");
+}

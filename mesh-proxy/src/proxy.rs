@@ -1,0 +1,190 @@
+//! The data plane's shared state and what happens to each accepted connection.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use arc_swap::ArcSwap;
+use prometheus_client::metrics::counter::Counter;
+use tokio::net::TcpStream;
+
+use crate::{
+    cluster::{Cluster, PASSTHROUGH_CLUSTER},
+    config::Protocol,
+    detect::{self, Detected},
+    dispatch::{self, Fallback, Plan},
+    drain,
+    http::{self, ConnCtx},
+    inbound::{self, LocalAddrs},
+    metrics::{Metrics, RequestCounters},
+    orig_dst,
+    snapshot::SharedSnapshot,
+    tcp,
+};
+
+/// Everything a data-plane task needs; one per process, shared by all workers.
+pub struct Proxy {
+    /// The config in force; loaded (an atomic pointer read) per connection and per request.
+    pub snapshot: SharedSnapshot,
+    pub metrics: Arc<Metrics>,
+    /// This namespace's addresses, to tell inbound from outbound; refreshed by the control plane.
+    pub local_addrs: ArcSwap<LocalAddrs>,
+    /// Requests forwarded to their original destination.
+    pub passthrough_counters: RequestCounters,
+    passthrough_connect_failures: Counter,
+    passthrough_tcp: Counter,
+    inbound_tcp: Counter,
+}
+
+impl Proxy {
+    pub fn new(snapshot: SharedSnapshot, metrics: Arc<Metrics>, local_addrs: LocalAddrs) -> Self {
+        Self {
+            passthrough_counters: metrics.request_counters("passthrough", PASSTHROUGH_CLUSTER),
+            passthrough_connect_failures: metrics.connect_failures(PASSTHROUGH_CLUSTER),
+            passthrough_tcp: metrics.tcp_counter("passthrough", PASSTHROUGH_CLUSTER),
+            inbound_tcp: metrics.tcp_counter("inbound", "InboundPassthroughCluster"),
+            snapshot,
+            metrics,
+            local_addrs: ArcSwap::from_pointee(local_addrs),
+        }
+    }
+
+    pub fn passthrough_cluster(&self, dst: SocketAddr) -> Cluster {
+        Cluster::passthrough(dst, http::PASSTHROUGH_CONNECT_TIMEOUT, self.passthrough_connect_failures.clone())
+    }
+
+    /// Handles one accepted connection to its end.
+    pub async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, drain: drain::Watch) {
+        let dst = match orig_dst::original_dst(&stream) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection gone before it could be read");
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let plan = {
+            let snapshot = self.snapshot.load();
+            dispatch::plan(&snapshot, dst, &self.local_addrs.load())
+        };
+        match plan {
+            Plan::Inbound(addr) => {
+                let timeout = crate::config::DEFAULT_CONNECT_TIMEOUT;
+                self.inbound_tcp.inc();
+                let upstream = inbound::connect_local(addr, timeout).await;
+                splice_logged(stream, upstream, peer, addr, "inbound", "InboundPassthroughCluster").await;
+            }
+            Plan::Route { route, protocol, fallback } => {
+                let protocol = match protocol {
+                    Protocol::Auto => match detect::detect(&stream, detect::DETECT_TIMEOUT).await {
+                        Ok(Detected::Http1) => Protocol::Http,
+                        _ => Protocol::Tcp,
+                    },
+                    p => p,
+                };
+                match protocol {
+                    Protocol::Http => {
+                        let ctx = Arc::new(ConnCtx::new(self.clone(), dst.addr, peer, fallback));
+                        http::serve(ctx, stream, drain).await;
+                    }
+                    _ => self.tcp_route(stream, peer, dst.addr, route).await,
+                }
+            }
+            Plan::Detect { fallback } => match detect::detect(&stream, detect::DETECT_TIMEOUT).await {
+                Ok(Detected::Http1) => {
+                    let ctx = Arc::new(ConnCtx::new(self.clone(), dst.addr, peer, fallback));
+                    http::serve(ctx, stream, drain).await;
+                }
+                _ => self.unrouted(stream, peer, fallback).await,
+            },
+            Plan::Unrouted(fallback) => self.unrouted(stream, peer, fallback).await,
+        }
+    }
+
+    async fn unrouted(&self, stream: TcpStream, peer: SocketAddr, fallback: Fallback) {
+        match fallback {
+            Fallback::Passthrough(dst) => {
+                self.passthrough_tcp.inc();
+                let upstream = tcp::connect(dst, None, http::PASSTHROUGH_CONNECT_TIMEOUT).await;
+                if upstream.is_err() {
+                    self.passthrough_connect_failures.inc();
+                }
+                splice_logged(stream, upstream, peer, dst, "passthrough", PASSTHROUGH_CLUSTER).await;
+            }
+            Fallback::Refuse(why) => {
+                tracing::info!(target: "access", kind = "tcp", %peer, reason = why.reason(), "connection refused");
+                drop(stream);
+            }
+        }
+    }
+
+    /// A TCP route: one cluster per connection by weight, one endpoint by the cluster's policy.
+    async fn tcp_route(&self, mut stream: TcpStream, peer: SocketAddr, dst: SocketAddr, route: usize) {
+        let snapshot = self.snapshot.load_full();
+        // The snapshot may have changed since the plan; look the route up again by address.
+        let Some(entry) = snapshot.routes.by_addr(dst).or_else(|| snapshot.routes.routes.get(route)) else {
+            return;
+        };
+        let Some(rule) = entry.tcp_rule() else {
+            tracing::info!(target: "access", kind = "tcp", %peer, route = &*entry.name, reason = "the route has no rule without conditions for TCP", "connection refused");
+            return;
+        };
+        let target = rule.pick();
+        target.tcp_connections.inc();
+        let start = Instant::now();
+        match target.cluster.connect_tcp().await {
+            Ok((ep, mut upstream, _conn_guard)) => {
+                let _req = ep.start_request();
+                let result = tcp::splice(&mut stream, &mut upstream).await;
+                log_tcp(peer, &entry.name, &target.cluster.name, Some(ep.addr), start, result.as_ref().ok(), result.as_ref().err());
+                if result.is_err() {
+                    ep.record_error();
+                }
+            }
+            Err(e) => {
+                tracing::info!(target: "access", kind = "tcp", %peer, route = &*entry.name, cluster = &*target.cluster.name, reason = %e, "connection closed: no endpoint");
+            }
+        }
+    }
+}
+
+async fn splice_logged(
+    mut stream: TcpStream,
+    upstream: std::io::Result<TcpStream>,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    route: &str,
+    cluster: &str,
+) {
+    let start = Instant::now();
+    match upstream {
+        Ok(mut up) => {
+            let result = tcp::splice(&mut stream, &mut up).await;
+            log_tcp(peer, route, cluster, Some(dst), start, result.as_ref().ok(), result.as_ref().err());
+        }
+        Err(e) => {
+            tracing::info!(target: "access", kind = "tcp", %peer, route, cluster, endpoint = %dst, reason = %e, "connection closed: connect failed");
+        }
+    }
+}
+
+fn log_tcp(
+    peer: SocketAddr,
+    route: &str,
+    cluster: &str,
+    endpoint: Option<SocketAddr>,
+    start: Instant,
+    transfer: Option<&tcp::Transfer>,
+    error: Option<&std::io::Error>,
+) {
+    tracing::info!(
+        target: "access",
+        kind = "tcp",
+        %peer,
+        route,
+        cluster,
+        endpoint = %endpoint.map_or_else(|| "-".into(), |e| e.to_string()),
+        sent = transfer.map_or(0, |t| t.sent),
+        received = transfer.map_or(0, |t| t.received),
+        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        error = %error.map_or_else(|| "-".into(), |e| e.to_string()),
+    );
+}
