@@ -70,7 +70,9 @@ pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: drain::Watch) {
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES)
+        // hyper refuses (431) a head that does not fit its buffer; the exact 60 KiB limit on
+        // header bytes is checked per request in `handle`, which sees them parsed.
+        .max_buf_size(MAX_HEADER_BYTES + 16 * 1024)
         .max_headers(MAX_HEADERS);
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
@@ -90,6 +92,14 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
     let snapshot = ctx.proxy.snapshot.load_full();
     let log = AccessLog::start(&req, start);
+    let header_bytes: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        let why = "request headers exceed 60 KiB";
+        log.local(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, why, why);
+        let mut resp = local_response(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, why);
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     let Some(route) = snapshot.routes.for_request(ctx.orig_dst, authority(&req)) else {
         return match ctx.fallback {
             Fallback::Passthrough(dst) => {
@@ -103,14 +113,14 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
                     Refusal::OwnListener => StatusCode::NOT_FOUND,
                     Refusal::RegistryOnly => StatusCode::BAD_GATEWAY,
                 };
-                log.local(status, why.reason());
+                log.local(status, why.reason(), why.reason());
                 local_response(status, why.reason())
             }
         };
     };
     let Some(rule) = route.rule_for(req.uri().path(), req.headers()) else {
         let why = "no rule of the route matches the request";
-        log.with_route(&route.name).local(StatusCode::NOT_FOUND, why);
+        log.with_route(&route.name).local(StatusCode::NOT_FOUND, why, why);
         return local_response(StatusCode::NOT_FOUND, why);
     };
     let target = rule.pick();
@@ -172,13 +182,14 @@ async fn forward(
                 ep.record_error();
                 counters.record(503);
                 let why = format!("upstream reset before response headers: {e}");
-                log.local(StatusCode::SERVICE_UNAVAILABLE, &why);
-                local_response(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers")
+                let body = "upstream connect error or disconnect/reset before headers";
+                log.local(StatusCode::SERVICE_UNAVAILABLE, &why, body);
+                local_response(StatusCode::SERVICE_UNAVAILABLE, body)
             }
             Err(_) => {
                 ep.record_error();
                 counters.record(504);
-                log.local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+                log.local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", "upstream request timeout");
                 local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
             }
         };
@@ -188,7 +199,7 @@ async fn forward(
         Some(f) => format!("no endpoint could be connected to; last: {f}"),
         None => "the cluster has no endpoints".to_string(),
     };
-    log.local(StatusCode::SERVICE_UNAVAILABLE, &why);
+    log.local(StatusCode::SERVICE_UNAVAILABLE, &why, "no healthy upstream");
     local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
 }
 
@@ -440,10 +451,10 @@ impl AccessLog {
         self.with(|f| f.status = s.as_u16())
     }
 
-    /// A response the proxy made itself.
-    fn local(self, status: StatusCode, reason: &str) {
+    /// A response the proxy made itself; `body` is what the client gets.
+    fn local(self, status: StatusCode, reason: &str, body: &str) {
         if let Some(f) = self.fields {
-            emit(&f, status.as_u16(), 0, Some(reason));
+            emit(&f, status.as_u16(), body.len() as u64, Some(reason));
         }
     }
 

@@ -37,7 +37,11 @@ pub fn init(directives: &str, format: LogFormat) -> Result<LogHandle, Error> {
     let (layer, handle) = reload::Layer::new(filter(directives)?);
     let registry = tracing_subscriber::registry().with(layer);
     let result = match format {
-        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            let ansi = std::io::stderr().is_terminal();
+            registry.with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)).try_init()
+        }
         LogFormat::Json => registry
             .with(fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stderr))
             .try_init(),

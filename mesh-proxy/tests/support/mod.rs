@@ -1,0 +1,269 @@
+//! Test fixtures: the real `mesh-proxy` binary on loopback, real HTTP and TCP servers, and a
+//! keep-alive HTTP client.
+//!
+//! Loopback connections carry no `SO_ORIGINAL_DST`, so the proxy routes them by the listener
+//! address the client dialled: each test's config has routes whose destination is a listener
+//! address (that is also how the proxy serves a connection that was not redirected).
+
+#![allow(dead_code)] // Each test file uses a different part of this module.
+
+use std::{
+    convert::Infallible,
+    net::{SocketAddr, TcpListener as StdListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{body::Incoming, client::conn::http1::SendRequest, Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// A port that was free a moment ago (bound then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// A fresh scratch directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "mesh-proxy-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a file atomically (write a sibling, rename over), as config management tools do.
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The mesh-proxy binary running with a config file in a scratch directory; killed on drop.
+pub struct ProxyProcess {
+    pub child: Child,
+    pub config: PathBuf,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    _dir: TempDir,
+}
+
+impl ProxyProcess {
+    /// Starts the proxy; `{admin}` in `yaml` is replaced by a free admin address. Waits for `/ready`.
+    pub async fn start(yaml: &str) -> Self {
+        let dir = TempDir::new("proxy");
+        let admin = free_addr();
+        let config = dir.path().join("proxy.yaml");
+        std::fs::write(&config, yaml.replace("{admin}", &admin.to_string())).unwrap();
+        let log = dir.path().join("proxy.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+            .arg("--config")
+            .arg(&config)
+            .args(["--workers", "2", "--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start mesh-proxy");
+        let p = Self { child, config, admin, log, _dir: dir };
+        p.wait_ready().await;
+        p
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok((200, _)) = admin_get(self.admin, "/ready").await {
+                return;
+            }
+            assert!(Instant::now() < deadline, "mesh-proxy not ready in 10s; log:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), sig).unwrap();
+    }
+
+    /// Rewrites the config file (`{admin}` substituted as at start).
+    pub fn rewrite(&self, yaml: &str) {
+        write_atomic(&self.config, &yaml.replace("{admin}", &self.admin.to_string()));
+    }
+
+    pub async fn admin(&self, path: &str) -> (u16, String) {
+        admin_get(self.admin, path).await.unwrap()
+    }
+
+    pub async fn config_dump(&self) -> serde_json::Value {
+        let (status, body) = self.admin("/config_dump").await;
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Waits for the exit status, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "mesh-proxy did not exit in {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn admin_get(admin: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut c = HttpClient::connect(admin).await.map_err(|e| e.to_string())?;
+    c.get(path, &[]).await.map_err(|e| e.to_string())
+}
+
+pub async fn admin_post(admin: SocketAddr, path: &str) -> (u16, String) {
+    let mut c = HttpClient::connect(admin).await.unwrap();
+    c.request(hyper::Method::POST, path, &[]).await.unwrap()
+}
+
+/// One HTTP/1.1 keep-alive connection.
+pub struct HttpClient {
+    sender: SendRequest<Empty<Bytes>>,
+    pub addr: SocketAddr,
+}
+
+impl HttpClient {
+    pub async fn connect(addr: SocketAddr) -> std::io::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        Ok(Self { sender, addr })
+    }
+
+    pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<(u16, String), hyper::Error> {
+        self.request(hyper::Method::GET, path, headers).await
+    }
+
+    pub async fn request(
+        &mut self,
+        method: hyper::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, String), hyper::Error> {
+        let mut b = Request::builder().method(method).uri(path).header("host", self.addr.to_string());
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(b.body(Empty::new()).unwrap()).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+/// An in-process HTTP/1.1 server that answers every request with its name; counts requests.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(name: &'static str) -> Self {
+        Self::start_on(name, "127.0.0.1:0".parse().unwrap(), Duration::ZERO).await
+    }
+
+    /// `delay` before each response (a slow backend, for drain tests).
+    pub async fn start_on(name: &'static str, addr: SocketAddr, delay: Duration) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicU64::new(0));
+        let counter = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        async move {
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(name.as_bytes()))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, requests, task }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A YAML config with one HTTP listener whose own address routes to `rules`.
+pub fn listener_route(listen: SocketAddr, protocol: &str, rules: &str, clusters: &[(&str, &[SocketAddr])]) -> String {
+    let mut y = format!(
+        "admin: {{ address: \"{{admin}}\" }}\nlisteners:\n  - {{ name: main, address: \"{listen}\" }}\nroutes:\n  - name: main\n    destinations: [\"{listen}\"]\n    protocol: {protocol}\n    rules:\n{rules}\nclusters:\n"
+    );
+    for (name, _) in clusters {
+        y.push_str(&format!("  - {{ name: {name}, connect_timeout: 1s }}\n"));
+    }
+    y.push_str("endpoints:\n");
+    for (name, addrs) in clusters {
+        let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+        y.push_str(&format!("  - {{ cluster: {name}, addresses: [{}] }}\n", list.join(", ")));
+    }
+    y
+}
