@@ -1,0 +1,37 @@
+//! The eBPF programs of `mesh-init ebpf`, one per hook. Each entry point is a thin wrapper: the
+//! work is in the module named after what it does, and every entry point lets the operation
+//! through whatever happens (a bug here must not break the pod's networking, only its capture).
+//!
+//! - [`outbound`]: `cgroup/connect4`, `cgroup/connect6` rewrite captured connects to the proxy's
+//!   outbound port on loopback and remember the original destination by socket cookie;
+//!   `cgroup/sock_release` forgets it for sockets that never connected.
+//! - [`conn`]: `sock_ops` re-keys that destination by the connection's 4-tuple once established,
+//!   forgets it when the proxy's end closes, records the proxy's inbound listeners, and (with
+//!   `--accelerate`) puts loopback connections in the sockhash.
+//! - [`orig_dst`]: `cgroup/getsockopt` answers `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`.
+//! - [`inbound`]: `sk_lookup` hands inbound connections to the proxy's inbound listener.
+//! - [`accelerate`]: `sk_msg` passes data between both loopback ends without the TCP stack.
+//! - [`maps`]: every map, and [`ctx`]: reading addresses and ports out of each context in the
+//!   common form of `mesh_ebpf_common`.
+#![no_std]
+#![no_main]
+
+mod accelerate;
+mod conn;
+mod ctx;
+mod inbound;
+mod maps;
+mod orig_dst;
+mod outbound;
+
+/// The kernel's "license" section: the project's licence. None of the helpers used here is
+/// GPL-only, so the verifier accepts it.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 11] = *b"Apache-2.0\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,56 @@
+//! `--log`: the programs' aya-log records, printed to stderr until Ctrl-C. The programs were
+//! loaded with aya-log's level at debug for this run; the links are pinned, so stopping here
+//! leaves them attached.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+use super::attach::Loaded;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("cannot read the programs' log buffer: {0}")]
+    Logger(#[from] aya_log::Error),
+    #[error("cannot install the Ctrl-C handler: {0}")]
+    Signal(#[from] nix::Error),
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn stop(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Prints each record as one line, whatever the global logger of the binary is.
+struct Stderr;
+
+impl ::log::Log for Stderr {
+    fn enabled(&self, _: &::log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &::log::Record<'_>) {
+        eprintln!("[{} {}] {}", record.level(), record.target(), record.args());
+    }
+    fn flush(&self) {}
+}
+
+pub fn follow(loaded: &mut Loaded) -> Result<(), LogError> {
+    let mut logger = aya_log::EbpfLogger::init_with_logger(&mut loaded.ebpf, Stderr)?;
+    let action = SigAction::new(SigHandler::Handler(stop), SaFlags::empty(), SigSet::empty());
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        sigaction(Signal::SIGINT, &action)?;
+        sigaction(Signal::SIGTERM, &action)?;
+    }
+    eprintln!("mesh-init ebpf: printing the programs' debug log; Ctrl-C stops (the programs stay attached)");
+    while !STOP.load(Ordering::Relaxed) {
+        logger.flush();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    logger.flush();
+    Ok(())
+}

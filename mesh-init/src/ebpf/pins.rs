@@ -1,0 +1,77 @@
+//! bpffs and mesh-init's place in it: `<bpffs>/mesh-init/<cgroup>/`, one directory per cgroup,
+//! holding that cgroup's pinned maps and links. A pinned link keeps its program attached after
+//! mesh-init exits; removing the pin detaches it.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, MsFlags};
+
+use super::cgroup::{mounts_of_type, CgroupError};
+
+/// Top directory of mesh-init's pins inside bpffs.
+pub const TOP: &str = "mesh-init";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinsError {
+    #[error("--bpffs {}: {action} failed ({source})", path.display())]
+    Io { path: PathBuf, action: &'static str, source: std::io::Error },
+    #[error("--bpffs {}: mounting bpffs failed ({source}); it needs CAP_SYS_ADMIN", path.display())]
+    Mount { path: PathBuf, source: nix::Error },
+    #[error(transparent)]
+    Mounts(#[from] CgroupError),
+}
+
+/// A mounted bpffs.
+#[derive(Debug, Clone)]
+pub struct Bpffs {
+    pub root: PathBuf,
+}
+
+impl Bpffs {
+    /// `path` as a bpffs, mounted there first if it is not one (a fresh node has none).
+    pub fn ensure(path: &Path) -> Result<Self, PinsError> {
+        let io = |action| move |source| PinsError::Io { path: path.into(), action, source };
+        std::fs::create_dir_all(path).map_err(io("creating the mount point"))?;
+        let real = path.canonicalize().map_err(io("resolving the path"))?;
+        if !mounts_of_type("bpf")?.contains(&real) {
+            mount(Some("bpf"), &real, Some("bpf"), MsFlags::empty(), None::<&str>)
+                .map_err(|source| PinsError::Mount { path: path.into(), source })?;
+        }
+        Ok(Self { root: real })
+    }
+
+    /// Every mounted bpffs (for `status`, which has no `--bpffs`).
+    pub fn mounted() -> Result<Vec<Self>, PinsError> {
+        let mut roots = mounts_of_type("bpf")?;
+        roots.dedup();
+        Ok(roots.into_iter().map(|root| Self { root }).collect())
+    }
+
+    pub fn dir_for(&self, name: &str) -> PathBuf {
+        self.root.join(TOP).join(name)
+    }
+
+    pub fn create_dir_for(&self, name: &str) -> Result<PathBuf, PinsError> {
+        let dir = self.dir_for(name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|source| PinsError::Io { path: dir.clone(), action: "creating the pin directory", source })?;
+        Ok(dir)
+    }
+
+    /// The per-cgroup directories, sorted by name.
+    pub fn cgroup_dirs(&self) -> Result<Vec<(String, PathBuf)>, PinsError> {
+        let top = self.root.join(TOP);
+        let entries = match std::fs::read_dir(&top) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(PinsError::Io { path: top, action: "listing", source }),
+        };
+        let mut dirs: Vec<_> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .collect();
+        dirs.sort();
+        Ok(dirs)
+    }
+}

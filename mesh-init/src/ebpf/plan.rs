@@ -1,0 +1,256 @@
+//! What the configuration maps must hold for a [`CaptureConfig`]: plain data, built and checked
+//! before anything is loaded, so a flag this mode cannot honour is refused with nothing changed.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use mesh_ebpf_common::{
+    mapped_v4, Addr, Config, PortSet, CFG_ACCELERATE, CFG_HAS_INCLUDE_OUTBOUND_PORTS, CFG_INBOUND,
+    CFG_INCLUDE_ALL_CIDRS, CFG_INCLUDE_ALL_INBOUND_PORTS, CIDR_ENTRIES, ID_ENTRIES, PORT_SETS_ENTRIES,
+};
+
+use crate::capture::{CaptureConfig, InboundMode, Selection};
+
+/// A capture flag the eBPF mode cannot honour, with what to do instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("mesh-init ebpf cannot honour {flag}: {reason}")]
+pub struct Unsupported {
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+/// The contents of every configuration map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapPlan {
+    /// `CONFIG[0]`.
+    pub config: Config,
+    /// Whether inbound steering is on (`--istio-inbound-ports` not empty): then `sk_lookup` is
+    /// attached to the current network namespace.
+    pub inbound: bool,
+    pub proxy_uids: Vec<u32>,
+    pub proxy_gids: Vec<u32>,
+    /// LPM keys: prefix length over the 128-bit common form, and the address.
+    pub include_cidrs: Vec<(u32, Addr)>,
+    pub exclude_cidrs: Vec<(u32, Addr)>,
+    /// `PORT_SETS`, every element.
+    pub port_sets: Vec<u64>,
+}
+
+impl MapPlan {
+    pub fn new(c: &CaptureConfig, accelerate: bool) -> Result<Self, Unsupported> {
+        if c.inbound_mode == InboundMode::Tproxy {
+            return Err(Unsupported {
+                flag: "--istio-inbound-interception-mode",
+                reason: "TPROXY is a netfilter target; the eBPF mode hands inbound connections to the proxy \
+                         unchanged (sk_lookup), which keeps the client's address as TPROXY does: use REDIRECT \
+                         (the default) with `mesh-init ebpf`"
+                    .into(),
+            });
+        }
+        if c.dns_port.is_some() {
+            return Err(Unsupported {
+                flag: "--redirect-dns",
+                reason: "DNS (UDP) capture is not implemented in the eBPF mode; use `mesh-init iptables`".into(),
+            });
+        }
+        if !c.exclude_interfaces.is_empty() {
+            return Err(Unsupported {
+                flag: "--istio-exclude-interfaces",
+                reason: format!(
+                    "the connect hook runs before routing and cannot know the interface of {:?}; exclude the \
+                     interface's CIDRs with --istio-service-exclude-cidr instead",
+                    c.exclude_interfaces
+                ),
+            });
+        }
+        let ids = |flag: &'static str, ids: &[u32]| {
+            if ids.len() > ID_ENTRIES as usize {
+                Err(Unsupported { flag, reason: format!("at most {ID_ENTRIES} IDs fit the map, not {}", ids.len()) })
+            } else {
+                Ok(ids.to_vec())
+            }
+        };
+        let cidrs = |flag: &'static str, nets: &mut dyn Iterator<Item = &IpNet>| {
+            let keys: Vec<_> = nets.map(lpm_key).collect();
+            if keys.len() > CIDR_ENTRIES as usize {
+                Err(Unsupported { flag, reason: format!("at most {CIDR_ENTRIES} CIDRs fit the map, not {}", keys.len()) })
+            } else {
+                Ok(keys)
+            }
+        };
+
+        let mut flags = 0;
+        let include_cidrs = match &c.include_cidrs {
+            Selection::All => {
+                flags |= CFG_INCLUDE_ALL_CIDRS;
+                Vec::new()
+            }
+            Selection::Only(nets) => cidrs("--istio-service-cidr", &mut nets.iter())?,
+        };
+        let exclude_cidrs = cidrs("--istio-service-exclude-cidr", &mut c.exclude_cidrs.iter())?;
+        let mut port_sets = vec![0u64; PORT_SETS_ENTRIES as usize];
+        let mut add = |set: PortSet, ports: &mut dyn Iterator<Item = &u16>| {
+            for &p in ports {
+                let (index, bit) = set.slot(p);
+                port_sets[index as usize] |= bit;
+            }
+        };
+        if !c.include_outbound_ports.is_empty() {
+            flags |= CFG_HAS_INCLUDE_OUTBOUND_PORTS;
+        }
+        add(PortSet::IncludeOutbound, &mut c.include_outbound_ports.iter());
+        add(PortSet::ExcludeOutbound, &mut c.exclude_outbound_ports.iter());
+        add(PortSet::ExcludeInbound, &mut c.exclude_inbound_ports.iter());
+        let inbound = !c.include_inbound_ports.is_none();
+        match &c.include_inbound_ports {
+            Selection::All => flags |= CFG_INCLUDE_ALL_INBOUND_PORTS,
+            Selection::Only(ports) => add(PortSet::IncludeInbound, &mut ports.iter()),
+        }
+        if inbound {
+            flags |= CFG_INBOUND;
+        }
+        if accelerate {
+            flags |= CFG_ACCELERATE;
+        }
+        Ok(Self {
+            config: Config { outbound_port: c.outbound_port, inbound_port: c.inbound_port, flags },
+            inbound,
+            proxy_uids: ids("--proxy-uid", &c.proxy_uids)?,
+            proxy_gids: ids("--proxy-gid", &c.proxy_gids)?,
+            include_cidrs,
+            exclude_cidrs,
+            port_sets,
+        })
+    }
+}
+
+/// An address in the maps' common form (see `mesh_ebpf_common`).
+pub fn common_addr(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => mapped_v4(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+        }
+    }
+}
+
+/// An IPv4 /n is the IPv4-mapped /96+n.
+fn lpm_key(net: &IpNet) -> (u32, Addr) {
+    let extra = if net.addr().is_ipv4() { 96 } else { 0 };
+    (u32::from(net.prefix_len()) + extra, common_addr(net.network()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The reverse of [`common_addr`]; IPv4-mapped addresses come back as IPv4.
+    pub fn ip_of(a: &Addr) -> IpAddr {
+        let mut o = [0u8; 16];
+        for (i, w) in a.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        let v6 = std::net::Ipv6Addr::from(o);
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    }
+
+    fn base() -> CaptureConfig {
+        CaptureConfig {
+            outbound_port: 15001,
+            inbound_port: 15006,
+            proxy_uids: vec![1337],
+            proxy_gids: vec![1337],
+            include_cidrs: Selection::All,
+            exclude_cidrs: vec![],
+            include_outbound_ports: BTreeSet::new(),
+            exclude_outbound_ports: BTreeSet::new(),
+            include_inbound_ports: Selection::All,
+            exclude_inbound_ports: BTreeSet::new(),
+            exclude_interfaces: vec![],
+            inbound_mode: InboundMode::Redirect,
+            dns_port: None,
+        }
+    }
+
+    fn has(plan: &MapPlan, set: PortSet, port: u16) -> bool {
+        let (i, bit) = set.slot(port);
+        plan.port_sets[i as usize] & bit != 0
+    }
+
+    #[test]
+    fn defaults_capture_everything_with_the_ports_given() {
+        let p = MapPlan::new(&base(), false).unwrap();
+        assert_eq!((p.config.outbound_port, p.config.inbound_port), (15001, 15006));
+        assert_eq!(
+            p.config.flags,
+            CFG_INCLUDE_ALL_CIDRS | CFG_INCLUDE_ALL_INBOUND_PORTS | CFG_INBOUND
+        );
+        assert!(p.port_sets.iter().all(|w| *w == 0));
+        assert!(p.inbound);
+    }
+
+    #[test]
+    fn ports_land_in_their_own_bitmap_only() {
+        let mut c = base();
+        c.exclude_inbound_ports = BTreeSet::from([15020, 15021, 15090, 0xffff]);
+        c.exclude_outbound_ports = BTreeSet::from([22, 63, 64]);
+        c.include_outbound_ports = BTreeSet::from([1]);
+        let p = MapPlan::new(&c, true).unwrap();
+        for port in [15020, 15021, 15090, 0xffff] {
+            assert!(has(&p, PortSet::ExcludeInbound, port), "{port}");
+            assert!(!has(&p, PortSet::ExcludeOutbound, port), "{port}");
+        }
+        for port in [22, 63, 64] {
+            assert!(has(&p, PortSet::ExcludeOutbound, port), "{port}");
+        }
+        assert!(!has(&p, PortSet::ExcludeOutbound, 65));
+        assert!(has(&p, PortSet::IncludeOutbound, 1));
+        assert_ne!(p.config.flags & CFG_HAS_INCLUDE_OUTBOUND_PORTS, 0);
+        assert_ne!(p.config.flags & CFG_ACCELERATE, 0);
+    }
+
+    #[test]
+    fn empty_inbound_ports_turn_steering_off() {
+        let mut c = base();
+        c.include_inbound_ports = Selection::Only(BTreeSet::new());
+        let p = MapPlan::new(&c, false).unwrap();
+        assert!(!p.inbound);
+        assert_eq!(p.config.flags & (CFG_INBOUND | CFG_INCLUDE_ALL_INBOUND_PORTS), 0);
+    }
+
+    #[test]
+    fn cidrs_become_lpm_keys_in_common_form() {
+        let mut c = base();
+        c.exclude_cidrs = vec!["10.96.0.0/12".parse().unwrap(), "fd00:200::/32".parse().unwrap()];
+        c.include_cidrs = Selection::Only(BTreeSet::from(["192.168.1.1/32".parse().unwrap()]));
+        let p = MapPlan::new(&c, false).unwrap();
+        assert_eq!(p.config.flags & CFG_INCLUDE_ALL_CIDRS, 0);
+        let (len, addr) = p.exclude_cidrs[0];
+        assert_eq!(len, 96 + 12);
+        assert_eq!(ip_of(&addr), "10.96.0.0".parse::<IpAddr>().unwrap());
+        assert_eq!(p.exclude_cidrs[1].0, 32);
+        assert_eq!(ip_of(&p.exclude_cidrs[1].1), "fd00:200::".parse::<IpAddr>().unwrap());
+        // The bytes in memory are the address as written: what the kernel's LPM trie compares.
+        let bytes: Vec<u8> = addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 0]);
+        assert_eq!(p.include_cidrs, vec![(128, common_addr("192.168.1.1".parse().unwrap()))]);
+    }
+
+    #[test]
+    fn what_the_mode_cannot_do_is_refused_by_flag() {
+        let mut c = base();
+        c.inbound_mode = InboundMode::Tproxy;
+        assert_eq!(MapPlan::new(&c, false).unwrap_err().flag, "--istio-inbound-interception-mode");
+        let mut c = base();
+        c.dns_port = Some(15053);
+        assert_eq!(MapPlan::new(&c, false).unwrap_err().flag, "--redirect-dns");
+        let mut c = base();
+        c.exclude_interfaces = vec!["eth1".into()];
+        let e = MapPlan::new(&c, false).unwrap_err();
+        assert_eq!(e.flag, "--istio-exclude-interfaces");
+        assert!(e.to_string().contains("eth1"), "{e}");
+    }
+}
