@@ -236,6 +236,10 @@ pub fn cleanup(dir: &Path) -> Result<Vec<PathBuf>, AttachError> {
         remove_file(&file)?;
     }
     std::fs::remove_dir(dir).map_err(|source| AttachError::Io { path: dir.into(), action: "removing", source })?;
+    // The top directory goes with its last cgroup; other cgroups' directories keep it.
+    if let Some(top) = dir.parent() {
+        let _ = std::fs::remove_dir(top);
+    }
     Ok(vec![dir.to_path_buf()])
 }
 
