@@ -1,0 +1,407 @@
+//! The control side on loopback: reload by file edit and SIGHUP under load, discovery served by
+//! python's http.server, rejected updates, listeners kept across reloads, the admin API, drain.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use support::*;
+
+fn split(v1_weight: u32, v2_weight: u32) -> String {
+    let mut clusters = Vec::new();
+    if v1_weight > 0 {
+        clusters.push(format!("{{ name: v1, weight: {v1_weight} }}"));
+    }
+    if v2_weight > 0 {
+        clusters.push(format!("{{ name: v2, weight: {v2_weight} }}"));
+    }
+    format!("      - clusters: [{}]", clusters.join(", "))
+}
+
+/// Keep-alive clients hammering `addr` until stopped; counts failures and the answers seen.
+struct Load {
+    stop: Arc<AtomicBool>,
+    failures: Arc<AtomicU64>,
+    total: Arc<AtomicU64>,
+    /// Answers after `mark` was set that were not `expect_after`.
+    stale_after_mark: Arc<AtomicU64>,
+    mark: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, clients: usize, expect_after: &'static str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(AtomicU64::new(0));
+        let total = Arc::new(AtomicU64::new(0));
+        let stale = Arc::new(AtomicU64::new(0));
+        let mark = Arc::new(AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, failures, total, stale, mark) =
+                    (stop.clone(), failures.clone(), total.clone(), stale.clone(), mark.clone());
+                tokio::spawn(async move {
+                    let mut c = HttpClient::connect(addr).await.unwrap();
+                    // Bounded in count as well as by `stop`.
+                    for _ in 0..200_000 {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let marked = mark.load(Ordering::Relaxed);
+                        match c.get("/", &[]).await {
+                            Ok((200, body)) => {
+                                if marked && body != expect_after {
+                                    stale.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            Ok(_) | Err(_) => {
+                                failures.fetch_add(1, Ordering::Relaxed);
+                                // A broken connection is a failure; go on with a new one.
+                                if let Ok(n) = HttpClient::connect(addr).await {
+                                    c = n;
+                                }
+                            }
+                        }
+                        total.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Self { stop, failures, total, stale_after_mark: stale, mark, tasks }
+    }
+
+    async fn finish(self) -> (u64, u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (self.total.load(Ordering::Relaxed), self.failures.load(Ordering::Relaxed), self.stale_after_mark.load(Ordering::Relaxed))
+    }
+}
+
+/// Polls until every answer on a fresh connection is `want`, for up to `within`.
+async fn wait_for_all(addr: SocketAddr, want: &str, within: Duration) -> Duration {
+    let start = Instant::now();
+    let mut c = HttpClient::connect(addr).await.unwrap();
+    loop {
+        let mut all = true;
+        for _ in 0..20 {
+            if c.get("/", &[]).await.unwrap().1 != want {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < within, "still not all {want} after {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_edit_switches_to_v2_under_load_with_zero_failures() {
+    let (v1, v2) = (Backend::start("v1").await, Backend::start("v2").await);
+    let listen = free_addr();
+    let eps: [(&str, &[SocketAddr]); 2] = [("v1", &[v1.addr]), ("v2", &[v2.addr])];
+    let proxy = ProxyProcess::start(&listener_route(listen, "http", &split(50, 50), &eps)).await;
+
+    let load = Load::start(listen, 4, "v2");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.rewrite(&listener_route(listen, "http", &split(0, 1), &eps));
+    let took = wait_for_all(listen, "v2", Duration::from_secs(1)).await;
+    eprintln!("switch seen after {took:?}");
+    // From now on nothing but v2, on the connections that were open before the switch too.
+    load.mark.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (total, failures, stale) = load.finish().await;
+    eprintln!("{total} requests under load");
+    assert_eq!(failures, 0, "failed requests during the reload");
+    assert_eq!(stale, 0, "answers not from v2 after the switch");
+    assert!(total > 100, "the load did run ({total})");
+    let dump = proxy.config_dump().await;
+    assert!(dump["last_rejected"].is_null(), "{dump}");
+    let stats = proxy.admin("/stats/prometheus").await.1;
+    assert!(stats.contains("mesh_proxy_config_updates_total{source=\"file\",result=\"applied\"} 1"), "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_update_is_rejected_and_the_last_good_config_keeps_serving() {
+    let v1 = Backend::start("v1").await;
+    let listen = free_addr();
+    let eps: [(&str, &[SocketAddr]); 1] = [("v1", &[v1.addr])];
+    let good = listener_route(listen, "http", &split(1, 0), &eps);
+    let proxy = ProxyProcess::start(&good).await;
+    let version_before = proxy.config_dump().await["version"].clone();
+
+    let load = Load::start(listen, 2, "v1");
+    load.mark.store(true, Ordering::Relaxed);
+    // An unknown field on line 3, then a reference to a missing cluster.
+    let typo = good.replace("listeners:\n  - { name: main,", "listeners:\n  - { nmae: main,");
+    proxy.rewrite(&typo);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let rejected = loop {
+        let dump = proxy.config_dump().await;
+        if !dump["last_rejected"].is_null() {
+            break dump;
+        }
+        assert!(Instant::now() < deadline, "rejection not visible");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let error = rejected["last_rejected"]["error"].as_str().unwrap().to_string();
+    assert!(error.contains("unknown field `nmae`") && error.contains("line 3"), "{error}");
+    assert_eq!(rejected["version"], version_before, "the good config is still the one in force");
+
+    proxy.rewrite(&good.replace("clusters: [{ name: v1, weight: 1 }]", "clusters: [{ name: v9, weight: 1 }]"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let dump = proxy.config_dump().await;
+        let e = dump["last_rejected"]["error"].as_str().unwrap_or("").to_string();
+        if e.contains("v9") {
+            assert_eq!(e, "routes[0].rules[0].clusters[0].name: cluster \"v9\" is not defined in clusters");
+            break;
+        }
+        assert!(Instant::now() < deadline, "second rejection not visible: {dump}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (total, failures, stale) = load.finish().await;
+    assert!(total > 50);
+    assert_eq!((failures, stale), (0, 0));
+    let stats = proxy.admin("/stats/prometheus").await.1;
+    assert!(stats.contains("mesh_proxy_config_updates_total{source=\"file\",result=\"rejected\"} 2"), "{stats}");
+    assert!(proxy.log_text().contains("configuration update rejected"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_unchanged_listeners_keep_their_sockets() {
+    let (v1, v2) = (Backend::start("v1").await, Backend::start("v2").await);
+    let listen = free_addr();
+    let second = free_addr();
+    let eps: [(&str, &[SocketAddr]); 2] = [("v1", &[v1.addr]), ("v2", &[v2.addr])];
+    let base = listener_route(listen, "http", &split(1, 0), &eps);
+    let proxy = ProxyProcess::start(&base).await;
+    let mut old_conn = HttpClient::connect(listen).await.unwrap();
+    assert_eq!(old_conn.get("/", &[]).await.unwrap().1, "v1");
+
+    // Add a listener and route for it; written without a rename so only SIGHUP is relied on...
+    let with_second = base
+        .replace(
+            "listeners:\n",
+            &format!("listeners:\n  - {{ name: second, address: \"{second}\" }}\n"),
+        )
+        .replace(
+            "routes:\n",
+            &format!("routes:\n  - {{ name: second, destinations: [\"{second}\"], protocol: http, rules: [{{ clusters: [{{ name: v2 }}] }}] }}\n"),
+        );
+    std::fs::write(&proxy.config, with_second.replace("{admin}", &proxy.admin.to_string())).unwrap();
+    proxy.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut c2 = loop {
+        if let Ok(c) = HttpClient::connect(second).await {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "second listener not started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(c2.get("/", &[]).await.unwrap().1, "v2");
+    // The first listener's established connection was not touched.
+    assert_eq!(old_conn.get("/", &[]).await.unwrap().1, "v1");
+    let (_, listeners) = proxy.admin("/listeners").await;
+    assert!(listeners.contains(&format!("main::{listen}")) && listeners.contains(&format!("second::{second}")), "{listeners}");
+
+    // Removing the second listener stops it accepting; its open connection carries on.
+    proxy.rewrite(&base);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while HttpClient::connect(second).await.is_ok() {
+        assert!(Instant::now() < deadline, "second listener still accepting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The route for it is gone, so the kept connection now gets 404 (not a reset).
+    assert_eq!(c2.get("/", &[]).await.unwrap().0, 404);
+    assert_eq!(old_conn.get("/", &[]).await.unwrap().1, "v1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_from_python_http_server_switches_under_load() {
+    let (v1, v2) = (Backend::start("v1").await, Backend::start("v2").await);
+    let listen = free_addr();
+    let dir = TempDir::new("xds");
+    let v1dir = dir.path().join("mesh").join("v1");
+    std::fs::create_dir_all(&v1dir).unwrap();
+    let resources = |version: &str, body: String| format!("{{\"version_info\": \"{version}\", \"resources\": {body}}}");
+    write_atomic(&v1dir.join("listeners"), &resources("1", format!("[{{\"name\": \"main\", \"address\": \"{listen}\"}}]")));
+    write_atomic(&v1dir.join("clusters"), &resources("1", "[{\"name\": \"v1\"}, {\"name\": \"v2\", \"lb_policy\": \"least_request\"}]".into()));
+    write_atomic(
+        &v1dir.join("endpoints"),
+        &resources("1", format!("[{{\"cluster\": \"v1\", \"addresses\": [\"{}\"]}}, {{\"cluster\": \"v2\", \"addresses\": [\"{}\"]}}]", v1.addr, v2.addr)),
+    );
+    let routes = |version: &str, cluster: &str| {
+        resources(
+            version,
+            format!("[{{\"name\": \"main\", \"destinations\": [\"{listen}\"], \"protocol\": \"http\", \"rules\": [{{\"clusters\": [{{\"name\": \"{cluster}\", \"weight\": 100}}]}}]}}]"),
+        )
+    };
+    write_atomic(&v1dir.join("routes"), &routes("1", "v1"));
+
+    let port = free_port();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _py = KillOnDrop(
+        std::process::Command::new("python3")
+            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    // The file has only the admin address and the discovery source.
+    let yaml = format!("admin: {{ address: \"{{admin}}\" }}\ndiscovery:\n  url: http://127.0.0.1:{port}/mesh\n  poll_interval: 100ms\n");
+    let proxy = ProxyProcess::start(&yaml).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut c) = HttpClient::connect(listen).await {
+            if let Ok((200, b)) = c.get("/", &[]).await {
+                assert_eq!(b, "v1");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "discovered config not serving; log:\n{}", proxy.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dump = proxy.config_dump().await;
+    assert_eq!(dump["source"], format!("discovery:http://127.0.0.1:{port}/mesh"));
+    assert!(dump["version"].as_str().unwrap().contains("rds=1"), "{dump}");
+
+    let load = Load::start(listen, 4, "v2");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    write_atomic(&v1dir.join("routes"), &routes("2", "v2"));
+    let took = wait_for_all(listen, "v2", Duration::from_secs(1)).await;
+    eprintln!("discovery switch seen after {took:?}");
+    load.mark.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // A NACK: the server now names a cluster that does not exist; v2 keeps serving.
+    write_atomic(&v1dir.join("routes"), &routes("3", "nope"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let dump = proxy.config_dump().await;
+        if dump["last_rejected"]["version"].as_str().is_some_and(|v| v.contains("rds=3")) {
+            assert!(dump["last_rejected"]["error"].as_str().unwrap().contains("\"nope\" is not defined"), "{dump}");
+            assert!(dump["version"].as_str().unwrap().contains("rds=2"), "{dump}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "discovery rejection not visible: {dump}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (total, failures, stale) = load.finish().await;
+    assert!(total > 100);
+    assert_eq!((failures, stale), (0, 0));
+    let stats = proxy.admin("/stats/prometheus").await.1;
+    // Polled three more times at least, yet rejected once: the same answer is not re-counted.
+    assert!(stats.contains("mesh_proxy_config_updates_total{source=\"discovery\",result=\"rejected\"} 1"), "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_answer() {
+    let v1 = Backend::start("v1").await;
+    let listen = free_addr();
+    let eps: [(&str, &[SocketAddr]); 1] = [("v1", &[v1.addr])];
+    let proxy = ProxyProcess::start(&listener_route(listen, "http", &split(1, 0), &eps)).await;
+    let mut c = HttpClient::connect(listen).await.unwrap();
+    for _ in 0..3 {
+        c.get("/", &[]).await.unwrap();
+    }
+
+    assert_eq!(proxy.admin("/ready").await, (200, "LIVE\n".into()));
+    let dump = proxy.config_dump().await;
+    assert_eq!(dump["config"]["listeners"][0]["address"], listen.to_string());
+    assert_eq!(dump["config"]["clusters"][0]["endpoints"][0], v1.addr.to_string());
+    assert_eq!(dump["config"]["clusters"][0]["connect_timeout"], "1s");
+    assert!(dump["source"].as_str().unwrap().starts_with("file"));
+
+    let (_, clusters) = proxy.admin("/clusters").await;
+    assert!(clusters.contains(&format!("v1::{}::rq_total::3", v1.addr)), "{clusters}");
+    assert!(clusters.contains(&format!("v1::{}::cx_total::1", v1.addr)), "one pooled upstream connection: {clusters}");
+    let (_, json) = proxy.admin("/clusters?format=json").await;
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["clusters"][0]["endpoints"][0]["total_requests"], 3);
+
+    let (_, stats) = proxy.admin("/stats/prometheus").await;
+    for metric in [
+        "mesh_proxy_downstream_connections_total{listener=\"main\"} 1",
+        "mesh_proxy_downstream_connections_active{listener=\"main\"} 1",
+        "mesh_proxy_requests_total{route=\"main\",cluster=\"v1\",response_class=\"2xx\"} 3",
+        "mesh_proxy_upstream_connect_failures_total{cluster=\"v1\"} 0",
+        "# TYPE mesh_proxy_config_updates counter",
+    ] {
+        assert!(stats.contains(metric), "{metric} missing:\n{stats}");
+    }
+
+    // The access log follows the filter set through the admin API.
+    assert_eq!(admin_post(proxy.admin, "/logging?level=info,access%3Doff").await.0, 200);
+    c.get("/while-off", &[]).await.unwrap();
+    assert_eq!(admin_post(proxy.admin, "/logging?level=debug").await.0, 200);
+    c.get("/while-on", &[]).await.unwrap();
+    assert_eq!(admin_post(proxy.admin, "/logging?level=nonsense=[").await.0, 400);
+    assert_eq!(proxy.admin("/nope").await.0, 404);
+    assert_eq!(proxy.admin("/quitquitquit").await.0, 405);
+    let log = proxy.log_text();
+    assert!(!log.contains("/while-off") && log.contains("/while-on"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_request_in_flight_and_exits_0() {
+    let slow = Backend::start_on("slow", "127.0.0.1:0".parse().unwrap(), Duration::from_millis(700)).await;
+    let listen = free_addr();
+    let eps: [(&str, &[SocketAddr]); 1] = [("v1", &[slow.addr])];
+    let mut proxy = ProxyProcess::start(&listener_route(listen, "http", &split(1, 0), &eps)).await;
+
+    let mut c = HttpClient::connect(listen).await.unwrap();
+    let in_flight = tokio::spawn(async move { c.get("/", &[]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // No new connections while draining.
+    assert!(tokio::net::TcpStream::connect(listen).await.is_err(), "still accepting while draining");
+    assert_eq!(in_flight.await.unwrap().unwrap(), (200, "slow".into()));
+    let status = proxy.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}; log:\n{}", proxy.log_text());
+    assert!(proxy.log_text().contains("drained: every connection finished"), "{}", proxy.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quitquitquit_exits_0() {
+    let listen = free_addr();
+    let v1 = Backend::start("v1").await;
+    let eps: [(&str, &[SocketAddr]); 1] = [("v1", &[v1.addr])];
+    let mut proxy = ProxyProcess::start(&listener_route(listen, "http", &split(1, 0), &eps)).await;
+    assert_eq!(admin_post(proxy.admin, "/quitquitquit").await, (200, "OK\n".into()));
+    assert!(proxy.wait_exit(Duration::from_secs(10)).await.success());
+}
+
+#[tokio::test]
+async fn an_invalid_file_at_start_is_an_error_naming_the_field() {
+    let dir = TempDir::new("bad");
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, "listeners:\n  - name: a\n    address: 127.0.0.1:1\n    protocl: http\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-proxy")).arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `protocl`") && err.contains("line 4"), "{err}");
+}
