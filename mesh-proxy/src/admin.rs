@@ -71,7 +71,7 @@ fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
 }
 
 /// A query parameter's value (percent-decoding `%2C` and `+` enough for log directives).
-fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<String> {
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
         (k == name).then(|| v.replace("%2C", ",").replace("%2c", ",").replace("%3D", "=").replace("%3d", "=").replace('+', " "))
@@ -108,16 +108,37 @@ impl Admin {
             (&Method::GET, "/config_dump") => {
                 let snapshot = self.control.snapshot.load();
                 #[derive(Serialize)]
+                struct Endpoints<'a> {
+                    cluster: &'a str,
+                    addresses: &'a [std::net::SocketAddr],
+                }
+                /// The config with an `endpoints` section beside `clusters`, as the file has it
+                /// (each cluster also lists its own).
+                #[derive(Serialize)]
+                struct Effective<'a> {
+                    #[serde(flatten)]
+                    config: &'a crate::config::Config,
+                    endpoints: Vec<Endpoints<'a>>,
+                }
+                #[derive(Serialize)]
                 struct Dump<'a> {
                     version: &'a str,
                     source: &'a str,
-                    config: &'a crate::config::Config,
+                    config: Effective<'a>,
                     last_rejected: Option<crate::reload::Rejection>,
                 }
+                let config = &snapshot.config;
                 json(&Dump {
                     version: &snapshot.origin.version,
                     source: &snapshot.origin.source,
-                    config: &snapshot.config,
+                    config: Effective {
+                        config,
+                        endpoints: config
+                            .clusters
+                            .iter()
+                            .map(|c| Endpoints { cluster: &c.name, addresses: &c.endpoints })
+                            .collect(),
+                    },
                     last_rejected: self.control.last_rejected(),
                 })
             }

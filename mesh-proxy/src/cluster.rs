@@ -120,6 +120,7 @@ impl Endpoint {
     pub async fn connect_http(self: &Arc<Self>, timeout: Duration) -> io::Result<SendRequest<Incoming>> {
         let (stream, guard) = self.connect(timeout).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;
@@ -229,11 +230,14 @@ impl Cluster {
     }
 }
 
+/// Cluster name and address.
+type EndpointKey = (Arc<str>, SocketAddr);
+
 /// Hands out the same [`Endpoint`] for the same cluster name and address across reloads, so
 /// counters and pooled connections survive an update that keeps the endpoint.
 #[derive(Debug, Default)]
 pub struct EndpointRegistry {
-    endpoints: Mutex<HashMap<(Arc<str>, SocketAddr), Weak<Endpoint>>>,
+    endpoints: Mutex<HashMap<EndpointKey, Weak<Endpoint>>>,
 }
 
 impl EndpointRegistry {

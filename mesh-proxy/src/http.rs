@@ -73,7 +73,9 @@ pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: drain::Watch) {
         // hyper refuses (431) a head that does not fit its buffer; the exact 60 KiB limit on
         // header bytes is checked per request in `handle`, which sees them parsed.
         .max_buf_size(MAX_HEADER_BYTES + 16 * 1024)
-        .max_headers(MAX_HEADERS);
+        .max_headers(MAX_HEADERS)
+        // Small responses: one flattened buffer and one write() beat writev's bookkeeping.
+        .writev(false);
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     let result = tokio::select! {

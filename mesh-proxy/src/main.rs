@@ -75,12 +75,7 @@ fn run(args: Args, log: logging::LogHandle) -> anyhow::Result<()> {
         Some(n) => usize::from(n),
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    let data = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("mesh-proxy-worker")
-        .enable_all()
-        .build()
-        .context("starting the data-plane runtime")?;
+    let data = DataPlane::start(workers).context("starting the data-plane runtime")?;
     let control_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -90,7 +85,7 @@ fn run(args: Args, log: logging::LogHandle) -> anyhow::Result<()> {
         let local = LocalAddrs::discover().context("reading interface addresses")?;
         let proxy = Arc::new(Proxy::new(snapshot.clone(), metrics.clone(), local));
         let drain = Arc::new(drain::Trigger::default());
-        let listeners = Listeners::new(data.handle().clone(), proxy.clone(), drain.clone());
+        let listeners = Listeners::new(data.handle(), proxy.clone(), drain.clone());
         let control = Arc::new(Control::start(path.clone(), raw, version, snapshot, metrics, listeners, registry)?);
 
         let admin_addr = control.snapshot.load().config.admin;
@@ -142,6 +137,54 @@ fn run(args: Args, log: logging::LogHandle) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     let _ = drain_timeout;
-    data.shutdown_timeout(Duration::from_millis(100));
+    data.stop();
     Ok(())
+}
+
+/// The data-plane runtime. One worker is a current-thread runtime on its own thread: no
+/// work-stealing bookkeeping and an uncontended timer, which is what a sidecar on one core wants;
+/// more workers are a multi-thread runtime.
+enum DataPlane {
+    Single { handle: tokio::runtime::Handle, stop: tokio::sync::oneshot::Sender<()>, thread: std::thread::JoinHandle<()> },
+    Multi(tokio::runtime::Runtime),
+}
+
+impl DataPlane {
+    fn start(workers: usize) -> std::io::Result<Self> {
+        if workers > 1 {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .thread_name("mesh-proxy-worker")
+                .enable_all()
+                .build()?;
+            return Ok(Self::Multi(rt));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name("mesh-proxy-worker".into()).spawn(move || {
+            rt.block_on(async {
+                let _ = stopped.await;
+            });
+            rt.shutdown_timeout(Duration::from_millis(100));
+        })?;
+        Ok(Self::Single { handle, stop, thread })
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        match self {
+            Self::Single { handle, .. } => handle.clone(),
+            Self::Multi(rt) => rt.handle().clone(),
+        }
+    }
+
+    fn stop(self) {
+        match self {
+            Self::Single { stop, thread, .. } => {
+                let _ = stop.send(());
+                let _ = thread.join();
+            }
+            Self::Multi(rt) => rt.shutdown_timeout(Duration::from_millis(100)),
+        }
+    }
 }
