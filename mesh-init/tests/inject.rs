@@ -1,0 +1,210 @@
+//! `mesh-init inject` against golden files, and every output (goldens and deploy/) against the
+//! Kubernetes schema.
+//!
+//! Each `testdata/inject/<case>.yaml` is injected with the flags of its `# args:` line and must
+//! give `<case>.golden.yaml` (`UPDATE_GOLDEN=1` rewrites them; review the diff). Every golden, and
+//! every manifest under deploy/, must come back unchanged from a second injection and pass
+//! `kubernetes-validate --strict` (PyPI `kubernetes-validate`, which ships the schemas, so this
+//! runs offline). Without that tool the schema check is skipped with a message, except when `CI`
+//! is set: there it fails. Each `testdata/inject/errors/<case>.yaml` must be refused with the
+//! message of its `# expect:` line.
+//!
+//! These tests go through the library (`mesh_init::inject::inject`), which is all `mesh-init
+//! inject` does besides reading the file and writing stdout.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use clap::Parser;
+use mesh_init::inject::{self, InjectArgs};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: InjectArgs,
+}
+
+fn testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/inject")
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the crate is in the workspace").to_path_buf()
+}
+
+/// The value of a `# key: value` header line, if the file has one.
+fn header<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.strip_prefix(&format!("# {key}:")).map(str::trim))
+}
+
+/// Inject flags from a `# args:` line (split on whitespace: no quoting needed so far).
+fn args_of(text: &str) -> InjectArgs {
+    let mut argv = vec!["inject"];
+    argv.extend(header(text, "args").unwrap_or_default().split_whitespace());
+    Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}")).args
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("readable directory").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn cases() -> Vec<PathBuf> {
+    yaml_files(&testdata()).into_iter().filter(|p| !p.to_string_lossy().ends_with(".golden.yaml")).collect()
+}
+
+fn golden_of(input: &Path) -> PathBuf {
+    input.with_extension("golden.yaml")
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn run(text: &str, origin: &str, args: &InjectArgs) -> inject::Outcome {
+    inject::inject(text, origin, args).unwrap_or_else(|e| panic!("{origin}: {e}"))
+}
+
+#[test]
+fn goldens() {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let mut failed = vec![];
+    for input in cases() {
+        let text = read(&input);
+        let out = run(&text, &input.display().to_string(), &args_of(&text));
+        let golden = golden_of(&input);
+        if update {
+            std::fs::write(&golden, &out.yaml).unwrap_or_else(|e| panic!("{}: {e}", golden.display()));
+            continue;
+        }
+        let want = std::fs::read_to_string(&golden).unwrap_or_default();
+        if out.yaml != want {
+            failed.push(format!("{} differs from {} (UPDATE_GOLDEN=1 rewrites it):\n{}", input.display(), golden.display(), out.yaml));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n\n"));
+}
+
+#[test]
+fn injecting_twice_is_injecting_once() {
+    for input in cases() {
+        let text = read(&input);
+        let args = args_of(&text);
+        let once = run(&text, "once", &args).yaml;
+        let twice = run(&once, "twice", &args).yaml;
+        assert_eq!(twice, once, "{}", input.display());
+    }
+}
+
+#[test]
+fn other_kinds_pass_through_byte_for_byte() {
+    let input = testdata().join("passthrough.yaml");
+    let text = read(&input);
+    assert_eq!(run(&text, "passthrough", &args_of(&text)).yaml, text);
+    // In a mixed file, the documents around the workload are kept as written, comments included.
+    let text = read(&testdata().join("deployment.yaml"));
+    let out = run(&text, "deployment", &args_of(&text)).yaml;
+    let service = text.split("---\n").next().unwrap();
+    let config_map = text.rsplit("---\n").next().unwrap();
+    assert!(out.starts_with(service), "{out}");
+    assert!(out.ends_with(config_map), "{out}");
+}
+
+#[test]
+fn opted_out_and_host_network_workloads_are_left_alone_with_a_note() {
+    let text = read(&testdata().join("opt-out.yaml"));
+    let out = run(&text, "opt-out.yaml", &args_of(&text));
+    assert_eq!(out.yaml, text);
+    assert_eq!(out.notes.len(), 2, "{:?}", out.notes);
+    assert!(out.notes[0].contains("Deployment ingress-gateway: left as is (mesh-init.io/inject: \"false\")"), "{:?}", out.notes);
+    assert!(out.notes[1].contains("DaemonSet node-exporter: left as is (hostNetwork: true"), "{:?}", out.notes);
+}
+
+#[test]
+fn reinjecting_with_other_flags_replaces_the_previous_injection() {
+    let text = read(&testdata().join("deployment.yaml"));
+    let first = run(&text, "first", &args_of(&text)).yaml;
+    let mut args = args_of(&text);
+    args.capture.envoy_port = "15001".into();
+    let second = run(&first, "second", &args).yaml;
+    assert_eq!(second, run(&text, "direct", &args).yaml);
+    assert_eq!(second.matches("name: mesh-proxy\n").count(), 1, "{second}");
+}
+
+#[test]
+fn bad_input_is_refused_naming_document_line_and_annotation() {
+    let mut failed = vec![];
+    for input in yaml_files(&testdata().join("errors")) {
+        let text = read(&input);
+        let expect = header(&text, "expect").unwrap_or_else(|| panic!("{}: no `# expect:` line", input.display()));
+        let origin = input.file_name().unwrap().to_string_lossy().to_string();
+        match inject::inject(&text, &origin, &args_of(&text)) {
+            Ok(out) => failed.push(format!("{origin}: accepted:\n{}", out.yaml)),
+            Err(e) if e.to_string().contains(expect) => {}
+            Err(e) => failed.push(format!("{origin}: error {:?} does not contain {expect:?}", e.to_string())),
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+#[test]
+fn bad_flags_are_refused_before_reading() {
+    let mut args = args_of("");
+    args.capture.service_exclude_cidr = "10.0.0.0/33".into();
+    let e = inject::inject("", "-", &args).unwrap_err().to_string();
+    assert!(e.contains("--istio-service-exclude-cidr"), "{e}");
+}
+
+/// The deploy/ examples are the injector's own output: injecting them again changes nothing.
+/// `UPDATE_GOLDEN=1` injects them in place.
+#[test]
+fn deploy_manifests_are_current() {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    for path in deploy_manifests() {
+        let text = read(&path);
+        let out = run(&text, &path.display().to_string(), &args_of(&text));
+        if update {
+            std::fs::write(&path, &out.yaml).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        } else {
+            assert_eq!(out.yaml, text, "{} is not what `mesh-init inject` writes for it", path.display());
+        }
+    }
+}
+
+fn deploy_manifests() -> Vec<PathBuf> {
+    let mut out = vec![];
+    for dir in ["deploy/iptables", "deploy/ebpf"] {
+        out.extend(yaml_files(&repo().join(dir)));
+    }
+    assert!(!out.is_empty(), "no manifests under deploy/");
+    out
+}
+
+#[test]
+fn outputs_match_the_kubernetes_schema() {
+    let version = Command::new("kubernetes-validate").arg("--version").output();
+    if !version.as_ref().is_ok_and(|o| o.status.success()) {
+        let why = "kubernetes-validate is not installed (pip install kubernetes-validate==1.37.0)";
+        if std::env::var_os("CI").is_some() {
+            panic!("{why}; CI is set, so the schema check may not be skipped");
+        }
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let mut files: Vec<PathBuf> = cases().iter().map(|c| golden_of(c)).collect();
+    files.extend(deploy_manifests());
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet"])
+        .args(&files)
+        .output()
+        .expect("kubernetes-validate runs");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !report.contains("ERROR"), "kubernetes-validate --strict:\n{report}");
+}
