@@ -1,0 +1,511 @@
+//! mesh-proxy end to end: a pod namespace with mesh-init's iptables rules and mesh-proxy running
+//! as UID 1337, three backend versions (python HTTP/1.1 keep-alive servers) in the remote
+//! namespace, and clients that are plain sockets in the pod (the application, as root) dialling a
+//! service address that exists nowhere: only the proxy's routing makes it answer.
+//!
+//! Everything is inside the two namespaces of each test, joined to each other only; loads are
+//! bounded in count and time.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_e2e::{bin, check, eventually, privileged, PodNet, Proc, POD_V4, REMOTE_V4};
+
+/// What the application dials: a service address with no host behind it.
+const SERVICE: &str = "10.200.100.1:9080";
+/// The three versions' addresses, on the remote side.
+const V1: &str = "10.200.1.1:8080";
+const V2: &str = "10.200.1.2:8080";
+const V3: &str = "10.200.1.3:8080";
+/// An address on the remote where nothing listens (until the test starts something).
+const DEAD: &str = "10.200.1.9:8080";
+const ADMIN: &str = "127.0.0.1:15090";
+
+/// An HTTP/1.1 keep-alive server answering every GET with its name.
+const BACKEND_PY: &str = r#"
+import sys, http.server
+name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = name.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+s = S((host, port), H)
+print("ready", flush=True)
+s.serve_forever()
+"#;
+
+/// A server-first protocol (SMTP-like): greets, then answers QUIT.
+const GREETER_PY: &str = r#"
+import sys, socket, threading
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((sys.argv[1], int(sys.argv[2]))); l.listen(16)
+print("ready", flush=True)
+def serve(c):
+    c.sendall(b"220 greeter ready\r\n")
+    if c.recv(64) == b"QUIT\r\n":
+        c.sendall(b"221 bye\r\n")
+    c.close()
+while True:
+    c, _ = l.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// A scratch directory the proxy (UID 1337) can read, removed on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("mesh-proxy-e2e-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Dir(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a file the way config tools do: a sibling, then a rename over the old one.
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The mesh: namespaces, backends, rules, the proxy.
+struct Mesh {
+    net: PodNet,
+    dir: Dir,
+    config: PathBuf,
+    log: PathBuf,
+    procs: Vec<Proc>,
+}
+
+impl Mesh {
+    /// Namespaces, the three versions, mesh-init's rules in the pod, and mesh-proxy as UID 1337
+    /// with `config` (its `{dir}` replaced by the scratch directory).
+    fn start(tag: &str, config: &str) -> Mesh {
+        let net = PodNet::new(tag);
+        for addr in [V1, V2, V3, DEAD] {
+            let ip = addr.split(':').next().unwrap();
+            net.add_remote_addr(&format!("{ip}/32"));
+        }
+        let dir = Dir::new(tag);
+        let mut mesh = Mesh { config: dir.0.join("proxy.yaml"), log: dir.0.join("proxy.log"), net, dir, procs: Vec::new() };
+        for (name, addr) in [("v1", V1), ("v2", V2), ("v3", V3)] {
+            mesh.backend_remote(name, addr);
+        }
+        check(Command::new(bin("mesh-init")).args([
+            "iptables", "--netns", mesh.net.pod.name(), "-p", "15000", "-u", "1337", "-d", "15090",
+        ]));
+        mesh.write_config(config);
+        let mut cmd = mesh.net.pod.command_as(1337, 1337, bin("mesh-proxy"));
+        cmd.arg("--config").arg(&mesh.config).args(["--workers", "1"]);
+        cmd.stderr(std::fs::File::create(&mesh.log).unwrap());
+        let proxy = mesh.net.pod.spawn(cmd);
+        mesh.procs.push(proxy);
+        let ready = mesh.net.pod.run(|| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok((200, _)) = Http::connect(ADMIN).and_then(|mut c| c.get("/ready", &[])) {
+                    return true;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            false
+        });
+        assert!(ready, "mesh-proxy not ready; log:\n{}", mesh.log_text());
+        mesh
+    }
+
+    fn backend_remote(&mut self, name: &str, addr: &str) {
+        let (ip, port) = addr.split_once(':').unwrap();
+        let mut p = self.net.remote.spawn({
+            let mut c = self.net.remote.command("python3");
+            c.args(["-c", BACKEND_PY, name, ip, port]);
+            c
+        });
+        p.wait_for_line("ready");
+        self.procs.push(p);
+    }
+
+    fn write_config(&self, text: &str) {
+        write_atomic(&self.config, &text.replace("{dir}", &self.dir.0.display().to_string()));
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A blocking HTTP/1.1 keep-alive client: enough HTTP to read status and a Content-Length body.
+struct Http {
+    r: BufReader<TcpStream>,
+    host: String,
+}
+
+impl Http {
+    fn connect(addr: &str) -> std::io::Result<Http> {
+        let sa: SocketAddr = addr.parse().unwrap();
+        let s = TcpStream::connect_timeout(&sa, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_nodelay(true)?;
+        Ok(Http { r: BufReader::new(s), host: addr.to_string() })
+    }
+
+    fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
+        self.request("GET", path, headers)
+    }
+
+    fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.host);
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        self.r.get_mut().write_all(req.as_bytes())?;
+        let mut line = String::new();
+        if self.r.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before the status line"));
+        }
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            self.r.read_line(&mut line)?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().map_err(std::io::Error::other)?;
+                }
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.r.read_exact(&mut body)?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+fn admin(path: &str) -> String {
+    Http::connect(ADMIN).and_then(|mut c| c.get(path, &[])).expect("admin API").1
+}
+
+/// Keep-alive clients running until stopped (or 60,000 requests / 30 s each, whichever first).
+struct Load {
+    stop: Arc<AtomicBool>,
+    /// Set when every answer from now on must be `expect`.
+    strict: Arc<AtomicBool>,
+    failures: Arc<AtomicU64>,
+    unexpected: Arc<AtomicU64>,
+    total: Arc<AtomicU64>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(clients: usize, expect: &'static str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let strict = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(AtomicU64::new(0));
+        let unexpected = Arc::new(AtomicU64::new(0));
+        let total = Arc::new(AtomicU64::new(0));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, strict, failures, unexpected, total) =
+                    (stop.clone(), strict.clone(), failures.clone(), unexpected.clone(), total.clone());
+                thread::spawn(move || {
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    let mut c = Http::connect(SERVICE).expect("connect through the redirect");
+                    for _ in 0..60_000 {
+                        if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                            return;
+                        }
+                        let must = strict.load(Ordering::Relaxed);
+                        match c.get("/", &[]) {
+                            Ok((200, body)) => {
+                                if must && body != expect {
+                                    unexpected.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            _ => {
+                                failures.fetch_add(1, Ordering::Relaxed);
+                                if let Ok(n) = Http::connect(SERVICE) {
+                                    c = n;
+                                }
+                            }
+                        }
+                        total.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Load { stop, strict, failures, unexpected, total, threads }
+    }
+
+    /// (requests, failures, unexpected answers while strict)
+    fn finish(self) -> (u64, u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        (self.total.load(Ordering::Relaxed), self.failures.load(Ordering::Relaxed), self.unexpected.load(Ordering::Relaxed))
+    }
+}
+
+/// Time until a fresh connection gets `want` 20 times in a row, bounded by `limit`.
+fn time_until_all(want: &str, since: Instant, limit: Duration) -> Duration {
+    loop {
+        let mut c = Http::connect(SERVICE).unwrap();
+        if (0..20).all(|_| c.get("/", &[]).map(|r| r.1 == want).unwrap_or(false)) {
+            return since.elapsed();
+        }
+        assert!(since.elapsed() < limit * 3, "never switched to {want}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn file_config(rules: &str) -> String {
+    format!(
+        "admin: {{ address: {ADMIN} }}
+outbound_policy: allow_any
+listeners:
+  - {{ name: virtual, address: 0.0.0.0:15000 }}
+routes:
+  - name: reviews
+    destinations: [\"reviews:9080\", \"{SERVICE}\"]
+    protocol: http
+    rules:
+{rules}
+  - name: dead
+    destinations: [\"10.200.100.9:80\"]
+    rules: [{{ clusters: [{{ name: dead }}] }}]
+clusters:
+  - {{ name: v1, connect_timeout: 1s }}
+  - {{ name: v2, lb_policy: least_request, connect_timeout: 1s }}
+  - {{ name: v3, lb_policy: random, connect_timeout: 1s }}
+  - {{ name: dead, connect_timeout: 1s }}
+endpoints:
+  - {{ cluster: v1, addresses: [\"{V1}\"] }}
+  - {{ cluster: v2, addresses: [\"{V2}\"] }}
+  - {{ cluster: v3, addresses: [\"{V3}\"] }}
+  - {{ cluster: dead, addresses: [\"{DEAD}\"] }}
+"
+    )
+}
+
+const HALF_V1_V3: &str = "      - match: { headers: { end-user: jason } }
+        clusters: [{ name: v2, weight: 100 }]
+      - clusters: [{ name: v1, weight: 50 }, { name: v3, weight: 50 }]";
+const ALL_V2: &str = "      - clusters: [{ name: v2, weight: 100 }]";
+
+#[test]
+fn proxy_split_header_route_file_reload_and_rejection() {
+    if !privileged("proxy_split_header_route_file_reload_and_rejection") {
+        return;
+    }
+    let mesh = Mesh::start("pxa", &file_config(HALF_V1_V3));
+    mesh.net.pod.run(|| {
+        // 50/50 on one keep-alive connection, per request.
+        let mut c = Http::connect(SERVICE).unwrap();
+        let (mut v1, mut v3) = (0, 0);
+        for _ in 0..2_000 {
+            match c.get("/", &[]).unwrap() {
+                (200, b) if b == "v1" => v1 += 1,
+                (200, b) if b == "v3" => v3 += 1,
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+        eprintln!("split over 2,000 requests on one connection: v1 {v1}, v3 {v3}");
+        assert!((900..=1_100).contains(&v1), "v1 {v1}, v3 {v3}");
+
+        // The header route, on the same connection.
+        for _ in 0..50 {
+            assert_eq!(c.get("/", &[("end-user", "jason")]).unwrap(), (200, "v2".to_string()));
+        }
+
+        // 100% v2 by editing the file, under load, with no failed request.
+        let load = Load::start(4, "v2");
+        thread::sleep(Duration::from_millis(300));
+        let edited = Instant::now();
+        mesh.write_config(&file_config(ALL_V2));
+        let took = time_until_all("v2", edited, Duration::from_secs(1));
+        eprintln!("file edit effective after {took:?}");
+        assert!(took < Duration::from_secs(1), "switch took {took:?}");
+        load.strict.store(true, Ordering::Relaxed);
+        thread::sleep(Duration::from_millis(300));
+
+        // An invalid update: rejected, visible, and v2 keeps answering.
+        mesh.write_config(&file_config(ALL_V2).replace("protocol: http", "protocl: http"));
+        let dump = eventually(Duration::from_secs(5), "the rejection in /config_dump", || {
+            let d = admin("/config_dump");
+            d.contains("unknown field `protocl`").then_some(d)
+        });
+        assert!(dump.contains("line 8"), "{dump}");
+        thread::sleep(Duration::from_millis(300));
+        let (total, failures, unexpected) = load.finish();
+        eprintln!("{total} requests under load across the reload and the rejected update");
+        assert_eq!(failures, 0, "failed requests; log:\n{}", mesh.log_text());
+        assert_eq!(unexpected, 0, "answers not from v2 after the switch");
+        let stats = admin("/stats/prometheus");
+        assert!(stats.contains("mesh_proxy_config_updates_total{source=\"file\",result=\"rejected\"} 1"), "{stats}");
+        assert!(stats.contains("mesh_proxy_config_updates_total{source=\"file\",result=\"applied\"} 1"), "{stats}");
+    });
+    // It ran as 1337, unprivileged.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", mesh.procs[3].pid())).unwrap_or_default();
+    assert!(status.lines().any(|l| l.starts_with("Uid:") && l.contains("1337")), "{status}");
+}
+
+#[test]
+fn proxy_discovery_switch_and_nack() {
+    if !privileged("proxy_discovery_switch_and_nack") {
+        return;
+    }
+    // The file has only the admin address and the discovery source; python's http.server serves
+    // a directory of JSON files in the pod.
+    let yaml = format!("admin: {{ address: {ADMIN} }}\ndiscovery: {{ url: \"http://127.0.0.1:8500/mesh\", poll_interval: 100ms }}\n");
+    let mut mesh = Mesh::start("pxd", &yaml);
+    let xds = mesh.dir.0.join("xds");
+    let v1dir = xds.join("mesh").join("v1");
+    std::fs::create_dir_all(&v1dir).unwrap();
+    let res = |version: &str, body: &str| format!("{{\"version_info\": \"{version}\", \"resources\": {body}}}");
+    write_atomic(&v1dir.join("listeners"), &res("1", "[{\"name\": \"virtual\", \"address\": \"0.0.0.0:15000\"}]"));
+    write_atomic(&v1dir.join("clusters"), &res("1", "[{\"name\": \"v1\"}, {\"name\": \"v2\"}]"));
+    write_atomic(
+        &v1dir.join("endpoints"),
+        &res("1", &format!("[{{\"cluster\": \"v1\", \"addresses\": [\"{V1}\"]}}, {{\"cluster\": \"v2\", \"addresses\": [\"{V2}\"]}}]")),
+    );
+    let routes = |version: &str, cluster: &str| {
+        res(version, &format!("[{{\"name\": \"reviews\", \"destinations\": [\"{SERVICE}\"], \"protocol\": \"http\", \"rules\": [{{\"clusters\": [{{\"name\": \"{cluster}\", \"weight\": 100}}]}}]}}]"))
+    };
+    write_atomic(&v1dir.join("routes"), &routes("1", "v1"));
+    let mut server = mesh.net.pod.command("python3");
+    server.args(["-u", "-m", "http.server", "8500", "--bind", "127.0.0.1"]).current_dir(&xds).stderr(Stdio::null());
+    let server = mesh.net.pod.spawn(server);
+    mesh.procs.push(server);
+
+    mesh.net.pod.run(|| {
+        eventually(Duration::from_secs(10), "the discovered config serving v1", || {
+            Http::connect(SERVICE).and_then(|mut c| c.get("/", &[])).ok().filter(|r| r.1 == "v1")
+        });
+        assert!(admin("/config_dump").contains("rds=1"));
+        let load = Load::start(4, "v2");
+        thread::sleep(Duration::from_millis(300));
+        let changed = Instant::now();
+        write_atomic(&v1dir.join("routes"), &routes("2", "v2"));
+        let took = time_until_all("v2", changed, Duration::from_secs(1));
+        eprintln!("discovery change effective after {took:?}");
+        assert!(took < Duration::from_secs(1), "switch took {took:?}");
+        load.strict.store(true, Ordering::Relaxed);
+
+        // A NACK: a route naming a cluster that does not exist.
+        write_atomic(&v1dir.join("routes"), &routes("3", "nope"));
+        let dump = eventually(Duration::from_secs(5), "the discovery rejection", || {
+            let d = admin("/config_dump");
+            d.contains("rds=3").then_some(d)
+        });
+        assert!(dump.contains("\\\"nope\\\" is not defined"), "{dump}");
+        thread::sleep(Duration::from_millis(300));
+        let (total, failures, unexpected) = load.finish();
+        eprintln!("{total} requests under load across the discovery switch and the NACK");
+        assert_eq!((failures, unexpected), (0, 0));
+    });
+}
+
+#[test]
+fn proxy_passthrough_inbound_and_dead_backend() {
+    if !privileged("proxy_passthrough_inbound_and_dead_backend") {
+        return;
+    }
+    let mut mesh = Mesh::start("pxp", &file_config(ALL_V2));
+    // Unknown destinations on the remote: an HTTP server and a server-first protocol.
+    let remote_http = format!("{REMOTE_V4}:8081");
+    mesh.backend_remote("remote-http", &remote_http);
+    let mut greeter = mesh.net.remote.spawn({
+        let mut c = mesh.net.remote.command("python3");
+        c.args(["-c", GREETER_PY, REMOTE_V4, "2525"]);
+        c
+    });
+    greeter.wait_for_line("ready");
+    mesh.procs.push(greeter);
+    // The pod's own application, for inbound traffic.
+    let mut app = mesh.net.pod.spawn({
+        let mut c = mesh.net.pod.command("python3");
+        c.args(["-c", BACKEND_PY, "pod-app", "0.0.0.0", "9999"]);
+        c
+    });
+    app.wait_for_line("ready");
+    mesh.procs.push(app);
+
+    mesh.net.pod.run(|| {
+        // Passthrough of an unrouted HTTP destination.
+        let mut c = Http::connect(&remote_http).unwrap();
+        assert_eq!(c.get("/", &[]).unwrap(), (200, "remote-http".to_string()));
+        // Passthrough of a server-first protocol: the greeting arrives without the client
+        // sending anything (no detection on unrouted traffic).
+        let mut s = TcpStream::connect(format!("{REMOTE_V4}:2525")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut greeting = [0u8; 19];
+        s.read_exact(&mut greeting).unwrap();
+        assert_eq!(&greeting, b"220 greeter ready\r\n");
+        s.write_all(b"QUIT\r\n").unwrap();
+        let mut rest = String::new();
+        s.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "221 bye\r\n");
+        let stats = admin("/stats/prometheus");
+        assert!(
+            stats.contains("mesh_proxy_tcp_connections_total{route=\"passthrough\",cluster=\"PassthroughCluster\"} 2"),
+            "both went through the proxy: {stats}"
+        );
+
+        // A dead backend: 503, then the proxy recovers when it comes back.
+        let mut d = Http::connect("10.200.100.9:80").unwrap();
+        let (status, body) = d.get("/", &[]).unwrap();
+        assert_eq!((status, body.as_str()), (503, "no healthy upstream"));
+    });
+    assert!(mesh.log_text().contains("upstream connect failed"), "reason logged: {}", mesh.log_text());
+    mesh.backend_remote("revived", DEAD);
+    mesh.net.pod.run(|| {
+        let mut d = Http::connect("10.200.100.9:80").unwrap();
+        assert_eq!(d.get("/", &[]).unwrap(), (200, "revived".to_string()));
+    });
+
+    // Inbound: the remote calls the pod's address; the proxy hands it to the local app.
+    let inbound = mesh.net.remote.run(|| Http::connect(&format!("{POD_V4}:9999")).and_then(|mut c| c.get("/", &[])));
+    assert_eq!(inbound.unwrap(), (200, "pod-app".to_string()));
+    mesh.net.pod.run(|| {
+        let stats = admin("/stats/prometheus");
+        assert!(stats.contains("mesh_proxy_tcp_connections_total{route=\"inbound\",cluster=\"InboundPassthroughCluster\"} 1"), "{stats}");
+    });
+}
