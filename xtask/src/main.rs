@@ -1,1 +1,56 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's developer tasks.
+//!
+//! - `bench` ([`bench`]): the benchmark harness of issue 6 — proxy overhead against the direct
+//!   path and HAProxy, eBPF against iptables, rule-install time; writes `bench/results.md` and
+//!   `bench/latency.svg`.
+//! - `load-rate`, `load-idle` (hidden, [`load`]): load clients Debian lacks, started by `bench`
+//!   inside a pod's namespace and cgroup.
+//!
+//! Modules: [`lab`] (namespaces, cgroups, processes as guards), [`paths`] (direct, HAProxy,
+//! mesh-proxy in iptables and eBPF modes), [`load`] (wrk, iperf3, our clients), [`rules`]
+//! (batch vs per-rule install), [`report`] (markdown and SVG), [`interrupt`] (Ctrl-C → cleanup).
+
+mod bench;
+mod interrupt;
+mod lab;
+mod load;
+mod paths;
+mod report;
+mod rules;
+
+use std::{process::ExitCode, time::Duration};
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Developer tasks of the mesh-init workspace")]
+enum Cli {
+    /// Benchmark the paths (direct, HAProxy, mesh-proxy with iptables and eBPF) and rule installs.
+    Bench(bench::BenchArgs),
+    /// Fixed-rate open-loop HTTP client; prints its result as JSON.
+    #[command(hide = true)]
+    LoadRate(load::RateArgs),
+    /// Opens and holds idle connections until stdin closes.
+    #[command(hide = true)]
+    LoadIdle(load::IdleArgs),
+}
+
+/// Seconds, fractions allowed (`1.5`), for duration flags.
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    s.trim_end_matches('s').parse::<f64>().ok().filter(|v| *v > 0.0).map(Duration::from_secs_f64).ok_or_else(|| format!("expected seconds such as 10 or 1.5, got {s:?}"))
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse() {
+        Cli::Bench(args) => interrupt::install().and_then(|()| bench::run(args)),
+        Cli::LoadRate(args) => load::rate_client(&args).and_then(|r| Ok(println!("{}", serde_json::to_string(&r)?))),
+        Cli::LoadIdle(args) => load::idle_client(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The paths under test: how a client in a pod namespace reaches nginx in the backend namespace.
+//!
+//! Every path with a sidecar uses the same interception flags (`-p 15000`, proxy UID 1337) and
+//! runs its sidecar as UID 1337 with one data-plane thread; only the interception mechanism and
+//! the proxy differ.
+
+use std::{
+    fmt,
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::lab::{run, Backend, Pod, Proc, TempDir};
+
+/// The proxy's user: exempt from interception in both modes (mesh-init's default `-u`).
+pub const PROXY_UID: u32 = 1337;
+/// Where intercepted connections arrive.
+pub const PROXY_PORT: u16 = 15000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum PathKind {
+    /// Client to nginx, no interception, no proxy: the baseline.
+    Direct,
+    /// HAProxy as the sidecar behind the iptables redirect.
+    Haproxy,
+    /// mesh-proxy behind the iptables redirect.
+    MeshProxy,
+    /// mesh-proxy behind `mesh-init ebpf`.
+    Ebpf,
+    /// mesh-proxy behind `mesh-init ebpf --accelerate` (sockmap between app and proxy).
+    EbpfAccel,
+}
+
+impl PathKind {
+    pub const ALL: [PathKind; 5] = [PathKind::Direct, PathKind::Haproxy, PathKind::MeshProxy, PathKind::Ebpf, PathKind::EbpfAccel];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::Haproxy => "haproxy (iptables)",
+            PathKind::MeshProxy => "mesh-proxy (iptables)",
+            PathKind::Ebpf => "mesh-proxy (eBPF)",
+            PathKind::EbpfAccel => "mesh-proxy (eBPF + accelerate)",
+        }
+    }
+
+    pub fn uses_ebpf(self) -> bool {
+        matches!(self, PathKind::Ebpf | PathKind::EbpfAccel)
+    }
+}
+
+impl fmt::Display for PathKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// The workspace binaries a run uses.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub mesh_init: PathBuf,
+    pub mesh_proxy: PathBuf,
+}
+
+/// How HAProxy is configured: it terminates HTTP for the HTTP workloads, and relays bytes for the
+/// TCP passthrough workload (one frontend cannot do both on one port without content switching
+/// that the other proxies do not need).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SidecarMode {
+    Http,
+    Tcp,
+}
+
+/// A running sidecar and what it takes to restart it.
+pub struct Sidecar {
+    pub proc: Proc,
+    mode: SidecarMode,
+}
+
+/// `mesh-init ebpf` attached to the pod's cgroup; detached and unpinned on drop (before the
+/// cgroup is removed: this field order is kept in [`BenchPath`]).
+struct EbpfAttachment {
+    mesh_init: PathBuf,
+    cgroup: PathBuf,
+    netns: String,
+}
+
+impl Drop for EbpfAttachment {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.mesh_init)
+            .args(["ebpf", "--cleanup-only", "--netns", &self.netns, "--cgroup"])
+            .arg(&self.cgroup)
+            .output();
+    }
+}
+
+/// One path, set up and ready for load.
+pub struct BenchPath {
+    pub kind: PathKind,
+    pub sidecar: Option<Sidecar>,
+    ebpf: Option<EbpfAttachment>,
+    pub pod: Pod,
+    dir: TempDir,
+    bins: Bins,
+    /// HAProxy's maxconn: enough for the idle workload, small enough for the descriptor limit.
+    max_conns: u32,
+}
+
+impl BenchPath {
+    pub fn setup(kind: PathKind, backend: &mut Backend, bins: &Bins, max_conns: u32) -> Result<BenchPath> {
+        let tag = match kind {
+            PathKind::Direct => "direct",
+            PathKind::Haproxy => "haproxy",
+            PathKind::MeshProxy => "meshproxy",
+            PathKind::Ebpf => "ebpf",
+            PathKind::EbpfAccel => "ebpfaccel",
+        };
+        let pod = backend.pod(tag, kind.uses_ebpf())?;
+        let dir = TempDir::new()?;
+        let mut path = BenchPath { kind, sidecar: None, ebpf: None, pod, dir, bins: bins.clone(), max_conns };
+        match kind {
+            PathKind::Direct => {}
+            PathKind::Haproxy | PathKind::MeshProxy => {
+                run(
+                    Command::new(&bins.mesh_init).args(["iptables", "--netns", path.pod.ns.name(), "-p", &PROXY_PORT.to_string()]),
+                    Duration::from_secs(20),
+                )?;
+            }
+            PathKind::Ebpf | PathKind::EbpfAccel => {
+                let cgroup = path.pod.cgroup.as_ref().expect("eBPF pods have a cgroup").path().to_path_buf();
+                path.ebpf = Some(EbpfAttachment {
+                    mesh_init: bins.mesh_init.clone(),
+                    cgroup: cgroup.clone(),
+                    netns: path.pod.ns.name().to_string(),
+                });
+                let mut cmd = Command::new(&bins.mesh_init);
+                cmd.args(["ebpf", "--netns", path.pod.ns.name(), "-p", &PROXY_PORT.to_string(), "--cgroup"]).arg(&cgroup);
+                if kind == PathKind::EbpfAccel {
+                    cmd.arg("--accelerate");
+                }
+                run(&mut cmd, Duration::from_secs(30))?;
+            }
+        }
+        if kind != PathKind::Direct {
+            path.start_sidecar(SidecarMode::Http)?;
+        }
+        // The interception must be real: a sidecar path the client bypasses would measure direct.
+        let intercepted = path.pod.intercepted()?;
+        ensure!(
+            intercepted == (kind != PathKind::Direct),
+            "{kind}: a probe connection was {} intercepted",
+            if intercepted { "unexpectedly" } else { "not" }
+        );
+        Ok(path)
+    }
+
+    /// Starts the sidecar (stopping a running one first) in the given mode and waits until it listens.
+    pub fn start_sidecar(&mut self, mode: SidecarMode) -> Result<()> {
+        self.sidecar = None;
+        let log = self.dir.path().join(format!("sidecar-{}.log", self.dir_seq()));
+        let mut proc = match self.kind {
+            PathKind::Direct => bail!("the direct path has no sidecar"),
+            PathKind::Haproxy => {
+                let conf = self.dir.write("haproxy.cfg", &haproxy_conf(mode, &self.pod.backend.to_string(), self.max_conns + 40))?;
+                // -db: foreground, no daemon; -f: our file only.
+                Proc::spawn("haproxy", self.pod.command_as(PROXY_UID, "haproxy").args(["-db", "-f"]).arg(&conf), log)?
+            }
+            _ => {
+                let conf = self.dir.write("mesh-proxy.yaml", &mesh_proxy_conf(&self.pod.backend.to_string()))?;
+                Proc::spawn(
+                    "mesh-proxy",
+                    self.pod
+                        .command_as(PROXY_UID, &self.bins.mesh_proxy)
+                        .arg("--config")
+                        .arg(&conf)
+                        // One data-plane thread, as HAProxy's nbthread 1; access log off, as HAProxy's.
+                        .args(["--workers", "1", "--log-level", "warn"]),
+                    log,
+                )?
+            }
+        };
+        self.pod.ns.wait_listening(format!("127.0.0.1:{PROXY_PORT}").parse()?, Duration::from_secs(15), &mut proc)?;
+        self.sidecar = Some(Sidecar { proc, mode });
+        Ok(())
+    }
+
+    /// Makes sure the sidecar runs in `mode` (HAProxy is restarted to switch; mesh-proxy serves
+    /// both from one configuration).
+    pub fn ensure_mode(&mut self, mode: SidecarMode) -> Result<()> {
+        match &mut self.sidecar {
+            None => Ok(()),
+            Some(s) if self.kind != PathKind::Haproxy || s.mode == mode => s.proc.ensure_running(),
+            Some(_) => self.start_sidecar(mode),
+        }
+    }
+
+    /// A restart, so that memory figures start from a fresh process.
+    pub fn restart_sidecar(&mut self) -> Result<()> {
+        if self.sidecar.is_some() {
+            self.start_sidecar(SidecarMode::Http)?;
+        }
+        Ok(())
+    }
+
+    fn dir_seq(&self) -> usize {
+        std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0)
+    }
+}
+
+/// HAProxy with one thread. HTTP mode: a static backend (nginx), the counterpart of mesh-proxy's
+/// route to the same nginx. TCP mode: `server 0.0.0.0:0`, which HAProxy documents as "connect
+/// to the address the client connected to"; on a REDIRECTed socket HAProxy reads that address
+/// with SO_ORIGINAL_DST (when built with Linux TPROXY support, as Debian's is), so this is a
+/// real passthrough to the original destination, checked by the iperf3 run itself.
+fn haproxy_conf(mode: SidecarMode, backend: &str, maxconn: u32) -> String {
+    let (mode_line, server) = match mode {
+        SidecarMode::Http => ("http", format!("{backend}:80")),
+        SidecarMode::Tcp => ("tcp", "0.0.0.0:0".to_string()),
+    };
+    format!(
+        "global\n  nbthread 1\n  maxconn {maxconn}\n\
+         defaults\n  mode {mode_line}\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n  timeout http-keep-alive 300s\n\
+         frontend sidecar\n  bind 0.0.0.0:{PROXY_PORT}\n  default_backend upstream\n\
+         backend upstream\n  server s1 {server}\n"
+    )
+}
+
+/// mesh-proxy: an HTTP route for nginx; anything else (iperf3's port) is unknown and passes
+/// through to its original destination (`outbound_policy: allow_any`).
+fn mesh_proxy_conf(backend: &str) -> String {
+    format!(
+        "admin: {{ address: 127.0.0.1:15090 }}\noutbound_policy: allow_any\n\
+         listeners:\n  - name: virtual\n    address: 0.0.0.0:{PROXY_PORT}\n\
+         routes:\n  - name: nginx\n    destinations: [\"{backend}:80\"]\n    protocol: http\n    rules:\n      - clusters: [{{ name: nginx, weight: 1 }}]\n\
+         clusters:\n  - name: nginx\n    lb_policy: round_robin\n    connect_timeout: 1s\n\
+         endpoints:\n  - cluster: nginx\n    addresses: [\"{backend}:80\"]\n"
+    )
+}
+
+/// Why a path cannot be measured on this machine, or None when it can.
+pub fn unavailable(kind: PathKind, bins: &Bins) -> Option<String> {
+    match kind {
+        PathKind::Direct | PathKind::MeshProxy => None,
+        PathKind::Haproxy => which("haproxy").err().map(|e| e.to_string()),
+        PathKind::Ebpf | PathKind::EbpfAccel => {
+            let out = Command::new(&bins.mesh_init).args(["ebpf", "--help"]).output();
+            match out {
+                Ok(o) if o.status.success() => None,
+                Ok(o) => Some(format!(
+                    "`mesh-init ebpf` is not available in this build: {}",
+                    String::from_utf8_lossy(&o.stderr).lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim()
+                )),
+                Err(e) => Some(format!("cannot run {}: {e}", bins.mesh_init.display())),
+            }
+        }
+    }
+}
+
+pub fn which(program: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{program} is not installed (scripts/setup.sh installs it)"))
+}
