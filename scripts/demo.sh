@@ -99,6 +99,7 @@ for s in r1 r2 r3; do printf '127.0.0.1 localhost\n%s ratings\n' "${addr[rt]}" >
 start() { # start NS LOGNAME CMD...: runs CMD in NS (with its /etc/netns hosts), logs to the work dir
   local n=$1 log=$2; shift 2
   ip netns exec "$n" "$@" >"$work/$log.log" 2>&1 &
+  disown   # killed by cleanup(); no "Killed" job notices
 }
 wait_ready() { # wait_ready LOGNAME MARKER
   for _ in $(seq 100); do grep -q "$2" "$work/$1.log" 2>/dev/null && return 0; sleep 0.1; done
@@ -157,7 +158,7 @@ pp=$(ns pp)
 if [ "$mode" = ebpf ]; then
   mkdir "$cgroup"
   # Processes join the pod's cgroup before entering the namespace (ip netns exec hides cgroup2).
-  start() { local n=$1 log=$2; shift 2; (echo $BASHPID > "$cgroup/cgroup.procs"; exec ip netns exec "$n" "$@") >"$work/$log.log" 2>&1 & }
+  start() { local n=$1 log=$2; shift 2; (echo $BASHPID > "$cgroup/cgroup.procs"; exec ip netns exec "$n" "$@") >"$work/$log.log" 2>&1 & disown; }
   say "mesh-init ebpf: attaching the redirector to the pod's cgroup"
   "$bin/mesh-init" ebpf --cgroup "$cgroup" --netns "$pp" -p 15000 -u 1337
 else
@@ -172,22 +173,7 @@ wait_ready productpage ready
 for _ in $(seq 100); do ip netns exec "$pp" curl -sf -o /dev/null http://127.0.0.1:15090/ready && break; sleep 0.1; done
 
 config_dump() { # the reviews route and the endpoints of its clusters, from the admin port
-  ip netns exec "$pp" curl -s http://127.0.0.1:15090/config_dump | python3 -c '
-import json, sys
-d = json.load(sys.stdin)
-cfg = d.get("config", d)
-print("  version:", d.get("version_info") or d.get("version") or cfg.get("version_info"))
-for r in cfg.get("routes", []):
-    if r.get("name") == "reviews":
-        for rule in r.get("rules", []):
-            m = rule.get("match") or {}
-            cl = ", ".join(f"{c[\"name\"]} {c[\"weight\"]}" for c in rule.get("clusters", []))
-            print(f"  route reviews: match {json.dumps(m, sort_keys=True) if m else \"*\"} -> {cl}")
-wanted = {c["name"] for r in cfg.get("routes", []) if r.get("name") == "reviews" for rule in r.get("rules", []) for c in rule.get("clusters", [])}
-for e in cfg.get("endpoints", []):
-    if e.get("cluster") in wanted:
-        print(f"  endpoints {e[\"cluster\"]}: {\", \".join(e.get(\"addresses\", []))}")
-'
+  ip netns exec "$pp" curl -s http://127.0.0.1:15090/config_dump | python3 scripts/bookinfo/show_config.py reviews
 }
 wait_version() { # wait_version N: until the proxy has applied the Nth config
   for _ in $(seq 100); do

@@ -9,7 +9,7 @@ Every service listens on 0.0.0.0:9080 and answers JSON. productpage forwards the
 header, as Istio's BookInfo does, so a route can match on it. None of them knows about the mesh:
 names are resolved through /etc/hosts (the demo bind-mounts /etc/netns/<ns>/hosts there).
 """
-import json, sys, urllib.request
+import json, socket, sys, urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROLE = sys.argv[1]
@@ -24,6 +24,11 @@ def get(url, headers):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        # Headers and body are two writes: without this, Nagle + delayed ACK stall each reply.
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, *args):
         pass
