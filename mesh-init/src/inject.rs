@@ -169,6 +169,7 @@ pub fn inject(text: &str, origin: &str, args: &InjectArgs) -> Result<Outcome, Er
         let original = value.clone();
         let at = format!("{origin}: document {} (line {})", doc.number, doc.line);
         inject_object(&mut value, &at, args, &mut out.notes)?;
+        // Mapping equality ignores key order: a re-injection that only moved keys keeps the text.
         if value == original {
             out.yaml.push_str(doc.separator);
             out.yaml.push_str(doc.body);

@@ -208,3 +208,51 @@ fn outputs_match_the_kubernetes_schema() {
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && !report.contains("ERROR"), "kubernetes-validate --strict:\n{report}");
 }
+
+/// The eBPF init container's shell finds the pod-level cgroup for both kubelet cgroup drivers,
+/// run by the real `sh` on a directory tree shaped like a node's (a fake `mesh-init` on PATH
+/// prints what it would have been given).
+#[test]
+fn ebpf_init_script_finds_the_pod_cgroup() {
+    let golden: serde_yaml::Value =
+        serde_yaml::from_str(read(&testdata().join("ebpf.golden.yaml")).split("---\n").next().unwrap())
+            .expect("the golden parses");
+    let init = &golden["spec"]["template"]["spec"]["initContainers"][0];
+    let command: Vec<String> = serde_yaml::from_value(init["command"].clone()).expect("a command list");
+    let args: Vec<String> = serde_yaml::from_value(init["args"].clone()).expect("an args list");
+    assert_eq!(command[..2], ["/bin/sh", "-c"]);
+
+    let root = std::env::temp_dir().join(format!("mesh-init-inject-{}", std::process::id()));
+    let tree = root.join("cgroup");
+    let systemd = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0b4f_77.slice";
+    let cgroupfs = "kubepods/besteffort/pod5a1e-9c";
+    for dir in [format!("{systemd}/cri-containerd-1.scope"), cgroupfs.into(), "kubepods/besteffort/pod5a1e-9c0".into()] {
+        std::fs::create_dir_all(tree.join(dir)).unwrap();
+    }
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(bin.join("mesh-init"), "#!/bin/sh\necho \"$@\"\n").unwrap();
+    std::fs::set_permissions(bin.join("mesh-init"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = command[2].replace("/host/sys/fs/cgroup", tree.to_str().unwrap());
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let run = |uid: &str| {
+        Command::new("/bin/sh")
+            .args(["-c", &script, "mesh-init"])
+            .args(&args)
+            .env("POD_UID", uid)
+            .env("PATH", &path)
+            .output()
+            .expect("sh runs")
+    };
+    let flags = args.join(" ");
+    for (uid, cgroup) in [("0b4f-77", systemd), ("5a1e-9c", cgroupfs)] {
+        let out = run(uid);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{uid}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(stdout.trim(), format!("ebpf --cgroup {}/{cgroup} --bpffs /host/sys/fs/bpf {flags}", tree.display()), "{uid}");
+    }
+    let out = run("ffff-00");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no cgroup for pod ffff-00"));
+    std::fs::remove_dir_all(&root).unwrap();
+}

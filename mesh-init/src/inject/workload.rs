@@ -101,9 +101,18 @@ pub fn apply(template: &mut Value, sidecar: &Sidecar) {
     let init = to_value(&sidecar.init_container());
     let proxy = to_value(&sidecar.proxy_container());
     let spec = template.get_mut("spec").and_then(Value::as_mapping_mut).expect("check_template passed");
+    if !spec.contains_key("initContainers") {
+        // Where a reader looks for it: just before `containers`.
+        let rest = std::mem::take(spec);
+        for (k, v) in rest {
+            if k.as_str() == Some("containers") {
+                spec.insert("initContainers".into(), Value::Sequence(vec![]));
+            }
+            spec.insert(k, v);
+        }
+    }
     if sidecar.native {
-        let init_containers = sequence(spec, "initContainers");
-        init_containers.splice(0..0, [init, proxy]);
+        sequence(spec, "initContainers").splice(0..0, [init, proxy]);
     } else {
         sequence(spec, "initContainers").push(init);
         sequence(spec, "containers").push(proxy);
