@@ -30,14 +30,14 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// A configuration that could not be read, parsed or accepted. Never applied.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error("reading {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     /// serde_yaml's message names the field path, the offending key and its line and column.
-    #[error("{origin}: {source}")]
-    Yaml { origin: String, source: serde_yaml::Error },
+    #[error("{origin}: {error}")]
+    Yaml { origin: String, error: serde_yaml::Error },
     /// serde_json's message carries the line and column.
-    #[error("{origin}: {source}")]
-    Json { origin: String, source: serde_json::Error },
+    #[error("{origin}: {error}")]
+    Json { origin: String, error: serde_json::Error },
     /// Parsed, but a value is wrong; `field` is the path to it, e.g. `routes[0].rules[1].clusters[0].name`.
     #[error("{field}: {reason}")]
     Invalid { field: String, reason: String },
@@ -365,13 +365,13 @@ impl RawConfig {
         if text.trim().is_empty() {
             return Ok(RawConfig::default());
         }
-        serde_yaml::from_str(text).map_err(|source| Error::Yaml { origin: origin.to_string(), source })
+        serde_yaml::from_str(text).map_err(|error| Error::Yaml { origin: origin.to_string(), error })
     }
 
     /// Reads and parses a file; the file name is the origin in errors.
     pub fn from_file(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| Error::Read { path: path.display().to_string(), source })?;
+            .map_err(|error| Error::Read { path: path.display().to_string(), error })?;
         Self::from_yaml(&path.display().to_string(), &text)
     }
 
@@ -586,7 +586,7 @@ pub struct DiscoveryResponse<T> {
 
 impl<T: serde::de::DeserializeOwned> DiscoveryResponse<T> {
     pub fn from_json(origin: &str, body: &[u8]) -> Result<Self, Error> {
-        serde_json::from_slice(body).map_err(|source| Error::Json { origin: origin.to_string(), source })
+        serde_json::from_slice(body).map_err(|error| Error::Json { origin: origin.to_string(), error })
     }
 }
 

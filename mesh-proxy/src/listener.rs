@@ -22,11 +22,11 @@ use crate::{config, drain, metrics::ListenerLabels, proxy::Proxy};
 const BACKLOG: i32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
-#[error("listener {name}: binding {address}: {source}")]
+#[error("listener {name}: binding {address}: {error}")]
 pub struct BindError {
     pub name: String,
     pub address: SocketAddr,
-    pub source: io::Error,
+    pub error: io::Error,
 }
 
 /// A bound, running listener.
@@ -72,7 +72,7 @@ impl Listeners {
                 continue;
             }
             let socket = bind(l.address)
-                .map_err(|source| BindError { name: l.name.clone(), address: l.address, source })?;
+                .map_err(|error| BindError { name: l.name.clone(), address: l.address, error })?;
             prepared.bound.push((l.clone(), socket));
         }
         Ok(prepared)

@@ -55,7 +55,6 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("mesh-proxy: {e:#}");
             ExitCode::FAILURE
         }
     }

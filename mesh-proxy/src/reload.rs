@@ -136,8 +136,8 @@ impl Control {
     pub fn reload_file(&self) -> Outcome {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
-            Err(source) => {
-                let e = config::Error::Read { path: self.path.display().to_string(), source };
+            Err(error) => {
+                let e = config::Error::Read { path: self.path.display().to_string(), error };
                 self.reject("file", "unreadable", &e.into());
                 return Outcome::Rejected;
             }
