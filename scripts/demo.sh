@@ -54,7 +54,11 @@ cg_root=$(awk '/ - cgroup2 / {print $5; exit}' /proc/self/mountinfo)
 cgroup="$cg_root/mesh-demo-$id-pod"
 
 cleanup() {
+  local status=$?
   set +e
+  if [ "$status" != 0 ] && [ -d "$work" ]; then
+    for log in "$work"/*.log; do echo "--- last lines of $(basename "$log")"; tail -n 15 "$log"; done
+  fi
   if [ "$mode" = ebpf ] && [ -d "$cgroup" ]; then
     "$bin/mesh-init" ebpf --cgroup "$cgroup" --netns "$(ns pp)" --cleanup-only >/dev/null 2>&1
   fi

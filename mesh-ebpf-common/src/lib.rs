@@ -112,6 +112,10 @@ pub const CFG_ACCELERATE: u32 = 1 << 2;
 pub const CFG_HAS_INCLUDE_OUTBOUND_PORTS: u32 = 1 << 3;
 /// Inbound steering on: off when `--istio-inbound-ports` is empty.
 pub const CFG_INBOUND: u32 = 1 << 4;
+/// `mesh-init ebpf --log` is reading: the programs write their debug records. Off otherwise, so
+/// that nobody pays for records nobody reads; a runtime switch, so turning it on or off needs
+/// no reload.
+pub const CFG_LOG: u32 = 1 << 5;
 
 /// The scalar settings, element 0 of `CONFIG`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -190,6 +194,14 @@ pub const fn is_mapped_v4(a: &Addr) -> bool {
 #[inline(always)]
 pub const fn is_loopback(a: &Addr) -> bool {
     (is_mapped_v4(a) && (u32::from_be(a[3]) >> 24) == 127) || (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == u32::to_be(1))
+}
+
+/// 127.0.0.6 (mapped) or ::6: the source the proxy binds when it hands an inbound connection to
+/// the local application (mesh-init's iptables rules let it through for the same reason). Such a
+/// connection must not be steered back to the proxy.
+#[inline(always)]
+pub const fn is_inbound_passthrough_source(a: &Addr) -> bool {
+    (is_mapped_v4(a) && u32::from_be(a[3]) == 0x7f00_0006) || (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == u32::to_be(6))
 }
 
 #[cfg(feature = "user")]

@@ -7,9 +7,8 @@
 use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{bindings::sk_action::SK_PASS, macros::sk_lookup, programs::SkLookupContext};
-use aya_log_ebpf::debug;
 use mesh_ebpf_common::{
-    is_loopback, Counter, PortSet, AF_INET, CFG_INBOUND, CFG_INCLUDE_ALL_INBOUND_PORTS, LISTENER_SLOT_V4,
+    is_inbound_passthrough_source, is_loopback, Counter, PortSet, AF_INET, CFG_INBOUND, CFG_INCLUDE_ALL_INBOUND_PORTS, LISTENER_SLOT_V4,
     LISTENER_SLOT_V6,
 };
 
@@ -30,20 +29,22 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
 fn steer(ctx: &SkLookupContext) {
     let l = ctx.lookup;
     // SAFETY: `l` is the program's context; fields read at their own width.
-    let (family, proto, port, dst) = unsafe {
+    let (family, proto, port, dst, src) = unsafe {
         let family = read_volatile(addr_of!((*l).family));
         (
             family,
             read_volatile(addr_of!((*l).protocol)),
             read_volatile(addr_of!((*l).local_port)) as u16,
             addr(family, addr_of!((*l).local_ip4), addr_of!((*l).local_ip6)),
+            addr(family, addr_of!((*l).remote_ip4), addr_of!((*l).remote_ip6)),
         )
     };
     if proto != IPPROTO_TCP {
         return;
     }
     let Some(cfg) = config() else { return };
-    if cfg.flags & CFG_INBOUND == 0 || port == cfg.inbound_port || is_loopback(&dst) {
+    // The proxy handing a connection to the local application (from 127.0.0.6) would loop.
+    if cfg.flags & CFG_INBOUND == 0 || port == cfg.inbound_port || is_loopback(&dst) || is_inbound_passthrough_source(&src) {
         return;
     }
     if port_in(PortSet::ExcludeInbound, port) {
@@ -62,6 +63,6 @@ fn steer(ctx: &SkLookupContext) {
     };
     if assigned {
         count(Counter::InboundSteered);
-        debug!(ctx, "inbound to [{:i}]:{} -> proxy port {}", bytes(&dst), port, cfg.inbound_port);
+        log_debug!(ctx, cfg, "inbound to [{:i}]:{} -> proxy port {}", bytes(&dst), port, cfg.inbound_port);
     }
 }

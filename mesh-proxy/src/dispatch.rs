@@ -63,7 +63,10 @@ fn is_own(snapshot: &Snapshot, addr: SocketAddr, local: &LocalAddrs) -> bool {
 
 pub fn plan(snapshot: &Snapshot, dst: OriginalDst, local: &LocalAddrs) -> Plan {
     let addr = dst.addr;
-    let own = !dst.redirected || is_own(snapshot, addr, local);
+    // Without SO_ORIGINAL_DST the local address is the destination: either one of our
+    // listeners (dialled directly), or an address the connection was steered to without NAT
+    // (the eBPF mode's sk_lookup), which is handled like a redirected one.
+    let own = is_own(snapshot, addr, local);
     if !own && local.contains(addr.ip()) {
         return Plan::Inbound(addr);
     }
@@ -125,6 +128,9 @@ routes:
         assert_eq!(p(direct), Plan::Route { route: 0, protocol: Protocol::Http, fallback });
         let direct = OriginalDst { addr: "10.200.0.1:15000".parse().unwrap(), redirected: false };
         assert_eq!(p(direct), Plan::Unrouted(Fallback::Refuse(Refusal::OwnListener)));
+        // Steered without NAT (no SO_ORIGINAL_DST, eBPF sk_lookup) to a local application port.
+        let steered = OriginalDst { addr: "10.200.0.1:9080".parse().unwrap(), redirected: false };
+        assert_eq!(p(steered), Plan::Inbound("10.200.0.1:9080".parse().unwrap()));
         // Redirected to the proxy's own port on a local address: would loop, so refused.
         assert_eq!(p(redirected("10.200.0.1:15000")), Plan::Unrouted(Fallback::Refuse(Refusal::OwnListener)));
         assert_eq!(p(redirected("127.0.0.1:15090")), Plan::Unrouted(Fallback::Refuse(Refusal::OwnListener)));

@@ -29,3 +29,10 @@ fn bookinfo_short_iptables() {
         demo("iptables");
     }
 }
+
+#[test]
+fn bookinfo_short_ebpf() {
+    if privileged("bookinfo_short_ebpf") {
+        demo("ebpf");
+    }
+}

@@ -154,8 +154,22 @@ impl Harness {
                 s
             }
             Mode::Ebpf => {
+                // This pod's block of `mesh-init status`, without the traffic counters.
                 let out = check(Command::new(bin("mesh-init")).args(["status", "--netns", self.net.pod.name()]));
-                String::from_utf8_lossy(&out.stdout).into_owned()
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let ours = format!("cgroup {} ", self.cgroup.path().display());
+                let mut in_block = false;
+                let mut s = String::new();
+                for line in text.lines() {
+                    if !line.starts_with(' ') {
+                        in_block = line.contains(&ours);
+                    }
+                    if in_block && !line.trim_start().starts_with("counters:") {
+                        s += line;
+                        s.push('\n');
+                    }
+                }
+                s
             }
         }
     }
@@ -374,5 +388,5 @@ macro_rules! all_modes {
     };
 }
 
-all_modes!(Iptables => iptables);
+all_modes!(Iptables => iptables, Ebpf => ebpf);
 
