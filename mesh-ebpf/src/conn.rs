@@ -16,7 +16,6 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use aya_log_ebpf::debug;
 use mesh_ebpf_common::{
     is_loopback, Config, Counter, SockPair, AF_INET, CFG_ACCELERATE, CFG_INBOUND, LISTENER_SLOT_V4,
     LISTENER_SLOT_V6,
@@ -36,7 +35,7 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             let pair = sock_ops_pair(ctx.ops);
-            rekey(&ctx, &pair);
+            rekey(&ctx, &cfg, &pair);
             accelerate(&ctx, &cfg, pair);
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
@@ -60,14 +59,14 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     DONE
 }
 
-fn rekey(ctx: &SockOpsContext, pair: &SockPair) {
+fn rekey(ctx: &SockOpsContext, cfg: &Config, pair: &SockPair) {
     // SAFETY: the helper takes the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: the value is copied out before the map is changed.
     let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else { return };
     let _ = ORIG_BY_PAIR.insert(pair, orig, 0);
     let _ = ORIG_BY_COOKIE.remove(cookie);
-    debug!(ctx, "established port {} for [{:i}]:{}", pair.src_port, bytes(&orig.ip), orig.port);
+    log_debug!(ctx, cfg, "established port {} for [{:i}]:{}", pair.src_port, bytes(&orig.ip), orig.port);
 }
 
 fn listening(ctx: &SockOpsContext, cfg: &Config) {
@@ -77,8 +76,8 @@ fn listening(ctx: &SockOpsContext, cfg: &Config) {
     let slot = if ctx.family() == AF_INET as u32 { LISTENER_SLOT_V4 } else { LISTENER_SLOT_V6 };
     // SAFETY: `ops` is the program's context, a full socket at this callback.
     match unsafe { INBOUND_LISTENERS.update(slot, ctx.ops, BPF_ANY as u64) } {
-        Ok(()) => debug!(ctx, "inbound listener on port {} in slot {}", cfg.inbound_port, slot),
-        Err(e) => debug!(ctx, "inbound listener on port {} not recorded: {}", cfg.inbound_port, e),
+        Ok(()) => log_debug!(ctx, cfg, "inbound listener on port {} in slot {}", cfg.inbound_port, slot),
+        Err(e) => log_debug!(ctx, cfg, "inbound listener on port {} not recorded: {}", cfg.inbound_port, e),
     }
 }
 

@@ -16,6 +16,15 @@
 #![no_std]
 #![no_main]
 
+/// aya-log's `debug!`, only while `mesh-init ebpf --log` is reading (`CFG_LOG` in `CONFIG`).
+macro_rules! log_debug {
+    ($ctx:expr, $cfg:expr, $($arg:tt)+) => {
+        if $cfg.flags & mesh_ebpf_common::CFG_LOG != 0 {
+            aya_log_ebpf::debug!($ctx, $($arg)+)
+        }
+    };
+}
+
 mod accelerate;
 mod conn;
 mod ctx;

@@ -10,7 +10,6 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
-use aya_log_ebpf::debug;
 use mesh_ebpf_common::{
     is_mapped_v4, Counter, OrigDst, AF_INET, AF_INET6, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
 };
@@ -42,16 +41,16 @@ fn answer(ctx: &SockoptContext) {
     if sk.is_null() {
         return;
     }
+    let Some(cfg) = config() else { return };
     // SAFETY: non-null socket of the context.
     let pair = unsafe { bpf_sock_pair(sk) };
     // SAFETY: copied out at once.
     let orig = match unsafe { ORIG_BY_PAIR.get(pair.reversed()) }.copied() {
         Some(orig) => orig,
         None => {
-            let Some(cfg) = config() else { return };
             if pair.src_port == cfg.outbound_port {
                 count(Counter::OrigDstMissed);
-                debug!(ctx, "no original destination for [{:i}]:{}", bytes(&pair.dst_ip), pair.dst_port);
+                log_debug!(ctx, cfg, "no original destination for [{:i}]:{}", bytes(&pair.dst_ip), pair.dst_port);
                 return;
             }
             let v4 = is_mapped_v4(&pair.src_ip);
@@ -61,7 +60,7 @@ fn answer(ctx: &SockoptContext) {
     let written = if level == SOL_IP { write_v4(ctx, &orig) } else { write_v6(ctx, &orig) };
     if written {
         count(Counter::OrigDstAnswered);
-        debug!(ctx, "SO_ORIGINAL_DST [{:i}]:{}", bytes(&orig.ip), orig.port);
+        log_debug!(ctx, cfg, "SO_ORIGINAL_DST [{:i}]:{}", bytes(&orig.ip), orig.port);
     }
 }
 

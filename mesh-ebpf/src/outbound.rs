@@ -13,7 +13,6 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
     EbpfContext,
 };
-use aya_log_ebpf::debug;
 use mesh_ebpf_common::{
     is_loopback, is_mapped_v4, mapped_v4, Addr, Config, Counter, OrigDst, PortSet, AF_INET, AF_INET6,
     CFG_HAS_INCLUDE_OUTBOUND_PORTS, CFG_INCLUDE_ALL_CIDRS,
@@ -104,7 +103,7 @@ fn redirect(ctx: &SockAddrContext, dst: Addr, port: u16, family: u16) -> Option<
     // Without a record the proxy could not learn the destination: better uncaptured.
     ORIG_BY_COOKIE.insert(cookie, orig, 0).ok()?;
     count(Counter::Redirected);
-    debug!(ctx, "connect uid={} to [{:i}]:{} -> proxy port {}", uid, bytes(&dst), port, cfg.outbound_port);
+    log_debug!(ctx, cfg, "connect uid={} to [{:i}]:{} -> proxy port {}", uid, bytes(&dst), port, cfg.outbound_port);
     let lo4 = u32::to_be(0x7f00_0001);
     let to = if family == AF_INET || v4 { mapped_v4(lo4) } else { [0, 0, 0, u32::to_be(1)] };
     Some((to, cfg.outbound_port))

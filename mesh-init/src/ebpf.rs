@@ -100,7 +100,8 @@ pub fn run(args: &EbpfArgs, capture: &CaptureConfig) -> Result<(), Error> {
     let dir = bpffs.create_dir_for(&cgroup.name)?;
     let mut loaded = attach::install(&dir, &cgroup, &plan, args.log)?;
     println!(
-        "mesh-init ebpf: attached to cgroup {} (pinned in {}): outbound -> port {}, inbound -> port {}{}",
+        "mesh-init ebpf: {} cgroup {} (pinned in {}): outbound -> port {}, inbound -> port {}{}",
+        if loaded.kept { "configuration updated, same programs stay attached to" } else { "attached to" },
         cgroup.path.display(),
         dir.display(),
         plan.config.outbound_port,

@@ -1,6 +1,9 @@
 //! Loading, configuring, attaching and pinning; and removing it all again.
 //!
-//! Re-running is make-before-break: the maps are reused from their pins (so entries of
+//! Re-running with the same binary changes only the configuration maps: the programs are
+//! loaded (and verified) again, and when each pinned link already runs a program with the same
+//! tag, the new ones are dropped and nothing is re-attached. Otherwise (an upgrade, or inbound
+//! capture turned on or off), re-attaching is make-before-break: the maps are reused from their pins (so entries of
 //! connections in flight survive and the new programs see the same state), the new config is
 //! written add-then-remove (no moment where the proxy's UID is missing from its map), each new
 //! link is pinned beside the old one and renamed over it. Until the rename both programs are
@@ -18,20 +21,17 @@ use std::{
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, SockHash},
     programs::{
-        links::FdLink,
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps,
+        links::{FdLink, PinnedLink},
+        loaded_programs, CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, ProgramInfo, SkLookup, SkMsg, SockOps,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
-use mesh_ebpf_common::{maps as names, Addr, Config, SockPair};
+use mesh_ebpf_common::{maps as names, Addr, Config, SockPair, CFG_LOG};
 
 use super::{cgroup::Cgroup, pins::Bpffs, plan::MapPlan, raw_link};
 
 /// The object `mesh-init/build.rs` built from the `mesh-ebpf` crate.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
-
-/// aya-log's level for `--log` (`aya_log_common::Level::Debug`); 0 keeps the programs silent.
-const LOG_DEBUG: u8 = 4;
 
 /// Pinned link names, one per program (`sk_msg` is attached to its map, not linked).
 pub const LINKS: [(&str, &str); 6] = [
@@ -62,24 +62,45 @@ pub enum AttachError {
     Pin { path: PathBuf, reason: String },
 }
 
-/// The loaded object, kept for `--log`.
+/// The loaded object, and the program set that is attached now.
 pub struct Loaded {
     pub ebpf: Ebpf,
+    /// A program of the attached set (this load's, or the previous run's when it was kept):
+    /// `--log` reads that set's log buffer.
+    pub attached_program: u32,
+    /// The previous run's programs were identical and stay attached.
+    pub kept: bool,
 }
 
 pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result<Loaded, AttachError> {
-    let level = if log { LOG_DEBUG } else { 0 };
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
-        .override_global("AYA_LOG_LEVEL", &level, false)
         .load(OBJECT)
         .map_err(|source| AttachError::Load { dir: dir.into(), source })?;
-    write_config(&mut ebpf, plan)?;
+    write_config(&mut ebpf, plan, log)?;
+
+    macro_rules! load {
+        ($ty:ty, $name:literal) => {{
+            let prog: &mut $ty = program(&mut ebpf, $name)?;
+            prog.load().map_err(|source| AttachError::Program { name: $name, action: "loading (verifier)", source })?;
+        }};
+    }
+    load!(CgroupSockAddr, "connect4");
+    load!(CgroupSockAddr, "connect6");
+    load!(CgroupSock, "sock_release");
+    load!(SockOps, "sock_ops");
+    load!(CgroupSockopt, "getsockopt");
+    load!(SkLookup, "steer_inbound");
+    load!(SkMsg, "redirect_local");
+
+    if let Some(attached_program) = same_programs_attached(&ebpf, dir, plan.inbound) {
+        // Same code attached already: the new configuration is in the maps, nothing else to do.
+        return Ok(Loaded { ebpf, attached_program, kept: true });
+    }
 
     macro_rules! attach {
         ($ty:ty, $name:literal, $($target:expr),+) => {{
             let prog: &mut $ty = program(&mut ebpf, $name)?;
-            prog.load().map_err(|source| AttachError::Program { name: $name, action: "loading (verifier)", source })?;
             let id = prog
                 .attach($($target),+)
                 .map_err(|source| AttachError::Program { name: $name, action: "attaching", source })?;
@@ -101,7 +122,6 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
     }
     {
         let prog: &mut CgroupSockopt = program(&mut ebpf, "getsockopt")?;
-        prog.load().map_err(|source| AttachError::Program { name: "getsockopt", action: "loading (verifier)", source })?;
         let fd = prog.fd().map_err(|source| AttachError::Program { name: "getsockopt", action: "getting its fd", source })?;
         let link = raw_link::link_create(fd.as_fd(), cgroup.file.as_fd(), raw_link::BPF_CGROUP_GETSOCKOPT)
             .map_err(|source| AttachError::Io { path: cgroup.path.clone(), action: "attaching getsockopt", source })?;
@@ -128,7 +148,6 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
         .try_clone()
         .map_err(|source| AttachError::Io { path: dir.join(names::LOCAL_SOCKS), action: "duplicating", source })?;
     let prog: &mut SkMsg = program(&mut ebpf, "redirect_local")?;
-    prog.load().map_err(|source| AttachError::Program { name: "redirect_local", action: "loading (verifier)", source })?;
     let id = prog
         .attach(&fd)
         .map_err(|source| AttachError::Program { name: "redirect_local", action: "attaching", source })?;
@@ -137,7 +156,52 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
         .map_err(|source| AttachError::Program { name: "redirect_local", action: "taking the link", source })?;
     // Dropping this link would detach the program from the map: the attachment must outlive us.
     std::mem::forget(link);
-    Ok(Loaded { ebpf })
+
+    let attached_program = program_info(&ebpf, "connect4")?.id();
+    Ok(Loaded { ebpf, attached_program, kept: false })
+}
+
+fn program_info(ebpf: &Ebpf, name: &'static str) -> Result<ProgramInfo, AttachError> {
+    let prog = ebpf.program(name).unwrap_or_else(|| panic!("the object defines program {name}"));
+    prog.info().map_err(|source| AttachError::Program { name, action: "reading its info", source })
+}
+
+/// When every link this configuration needs is pinned and runs a program with the same tag (a
+/// hash of its instructions, map references aside) as the one just loaded, the id of the
+/// attached connect4 program: re-attaching would change nothing but the ids.
+fn same_programs_attached(ebpf: &Ebpf, dir: &Path, inbound: bool) -> Option<u32> {
+    let attached: Vec<ProgramInfo> = loaded_programs().filter_map(Result::ok).collect();
+    let mut connect4 = None;
+    for (pin, name) in LINKS {
+        let path = dir.join(pin);
+        if pin == SK_LOOKUP_LINK && !inbound {
+            if path.exists() {
+                return None;
+            }
+            continue;
+        }
+        let link = PinnedLink::from_pin(&path).ok()?;
+        let prog_id = FdLink::from(link).info().ok()?.program_id();
+        let old = attached.iter().find(|p| p.id() == prog_id)?;
+        let new = ebpf.program(name)?.info().ok()?;
+        if old.tag() != new.tag() {
+            return None;
+        }
+        if name == "connect4" {
+            connect4 = Some(prog_id);
+        }
+    }
+    connect4
+}
+
+/// Switches the programs' debug records on or off (`CFG_LOG`), without a reload.
+pub fn set_log(ebpf: &mut Ebpf, on: bool) -> Result<(), AttachError> {
+    let name = names::CONFIG;
+    let err = |action| move |source| AttachError::Map { name, action, source };
+    let mut config: Array<_, Config> = Array::try_from(map_mut(ebpf, name)).map_err(err("opening"))?;
+    let mut c = config.get(&0, 0).map_err(err("reading"))?;
+    c.flags = if on { c.flags | CFG_LOG } else { c.flags & !CFG_LOG };
+    config.set(0, c, 0).map_err(err("writing"))
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, AttachError>
@@ -175,7 +239,7 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> &'a mut aya::maps::Map
 }
 
 /// Writes the plan into the (possibly live, reused) maps: additions before removals.
-fn write_config(ebpf: &mut Ebpf, plan: &MapPlan) -> Result<(), AttachError> {
+fn write_config(ebpf: &mut Ebpf, plan: &MapPlan, log: bool) -> Result<(), AttachError> {
     let err = |name, action| move |source| AttachError::Map { name, action, source };
 
     for (name, ids) in [(names::PROXY_UIDS, &plan.proxy_uids), (names::PROXY_GIDS, &plan.proxy_gids)] {
@@ -217,7 +281,11 @@ fn write_config(ebpf: &mut Ebpf, plan: &MapPlan) -> Result<(), AttachError> {
     // Last: the programs act on nothing until CONFIG is set.
     let name = names::CONFIG;
     let mut config: Array<_, Config> = Array::try_from(map_mut(ebpf, name)).map_err(err(name, "opening"))?;
-    config.set(0, plan.config, 0).map_err(err(name, "writing"))?;
+    let mut value = plan.config;
+    if log {
+        value.flags |= CFG_LOG;
+    }
+    config.set(0, value, 0).map_err(err(name, "writing"))?;
     Ok(())
 }
 

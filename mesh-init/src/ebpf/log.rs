@@ -1,6 +1,6 @@
-//! `--log`: the programs' aya-log records, printed to stderr until Ctrl-C. The programs were
-//! loaded with aya-log's level at debug for this run; the links are pinned, so stopping here
-//! leaves them attached.
+//! `--log`: the programs' aya-log records, printed to stderr until Ctrl-C. Records are written
+//! only while `CFG_LOG` is set in the configuration (this run set it); on the way out it is
+//! cleared again. The links are pinned, so stopping here leaves the programs attached.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -9,7 +9,7 @@ use std::{
 
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
-use super::attach::Loaded;
+use super::attach::{self, Loaded};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -17,6 +17,8 @@ pub enum LogError {
     Logger(#[from] aya_log::Error),
     #[error("cannot install the Ctrl-C handler: {0}")]
     Signal(#[from] nix::Error),
+    #[error("turning the debug records off again: {0}")]
+    Off(#[from] attach::AttachError),
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -39,7 +41,8 @@ impl ::log::Log for Stderr {
 }
 
 pub fn follow(loaded: &mut Loaded) -> Result<(), LogError> {
-    let mut logger = aya_log::EbpfLogger::init_with_logger(&mut loaded.ebpf, Stderr)?;
+    // The attached set's log buffer: this run's, or the previous run's if its programs were kept.
+    let mut logger = aya_log::EbpfLogger::init_from_id_with_logger(loaded.attached_program, Stderr)?;
     let action = SigAction::new(SigHandler::Handler(stop), SaFlags::empty(), SigSet::empty());
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
@@ -52,5 +55,6 @@ pub fn follow(loaded: &mut Loaded) -> Result<(), LogError> {
         std::thread::sleep(Duration::from_millis(100));
     }
     logger.flush();
+    attach::set_log(&mut loaded.ebpf, false)?;
     Ok(())
 }

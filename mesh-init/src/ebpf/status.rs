@@ -7,7 +7,10 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, SockHash},
     programs::{links::{FdLink, PinnedLink}, loaded_programs},
 };
-use mesh_ebpf_common::{maps as names, Addr, Config, OrigDst, SockPair, COUNTER_NAMES};
+use mesh_ebpf_common::{
+    maps as names, Addr, Config, OrigDst, PortSet, SockPair, CFG_ACCELERATE, CFG_INBOUND, CFG_INCLUDE_ALL_CIDRS,
+    CFG_INCLUDE_ALL_INBOUND_PORTS, CFG_LOG, COUNTER_NAMES, PORT_SET_WORDS,
+};
 
 use super::{attach::LINKS, cgroup, pins::Bpffs, Error};
 
@@ -59,17 +62,56 @@ fn write_links(out: &mut dyn Write, dir: &Path) -> Result<(), Error> {
 
 fn write_maps(out: &mut dyn Write, dir: &Path) -> Result<(), Error> {
     let open = |name: &str| MapData::from_pin(dir.join(name)).ok();
+    let mut flags = 0;
     if let Some(Ok(config)) = open(names::CONFIG).map(|m| Array::<_, Config>::try_from(Map::Array(m))) {
         if let Ok(c) = config.get(&0, 0) {
-            writeln!(out, "  config: outbound port {}, inbound port {}, flags {:#x}", c.outbound_port, c.inbound_port, c.flags)?;
+            flags = c.flags;
+            let named: Vec<&str> = [
+                (CFG_INBOUND, "inbound"),
+                (CFG_ACCELERATE, "accelerate"),
+                (CFG_LOG, "log"),
+            ]
+            .iter()
+            .filter(|(bit, _)| c.flags & bit != 0)
+            .map(|(_, name)| *name)
+            .collect();
+            writeln!(out, "  config: outbound port {}, inbound port {}, [{}]", c.outbound_port, c.inbound_port, named.join(", "))?;
         }
     }
+    let ids = |name: &str| -> String {
+        let mut ids: Vec<u32> = open(name)
+            .and_then(|m| HashMap::<_, u32, u8>::try_from(Map::HashMap(m)).ok())
+            .map(|m| m.keys().filter_map(Result::ok).collect())
+            .unwrap_or_default();
+        ids.sort();
+        ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+    };
+    writeln!(out, "  proxy uids: {}, gids: {}", ids(names::PROXY_UIDS), ids(names::PROXY_GIDS))?;
+    let cidrs = |name: &str| -> String {
+        let mut nets: Vec<String> = open(name)
+            .and_then(|m| LpmTrie::<_, Addr, u8>::try_from(Map::LpmTrie(m)).ok())
+            .map(|t| t.keys().filter_map(Result::ok).map(|k| show_cidr(k.prefix_len(), &k.data())).collect())
+            .unwrap_or_default();
+        nets.sort();
+        nets.join(",")
+    };
+    let include = if flags & CFG_INCLUDE_ALL_CIDRS != 0 { "*".to_string() } else { cidrs(names::INCLUDE_CIDRS) };
+    writeln!(out, "  outbound cidrs: include {include:?}, exclude {:?}", cidrs(names::EXCLUDE_CIDRS))?;
+    let words: Vec<u64> = open(names::PORT_SETS)
+        .and_then(|m| Array::<_, u64>::try_from(Map::Array(m)).ok())
+        .map(|a| a.iter().filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    let ports = |set: PortSet| show_ports(&words, set);
+    let inbound = if flags & CFG_INCLUDE_ALL_INBOUND_PORTS != 0 { "*".to_string() } else { ports(PortSet::IncludeInbound) };
+    writeln!(
+        out,
+        "  ports: outbound include {:?} exclude {:?}, inbound include {inbound:?} exclude {:?}",
+        ports(PortSet::IncludeOutbound),
+        ports(PortSet::ExcludeOutbound),
+        ports(PortSet::ExcludeInbound)
+    )?;
     let mut counts = Vec::new();
     let mut count = |name: &'static str, n: Option<usize>| counts.push(format!("{name} {}", n.map_or("?".into(), |n| n.to_string())));
-    count(names::PROXY_UIDS, open(names::PROXY_UIDS).and_then(|m| HashMap::<_, u32, u8>::try_from(Map::HashMap(m)).ok()).map(|m| m.keys().count()));
-    count(names::PROXY_GIDS, open(names::PROXY_GIDS).and_then(|m| HashMap::<_, u32, u8>::try_from(Map::HashMap(m)).ok()).map(|m| m.keys().count()));
-    count(names::INCLUDE_CIDRS, open(names::INCLUDE_CIDRS).and_then(|m| LpmTrie::<_, Addr, u8>::try_from(Map::LpmTrie(m)).ok()).map(|m| m.keys().count()));
-    count(names::EXCLUDE_CIDRS, open(names::EXCLUDE_CIDRS).and_then(|m| LpmTrie::<_, Addr, u8>::try_from(Map::LpmTrie(m)).ok()).map(|m| m.keys().count()));
     count(names::ORIG_BY_COOKIE, open(names::ORIG_BY_COOKIE).and_then(|m| HashMap::<_, u64, OrigDst>::try_from(Map::LruHashMap(m)).ok()).map(|m| m.keys().count()));
     count(names::ORIG_BY_PAIR, open(names::ORIG_BY_PAIR).and_then(|m| HashMap::<_, SockPair, OrigDst>::try_from(Map::LruHashMap(m)).ok()).map(|m| m.keys().count()));
     count(names::LOCAL_SOCKS, open(names::LOCAL_SOCKS).and_then(|m| SockHash::<_, SockPair>::try_from(Map::SockHash(m)).ok()).map(|m| m.keys().count()));
@@ -86,4 +128,38 @@ fn write_maps(out: &mut dyn Write, dir: &Path) -> Result<(), Error> {
         writeln!(out, "  counters: {}", shown.join(", "))?;
     }
     Ok(())
+}
+
+/// An LPM key back as a CIDR (IPv4-mapped keys as IPv4).
+fn show_cidr(len: u32, addr: &Addr) -> String {
+    let mut o = [0u8; 16];
+    for (i, w) in addr.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = std::net::Ipv6Addr::from(o);
+    match v6.to_ipv4_mapped() {
+        Some(v4) if len >= 96 => format!("{v4}/{}", len - 96),
+        _ => format!("{v6}/{len}"),
+    }
+}
+
+/// The ports of one bitmap, with runs shown as ranges (`8000-8002,22`).
+fn show_ports(words: &[u64], set: PortSet) -> String {
+    let has = |p: u32| {
+        let (index, bit) = set.slot(p as u16);
+        words.get(index as usize).is_some_and(|w| w & bit != 0)
+    };
+    let mut runs: Vec<String> = Vec::new();
+    let mut p = 0u32;
+    while p < PORT_SET_WORDS * 64 {
+        if has(p) {
+            let start = p;
+            while p + 1 < PORT_SET_WORDS * 64 && has(p + 1) {
+                p += 1;
+            }
+            runs.push(if start == p { start.to_string() } else { format!("{start}-{p}") });
+        }
+        p += 1;
+    }
+    runs.join(",")
 }
