@@ -4,6 +4,10 @@
 //! re-bound, no connection attempt is refused), a new address is bound before anything is swapped
 //! (so a bind failure rejects the whole update), and a removed one stops accepting while its
 //! established connections carry on.
+//!
+//! A listener on `0.0.0.0:P` also listens on `[::]:P` (IPv6 only) when the namespace has IPv6, as
+//! an Istio sidecar does on a dual-stack pod: mesh-init redirects IPv6 to the same port. A
+//! listener on `[::]:P` is dual-stack by itself.
 
 use std::{
     collections::HashMap,
@@ -32,13 +36,13 @@ pub struct BindError {
 /// A bound, running listener.
 struct Running {
     name: String,
-    /// Dropping it stops the accept loop.
-    _stop: oneshot::Sender<()>,
+    /// Dropping them stops the accept loops (one per socket).
+    _stop: Vec<oneshot::Sender<()>>,
 }
 
 /// Sockets bound for an update, not yet accepting.
 pub struct Prepared {
-    bound: Vec<(config::Listener, std::net::TcpListener)>,
+    bound: Vec<(config::Listener, Vec<std::net::TcpListener>)>,
     keep: Vec<SocketAddr>,
 }
 
@@ -71,9 +75,20 @@ impl Listeners {
                 prepared.keep.push(l.address);
                 continue;
             }
-            let socket = bind(l.address)
-                .map_err(|error| BindError { name: l.name.clone(), address: l.address, error })?;
-            prepared.bound.push((l.clone(), socket));
+            let err = |error| BindError { name: l.name.clone(), address: l.address, error };
+            let mut sockets = vec![bind(l.address, false).map_err(err)?];
+            if l.address.ip() == std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+                let v6 = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), l.address.port());
+                match bind(v6, true) {
+                    Ok(s) => sockets.push(s),
+                    // No IPv6 in this namespace: the IPv4 listener is all there is.
+                    Err(e) if no_ipv6(&e) => {
+                        tracing::debug!(listener = %l.name, error = %e, "no IPv6 companion listener");
+                    }
+                    Err(e) => return Err(BindError { name: l.name.clone(), address: v6, error: e }),
+                }
+            }
+            prepared.bound.push((l.clone(), sockets));
         }
         Ok(prepared)
     }
@@ -88,19 +103,24 @@ impl Listeners {
             }
             keep
         });
-        for (l, socket) in prepared.bound {
-            let (stop_tx, stop_rx) = oneshot::channel();
+        for (l, sockets) in prepared.bound {
             let _guard = self.data.enter();
-            let listener = match TcpListener::from_std(socket) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(listener = %l.name, error = %e, "cannot register the listening socket");
-                    continue;
-                }
-            };
-            tracing::info!(listener = %l.name, address = %l.address, "listening");
-            self.data.spawn(accept_loop(listener, l.name.clone(), self.proxy.clone(), self.drain.watch(), stop_rx));
-            running.insert(l.address, Running { name: l.name, _stop: stop_tx });
+            let mut stops = Vec::with_capacity(sockets.len());
+            for socket in sockets {
+                let listener = match TcpListener::from_std(socket) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(listener = %l.name, error = %e, "cannot register the listening socket");
+                        continue;
+                    }
+                };
+                let local = listener.local_addr().map_or_else(|_| l.address.to_string(), |a| a.to_string());
+                tracing::info!(listener = %l.name, address = %local, "listening");
+                let (stop_tx, stop_rx) = oneshot::channel();
+                self.data.spawn(accept_loop(listener, l.name.clone(), self.proxy.clone(), self.drain.watch(), stop_rx));
+                stops.push(stop_tx);
+            }
+            running.insert(l.address, Running { name: l.name, _stop: stops });
         }
     }
 
@@ -118,12 +138,17 @@ impl Listeners {
     }
 }
 
-fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// The errors binding `[::]` gives where IPv6 is off.
+fn no_ipv6(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(code) if code == nix::libc::EAFNOSUPPORT || code == nix::libc::EADDRNOTAVAIL)
+}
+
+fn bind(addr: SocketAddr, v6_only: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     // A restarted proxy must be able to bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
-        socket.set_only_v6(false)?;
+        socket.set_only_v6(v6_only)?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;

@@ -19,10 +19,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_e2e::{bin, check, eventually, privileged, PodNet, Proc, POD_V4, REMOTE_V4};
+use mesh_e2e::{bin, check, eventually, privileged, PodNet, Proc, POD_V4, REMOTE_V4, REMOTE_V6};
 
 /// What the application dials: a service address with no host behind it.
 const SERVICE: &str = "10.200.100.1:9080";
+/// The same service's IPv6 address.
+const SERVICE_V6: &str = "[fd00:200:100::1]:9080";
 /// The three versions' addresses, on the remote side.
 const V1: &str = "10.200.1.1:8080";
 const V2: &str = "10.200.1.2:8080";
@@ -33,7 +35,7 @@ const ADMIN: &str = "127.0.0.1:15090";
 
 /// An HTTP/1.1 keep-alive server answering every GET with its name.
 const BACKEND_PY: &str = r#"
-import sys, http.server
+import sys, socket, http.server
 name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -51,6 +53,7 @@ class H(http.server.BaseHTTPRequestHandler):
 class S(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     daemon_threads = True
+    address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 s = S((host, port), H)
 print("ready", flush=True)
 s.serve_forever()
@@ -148,7 +151,8 @@ impl Mesh {
     }
 
     fn backend_remote(&mut self, name: &str, addr: &str) {
-        let (ip, port) = addr.split_once(':').unwrap();
+        let (ip, port) = addr.rsplit_once(':').unwrap();
+        let ip = ip.trim_start_matches('[').trim_end_matches(']');
         let mut p = self.net.remote.spawn({
             let mut c = self.net.remote.command("python3");
             c.args(["-c", BACKEND_PY, name, ip, port]);
@@ -307,7 +311,7 @@ listeners:
   - {{ name: virtual, address: 0.0.0.0:15000 }}
 routes:
   - name: reviews
-    destinations: [\"reviews:9080\", \"{SERVICE}\"]
+    destinations: [\"reviews:9080\", \"{SERVICE}\", \"{SERVICE_V6}\"]
     protocol: http
     rules:
 {rules}
@@ -455,6 +459,8 @@ fn proxy_passthrough_inbound_and_dead_backend() {
     // Unknown destinations on the remote: an HTTP server and a server-first protocol.
     let remote_http = format!("{REMOTE_V4}:8081");
     mesh.backend_remote("remote-http", &remote_http);
+    let remote_http_v6 = format!("[{REMOTE_V6}]:8082");
+    mesh.backend_remote("remote-http-v6", &remote_http_v6);
     let mut greeter = mesh.net.remote.spawn({
         let mut c = mesh.net.remote.command("python3");
         c.args(["-c", GREETER_PY, REMOTE_V4, "2525"]);
@@ -475,6 +481,11 @@ fn proxy_passthrough_inbound_and_dead_backend() {
         // Passthrough of an unrouted HTTP destination.
         let mut c = Http::connect(&remote_http).unwrap();
         assert_eq!(c.get("/", &[]).unwrap(), (200, "remote-http".to_string()));
+        // IPv6: passthrough, and a route by the IPv6 original destination (IP6T_SO_ORIGINAL_DST).
+        let mut c = Http::connect(&remote_http_v6).unwrap();
+        assert_eq!(c.get("/", &[]).unwrap(), (200, "remote-http-v6".to_string()));
+        let mut c = Http::connect(SERVICE_V6).unwrap();
+        assert_eq!(c.get("/", &[]).unwrap(), (200, "v2".to_string()));
         // Passthrough of a server-first protocol: the greeting arrives without the client
         // sending anything (no detection on unrouted traffic).
         let mut s = TcpStream::connect(format!("{REMOTE_V4}:2525")).unwrap();
@@ -488,8 +499,8 @@ fn proxy_passthrough_inbound_and_dead_backend() {
         assert_eq!(rest, "221 bye\r\n");
         let stats = admin("/stats/prometheus");
         assert!(
-            stats.contains("mesh_proxy_tcp_connections_total{route=\"passthrough\",cluster=\"PassthroughCluster\"} 2"),
-            "both went through the proxy: {stats}"
+            stats.contains("mesh_proxy_tcp_connections_total{route=\"passthrough\",cluster=\"PassthroughCluster\"} 3"),
+            "all three went through the proxy: {stats}"
         );
 
         // A dead backend: 503, then the proxy recovers when it comes back.
