@@ -106,7 +106,7 @@ start() { # start NS LOGNAME CMD...: runs CMD in NS (with its /etc/netns hosts),
   disown   # killed by cleanup(); no "Killed" job notices
 }
 wait_ready() { # wait_ready LOGNAME MARKER
-  for _ in $(seq 100); do grep -q "$2" "$work/$1.log" 2>/dev/null && return 0; sleep 0.1; done
+  for _ in $(seq 300); do grep -q "$2" "$work/$1.log" 2>/dev/null && return 0; sleep 0.1; done
   echo "demo.sh: $1 did not start:"; cat "$work/$1.log"; exit 1
 }
 
