@@ -1,6 +1,7 @@
-//! `--log`: the programs' aya-log records, printed to stderr until Ctrl-C. Records are written
-//! only while `CFG_LOG` is set in the configuration (this run set it); on the way out it is
-//! cleared again. The links are pinned, so stopping here leaves the programs attached.
+//! `--log`: the programs' aya-log records, printed to stdout (one line each) until Ctrl-C.
+//! Records are written only while `CFG_LOG` is set in the configuration (this run set it); on
+//! the way out it is cleared again. The links are pinned, so stopping here leaves the programs
+//! attached.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -27,7 +28,8 @@ extern "C" fn stop(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
 }
 
-/// Prints each record as one line, whatever the global logger of the binary is.
+/// Prints each record as one line on stdout (to be piped or grepped), whatever the global
+/// logger of the binary is.
 struct Stderr;
 
 impl ::log::Log for Stderr {
@@ -35,7 +37,7 @@ impl ::log::Log for Stderr {
         true
     }
     fn log(&self, record: &::log::Record<'_>) {
-        eprintln!("[{} {}] {}", record.level(), record.target(), record.args());
+        println!("[{} {}] {}", record.level(), record.target(), record.args());
     }
     fn flush(&self) {}
 }

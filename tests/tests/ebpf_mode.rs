@@ -1,0 +1,229 @@
+//! What only the eBPF mode has to prove (the behaviour both modes share is in `interception.rs`):
+//! it acts on the cgroup and nothing else, its cleanup leaves nothing in the kernel (as `bpftool`
+//! sees it), its per-connection maps are emptied as connections close, and `--log` shows the
+//! programs' records.
+//!
+//! Each test builds its own pod/remote namespaces and its own cgroup (guards remove them, also
+//! on failure); programs are attached only to that cgroup and that pod namespace.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use mesh_e2e::{bin, check, eventually, privileged, script, Cgroup, PodNet, Proc, REMOTE_V4};
+
+const PROXY_UID: u32 = 1337;
+
+struct Pod {
+    net: PodNet,
+    cgroup: Cgroup,
+    procs: Vec<Proc>,
+}
+
+impl Pod {
+    fn new(tag: &str) -> Pod {
+        Pod { net: PodNet::new(tag), cgroup: Cgroup::new(tag), procs: Vec::new() }
+    }
+
+    fn mesh_init(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("mesh-init"));
+        cmd.arg("ebpf").arg("--cgroup").arg(self.cgroup.path()).args(["--netns", self.net.pod.name()]).args(args);
+        cmd.output().expect("run mesh-init")
+    }
+
+    fn install(&self, args: &[&str]) {
+        let out = self.mesh_init(args);
+        assert!(out.status.success(), "mesh-init ebpf {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// A command in the pod's namespace and cgroup.
+    fn in_pod(&self, uid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = self.net.pod.command_as(uid, uid, program);
+        self.cgroup.enter(&mut cmd);
+        cmd
+    }
+
+    fn serve(&mut self, mut cmd: Command, ports: &[u16]) {
+        cmd.arg(script("origdst_server.py")).args(ports.iter().map(u16::to_string));
+        let mut p = Proc::spawn(&mut cmd);
+        p.wait_for_line("ready");
+        self.procs.push(p);
+    }
+
+    /// The stand-in proxy (UID 1337, in the cgroup). Started after `install`, as in a pod: the
+    /// inbound listener is recorded when it starts listening.
+    fn proxy(&mut self) {
+        let cmd = self.in_pod(PROXY_UID, "python3");
+        self.serve(cmd, &[15000]);
+    }
+
+    fn remote(&mut self, port: u16) {
+        let cmd = self.net.remote.command("python3");
+        self.serve(cmd, &[port]);
+    }
+
+    /// The port that answered a connection made by `cmd` (python3) to `addr`.
+    fn answered_by(mut cmd: Command, addr: &str) -> u16 {
+        let out = check(cmd.arg(script("probe.py")).args([addr, "2"]));
+        let line = String::from_utf8_lossy(&out.stdout).into_owned();
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix("port="))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port= in {line:?}"))
+    }
+
+    fn pin_dir(&self) -> PathBuf {
+        let name = self.cgroup.path().file_name().expect("cgroup dir name").to_owned();
+        PathBuf::from("/sys/fs/bpf/mesh-init").join(name)
+    }
+
+    /// This cgroup's block of `mesh-init status`.
+    fn status(&self) -> String {
+        let out = check(Command::new(bin("mesh-init")).args(["status", "--netns", self.net.pod.name()]));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let ours = format!("cgroup {} ", self.cgroup.path().display());
+        let mut in_block = false;
+        let mut s = String::new();
+        for line in text.lines() {
+            if !line.starts_with(' ') {
+                in_block = line.contains(&ours);
+            }
+            if in_block {
+                s += line;
+                s.push('\n');
+            }
+        }
+        s
+    }
+
+    /// Entry count of `map` in the status's "map entries" line.
+    fn entries(&self, map: &str) -> u64 {
+        let status = self.status();
+        let line = status.lines().find(|l| l.contains("map entries:")).unwrap_or_else(|| panic!("no map entries in {status}"));
+        line.split(", ")
+            .find_map(|f| f.trim().trim_start_matches("map entries: ").strip_prefix(&format!("{map} ")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count for {map} in {line:?}"))
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.procs.clear();
+        let _ = self.mesh_init(&["--cleanup-only"]);
+    }
+}
+
+fn bpftool(args: &[&str]) -> String {
+    let out = Command::new("bpftool").args(args).output().expect("bpftool is installed (scripts/setup.sh)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_process_outside_the_cgroup_is_not_redirected() {
+    if !privileged("a_process_outside_the_cgroup_is_not_redirected") {
+        return;
+    }
+    let mut pod = Pod::new("eout");
+    pod.install(&[]);
+    pod.proxy();
+    pod.remote(80);
+    let to = format!("{REMOTE_V4}:80");
+    assert_eq!(Pod::answered_by(pod.in_pod(0, "python3"), &to), 15000, "inside the cgroup: redirected");
+    assert_eq!(Pod::answered_by(pod.net.pod.command("python3"), &to), 80, "same namespace, outside the cgroup: direct");
+}
+
+#[test]
+fn cleanup_leaves_nothing_attached_pinned_or_loaded() {
+    if !privileged("cleanup_leaves_nothing_attached_pinned_or_loaded") {
+        return;
+    }
+    let mut pod = Pod::new("eclean");
+    let cg = pod.cgroup.path().to_str().expect("utf-8 path").to_owned();
+    pod.install(&["--accelerate"]);
+    pod.proxy();
+    pod.remote(80);
+    assert_eq!(Pod::answered_by(pod.in_pod(0, "python3"), &format!("{REMOTE_V4}:80")), 15000);
+
+    // What is there: five cgroup programs, an sk_lookup link on the pod's namespace, pins.
+    let attached = bpftool(&["cgroup", "show", &cg]);
+    let prog_ids: Vec<String> = attached
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().filter(|w| w.chars().all(|c| c.is_ascii_digit())).map(str::to_owned))
+        .collect();
+    assert_eq!(prog_ids.len(), 5, "connect4/6, sock_release, sock_ops, getsockopt:\n{attached}");
+    let netns_ino = std::fs::metadata(pod.net.pod.path()).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect("netns inode");
+    let ours = format!("netns_ino {netns_ino}");
+    assert!(bpftool(&["link", "show"]).contains(&ours), "sk_lookup link on the pod namespace");
+    assert!(pod.pin_dir().is_dir());
+
+    pod.install(&["--cleanup-only"]);
+    assert!(!bpftool(&["cgroup", "show", &cg]).lines().any(|l| l.trim().starts_with(char::is_numeric)), "no program on the cgroup");
+    assert!(!bpftool(&["link", "show"]).contains(&ours), "no link on the pod namespace");
+    assert!(!pod.pin_dir().exists(), "pin directory removed");
+    // Programs are freed once their last reference goes, after an RCU grace period.
+    eventually(Duration::from_secs(5), "the programs to be unloaded", || {
+        let loaded = bpftool(&["prog", "show"]);
+        prog_ids.iter().all(|id| !loaded.lines().any(|l| l.starts_with(&format!("{id}: ")))).then_some(())
+    });
+    assert_eq!(Pod::answered_by(pod.in_pod(0, "python3"), &format!("{REMOTE_V4}:80")), 80, "nothing redirected");
+}
+
+#[test]
+fn connection_maps_are_emptied_as_connections_close() {
+    if !privileged("connection_maps_are_emptied_as_connections_close") {
+        return;
+    }
+    // 100,000 by default: more than ORIG_BY_PAIR holds (65,536), so a leak would show as a
+    // full map. MESH_EBPF_CONNECTIONS makes it quicker for a local run.
+    let n: u32 = std::env::var("MESH_EBPF_CONNECTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let mut pod = Pod::new("emaps");
+    pod.install(&[]);
+    pod.proxy();
+    let client = format!(
+        "import socket, struct\n\
+         for i in range({n}):\n\
+         \x20   s = socket.create_connection(('{REMOTE_V4}', 80), timeout=5)\n\
+         \x20   while not s.recv(4096).endswith(b'\\n'): pass\n\
+         \x20   s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n\
+         \x20   s.close()\n\
+         print('done')\n"
+    );
+    let mut cmd = pod.in_pod(0, "python3");
+    check(cmd.args(["-c", &client]));
+    eventually(Duration::from_secs(5), "the connection maps to empty", || {
+        (pod.entries("ORIG_BY_COOKIE") == 0 && pod.entries("ORIG_BY_PAIR") == 0).then_some(())
+    });
+    let status = pod.status();
+    let redirected = status
+        .lines()
+        .find_map(|l| l.split(", ").find_map(|f| f.trim().trim_start_matches("counters: ").strip_prefix("outbound redirected ")))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no redirect counter in {status}"));
+    assert_eq!(redirected, u64::from(n), "{status}");
+}
+
+#[test]
+fn log_shows_the_programs_records_until_interrupted() {
+    if !privileged("log_shows_the_programs_records_until_interrupted") {
+        return;
+    }
+    let mut pod = Pod::new("elog");
+    let mut cmd = Command::new(bin("mesh-init"));
+    cmd.arg("ebpf").arg("--cgroup").arg(pod.cgroup.path()).args(["--netns", pod.net.pod.name(), "--log"]);
+    let mut log = Proc::spawn(&mut cmd);
+    log.wait_for_line("attached to cgroup");
+    pod.proxy();
+    pod.remote(80);
+    assert_eq!(Pod::answered_by(pod.in_pod(0, "python3"), &format!("{REMOTE_V4}:80")), 15000);
+    let line = log.wait_for_line("connect uid=0");
+    assert!(line.contains("10.200.0.2]:80"), "{line}");
+    log.wait_for_line("SO_ORIGINAL_DST");
+    let status = log.signal_and_wait(nix::sys::signal::Signal::SIGINT, Duration::from_secs(5)).expect("exits on Ctrl-C");
+    assert!(status.success(), "{status}");
+    let after = pod.status();
+    assert!(!after.contains("log]") && !after.contains(", log"), "records switched off again:\n{after}");
+    assert_eq!(Pod::answered_by(pod.in_pod(0, "python3"), &format!("{REMOTE_V4}:80")), 15000, "still attached");
+}
