@@ -47,7 +47,9 @@ pub struct Outcome {
 pub fn apply(backend: Backend, plan: &Plan) -> Result<Outcome, Error> {
     let installed = Installed::read(backend, plan.family)?;
     restore(backend, plan.family, &installed.transaction(plan))?;
-    Route { family: plan.family }.reconcile(plan.tproxy_route)?;
+    if plan.tproxy_route.is_some() || installed.has_tproxy() {
+        Route { family: plan.family }.reconcile(plan.tproxy_route)?;
+    }
     Ok(Outcome { family: plan.family, backend, removed: installed.rule_count(), added: plan.rule_count() })
 }
 
@@ -58,17 +60,24 @@ pub fn cleanup(backend: Backend, family: Family) -> Result<Outcome, Error> {
     if !installed.is_empty() {
         restore(backend, family, &installed.transaction(&empty))?;
     }
-    Route { family }.reconcile(None)?;
+    if installed.has_tproxy() {
+        Route { family }.reconcile(None)?;
+    }
     Ok(Outcome { family, backend, removed: installed.rule_count(), added: 0 })
 }
 
-/// Feeds `text` to `iptables-restore --noflush`, first with `--test`: the legacy backend commits
-/// table by table, so a transaction that could fail half-way (a missing match module in the
-/// mangle table, say) is caught before any table changes.
+/// Feeds `text` to `iptables-restore --noflush`. Both backends commit table by table, so a
+/// transaction over several tables is first run with `--test`: one that would fail half-way (a
+/// missing match module in the mangle table, say) is caught before any table changes. A single
+/// table commits atomically on its own and needs no rehearsal.
 fn restore(backend: Backend, family: Family, text: &str) -> Result<(), Error> {
     let bin = backend.restore_binary(family);
     tracing::debug!(%bin, "transaction:\n{text}");
-    for args in [&["--noflush", "--wait", "--test"][..], &["--noflush", "--wait"][..]] {
+    let tables = text.lines().filter(|l| l.starts_with('*')).count();
+    let test: &[&str] = &["--noflush", "--wait", "--test"];
+    let commit: &[&str] = &["--noflush", "--wait"];
+    let passes = if tables > 1 { vec![test, commit] } else { vec![commit] };
+    for args in passes {
         let cmd = format!("{bin} {}", args.join(" "));
         let mut child = Command::new(&bin)
             .args(args)

@@ -8,6 +8,7 @@
 //! - [`iptables`]: applying a plan atomically (one transaction per IP family), re-runs, cleanup,
 //!   and the choice between the legacy and nf_tables backends;
 //! - `ebpf` (feature `ebpf`): the same interception with eBPF programs attached to a cgroup;
+//! - [`inject`]: adding the init container and the sidecar to Kubernetes workloads;
 //! - [`validate`]: proving from inside the namespace that interception works;
 //! - [`netns`]: joining a network namespace without `ip netns exec`'s remount of `/sys`;
 //! - [`orig_dst`]: reading `SO_ORIGINAL_DST`, shared by validation and the tests.
@@ -15,6 +16,7 @@
 pub mod capture;
 #[cfg(feature = "ebpf")]
 pub mod ebpf;
+pub mod inject;
 pub mod iptables;
 pub mod netns;
 pub mod orig_dst;

@@ -56,6 +56,11 @@ impl Installed {
         Installed { tables }
     }
 
+    /// Whether a TPROXY install is present (its policy route then needs reconciling too).
+    pub fn has_tproxy(&self) -> bool {
+        self.tables.get(&Table::Mangle).is_some_and(|t| t.chains.contains_key(&Owned::Tproxy))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.tables.values().all(|t| t.chains.is_empty() && t.jumps.is_empty())
     }
