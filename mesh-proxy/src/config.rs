@@ -22,6 +22,8 @@ pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15090";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Envoy's default route timeout: the longest wait for an upstream's response headers.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Envoy's `tcp_proxy` default idle timeout.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Istio's default termination drain duration.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the discovery service is asked when `poll_interval` is absent.
@@ -72,6 +74,10 @@ pub struct RawConfig {
     /// How long SIGTERM waits for in-flight requests and connections (default 5s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout: Option<String>,
+    /// A TCP session (routed, passthrough or inbound) with no bytes either way for this long is
+    /// closed (default 1h, Envoy's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -208,6 +214,8 @@ pub struct Config {
     pub discovery: Option<Discovery>,
     #[serde(serialize_with = "ser_duration")]
     pub drain_timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub tcp_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -382,6 +390,11 @@ impl RawConfig {
             None => DEFAULT_ADMIN_ADDRESS.parse().expect("default admin address parses"),
         };
         let drain_timeout = opt_duration("drain_timeout", self.drain_timeout.as_deref(), DEFAULT_DRAIN_TIMEOUT)?;
+        let tcp_idle_timeout =
+            opt_duration("tcp_idle_timeout", self.tcp_idle_timeout.as_deref(), DEFAULT_TCP_IDLE_TIMEOUT)?;
+        if tcp_idle_timeout.is_zero() {
+            return Err(invalid("tcp_idle_timeout", "must be greater than 0"));
+        }
 
         let mut listeners = Vec::with_capacity(self.listeners.len());
         let mut names = HashSet::new();
@@ -505,6 +518,7 @@ impl RawConfig {
             clusters,
             discovery,
             drain_timeout,
+            tcp_idle_timeout,
         })
     }
 }

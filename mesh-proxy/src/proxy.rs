@@ -70,7 +70,8 @@ impl Proxy {
                 let timeout = crate::config::DEFAULT_CONNECT_TIMEOUT;
                 self.inbound_tcp.inc();
                 let upstream = inbound::connect_local(addr, timeout).await;
-                splice_logged(stream, upstream, peer, addr, "inbound", "InboundPassthroughCluster").await;
+                let idle = self.snapshot.load().config.tcp_idle_timeout;
+                splice_logged(idle, stream, upstream, peer, addr, "inbound", "InboundPassthroughCluster").await;
             }
             Plan::Route { route, protocol, fallback } => {
                 let protocol = match protocol {
@@ -107,7 +108,8 @@ impl Proxy {
                 if upstream.is_err() {
                     self.passthrough_connect_failures.inc();
                 }
-                splice_logged(stream, upstream, peer, dst, "passthrough", PASSTHROUGH_CLUSTER).await;
+                let idle = self.snapshot.load().config.tcp_idle_timeout;
+                splice_logged(idle, stream, upstream, peer, dst, "passthrough", PASSTHROUGH_CLUSTER).await;
             }
             Fallback::Refuse(why) => {
                 tracing::info!(target: "access", kind = "tcp", %peer, reason = why.reason(), "connection refused");
@@ -133,7 +135,8 @@ impl Proxy {
         match target.cluster.connect_tcp().await {
             Ok((ep, mut upstream, _conn_guard)) => {
                 let _req = ep.start_request();
-                let result = tcp::splice(&mut stream, &mut upstream).await;
+                let idle = snapshot.config.tcp_idle_timeout;
+                let result = tcp::splice(&mut stream, &mut upstream, idle).await;
                 log_tcp(peer, &entry.name, &target.cluster.name, Some(ep.addr), start, result.as_ref().ok(), result.as_ref().err());
                 if result.is_err() {
                     ep.record_error();
@@ -147,6 +150,7 @@ impl Proxy {
 }
 
 async fn splice_logged(
+    idle: std::time::Duration,
     mut stream: TcpStream,
     upstream: std::io::Result<TcpStream>,
     peer: SocketAddr,
@@ -157,7 +161,7 @@ async fn splice_logged(
     let start = Instant::now();
     match upstream {
         Ok(mut up) => {
-            let result = tcp::splice(&mut stream, &mut up).await;
+            let result = tcp::splice(&mut stream, &mut up, idle).await;
             log_tcp(peer, route, cluster, Some(dst), start, result.as_ref().ok(), result.as_ref().err());
         }
         Err(e) => {

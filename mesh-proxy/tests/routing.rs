@@ -217,6 +217,20 @@ async fn tcp_route_forwards_with_half_close() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tcp_session_is_closed_after_tcp_idle_timeout() {
+    let upstream = count_until_eof_server().await;
+    let listen = free_addr();
+    let yaml = listener_route(listen, "tcp", "      - clusters: [{ name: db }]", &[("db", &[upstream])]);
+    let _proxy = ProxyProcess::start(&format!("tcp_idle_timeout: 300ms\n{yaml}")).await;
+    let mut s = TcpStream::connect(listen).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    // Nothing more either way: the proxy closes both sides; the client sees EOF, not a hang.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.expect("closed by the idle timeout").unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_first_protocol_works_under_auto() {
     // An SMTP-like server: greets first, then answers one command.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
