@@ -256,3 +256,16 @@ fn ebpf_init_script_finds_the_pod_cgroup() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no cgroup for pod ffff-00"));
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// Every traffic annotation is checked as the flag it replaces, and a refusal names both.
+#[test]
+fn every_traffic_annotation_is_validated_as_its_flag() {
+    for (annotation, flag, _) in inject::CAPTURE_ANNOTATIONS {
+        let pod = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  annotations:\n    {annotation}: \"not valid!\"\nspec:\n  containers: [{{name: web, image: nginx}}]\n"
+        );
+        let e = inject::inject(&pod, "pod.yaml", &args_of("")).expect_err(annotation).to_string();
+        let want = format!("pod.yaml: document 1 (line 1): Pod web: annotation {annotation}: invalid value \"not valid!\" (for {flag})");
+        assert!(e.starts_with(&want), "{e}\nwanted: {want}");
+    }
+}
