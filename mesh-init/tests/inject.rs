@@ -269,3 +269,50 @@ fn every_traffic_annotation_is_validated_as_its_flag() {
         assert!(e.starts_with(&want), "{e}\nwanted: {want}");
     }
 }
+
+/// The iptables init containers' arguments, as injected, are accepted by the real `mesh-init
+/// iptables` (in its dry run, which changes nothing and needs no privileges).
+#[test]
+fn injected_iptables_arguments_are_accepted_by_mesh_init() {
+    let mut seen = 0;
+    let mut files: Vec<PathBuf> = cases().iter().map(|c| golden_of(c)).collect();
+    files.extend(deploy_manifests());
+    for file in files {
+        let text = read(&file);
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let doc = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).expect("a golden parses");
+            let mut templates = vec![];
+            collect_templates(&doc, &mut templates);
+            for spec in templates {
+                let Some(inits) = spec.get("initContainers").and_then(|v| v.as_sequence()) else { continue };
+                for init in inits.iter().filter(|c| c["name"] == "mesh-init" && c["args"][0] == "iptables") {
+                    let args: Vec<String> = serde_yaml::from_value(init["args"].clone()).unwrap();
+                    let out = Command::new(env!("CARGO_BIN_EXE_mesh-init")).args(&args).arg("--dry-run").output().unwrap();
+                    let stdout = String::from_utf8_lossy(&out.stdout);
+                    assert!(
+                        out.status.success() && stdout.contains("-j REDIRECT"),
+                        "{}: mesh-init {args:?} --dry-run: {}{stdout}",
+                        file.display(),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    seen += 1;
+                }
+            }
+        }
+    }
+    assert!(seen >= 10, "only {seen} iptables init containers found");
+}
+
+/// Every pod spec below `v` (any mapping holding `containers`).
+fn collect_templates<'a>(v: &'a serde_yaml::Value, out: &mut Vec<&'a serde_yaml::Value>) {
+    match v {
+        serde_yaml::Value::Mapping(m) => {
+            if m.contains_key("containers") {
+                out.push(v);
+            }
+            m.values().for_each(|c| collect_templates(c, out));
+        }
+        serde_yaml::Value::Sequence(s) => s.iter().for_each(|c| collect_templates(c, out)),
+        _ => {}
+    }
+}
