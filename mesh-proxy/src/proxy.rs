@@ -16,7 +16,7 @@ use crate::{
     inbound::{self, LocalAddrs},
     metrics::{Metrics, RequestCounters},
     orig_dst,
-    snapshot::SharedSnapshot,
+    snapshot::{SharedSnapshot, Snapshot},
     tcp,
 };
 
@@ -61,16 +61,16 @@ impl Proxy {
             }
         };
         let _ = stream.set_nodelay(true);
-        let plan = {
-            let snapshot = self.snapshot.load();
-            dispatch::plan(&snapshot, dst, &self.local_addrs.load())
-        };
+        // The snapshot the decision is made on; a TCP session keeps using it (its route index
+        // refers to it), HTTP loads the current one per request.
+        let snapshot = self.snapshot.load_full();
+        let plan = dispatch::plan(&snapshot, dst, &self.local_addrs.load());
         match plan {
             Plan::Inbound(addr) => {
                 let timeout = crate::config::DEFAULT_CONNECT_TIMEOUT;
                 self.inbound_tcp.inc();
                 let upstream = inbound::connect_local(addr, timeout).await;
-                let idle = self.snapshot.load().config.tcp_idle_timeout;
+                let idle = snapshot.config.tcp_idle_timeout;
                 splice_logged(idle, stream, upstream, peer, addr, "inbound", "InboundPassthroughCluster").await;
             }
             Plan::Route { route, protocol, fallback } => {
@@ -86,7 +86,7 @@ impl Proxy {
                         let ctx = Arc::new(ConnCtx::new(self.clone(), dst.addr, peer, fallback));
                         http::serve(ctx, stream, drain).await;
                     }
-                    _ => self.tcp_route(stream, peer, dst.addr, route).await,
+                    _ => self.tcp_route(stream, peer, &snapshot, route).await,
                 }
             }
             Plan::Detect { fallback } => match detect::detect(&stream, detect::DETECT_TIMEOUT).await {
@@ -119,12 +119,8 @@ impl Proxy {
     }
 
     /// A TCP route: one cluster per connection by weight, one endpoint by the cluster's policy.
-    async fn tcp_route(&self, mut stream: TcpStream, peer: SocketAddr, dst: SocketAddr, route: usize) {
-        let snapshot = self.snapshot.load_full();
-        // The snapshot may have changed since the plan; look the route up again by address.
-        let Some(entry) = snapshot.routes.by_addr(dst).or_else(|| snapshot.routes.routes.get(route)) else {
-            return;
-        };
+    async fn tcp_route(&self, mut stream: TcpStream, peer: SocketAddr, snapshot: &Snapshot, route: usize) {
+        let entry = &snapshot.routes.routes[route];
         let Some(rule) = entry.tcp_rule() else {
             tracing::info!(target: "access", kind = "tcp", %peer, route = &*entry.name, reason = "the route has no rule without conditions for TCP", "connection refused");
             return;
