@@ -37,9 +37,9 @@
 //! naming the annotation and the workload, instead of by a pod stuck in `Init:Error`. The admin
 //! port is always added to the inbound excludes: the kubelet's probe must reach it directly.
 //!
-//! Layout: [`documents`](documents) cuts the stream, [`annotations`](annotations) reads the
-//! overrides, [`containers`](containers) is the plan (what is added, as data) and
-//! [`workload`](workload) finds the pod template and puts the plan into it.
+//! Layout: `inject/documents.rs` cuts the stream, `annotations.rs` reads the overrides,
+//! `containers.rs` is the plan (what is added, as data) and `workload.rs` finds the pod template
+//! and puts the plan into it. deploy/README.md is the user's guide, with the eBPF mode's design.
 
 mod annotations;
 mod containers;
@@ -85,7 +85,7 @@ pub struct InjectArgs {
     #[arg(long = "proxy-admin-port", default_value = "15090", value_parser = clap::value_parser!(u16).range(1..))]
     pub admin_port: u16,
 
-    /// ConfigMap holding the sidecar's `config.yaml` [default: <workload name>-mesh-proxy].
+    /// ConfigMap holding the sidecar's `config.yaml` [default: WORKLOAD-mesh-proxy, after the workload's name].
     #[arg(long = "config-map")]
     pub config_map: Option<String>,
 
