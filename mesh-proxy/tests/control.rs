@@ -86,7 +86,9 @@ impl Load {
     }
 }
 
-/// Polls until every answer on a fresh connection is `want`, for up to `within`.
+/// Polls until every answer on a fresh connection is `want`, for up to `within` (generous: these
+/// tests check that the switch happens without failures; the 1 s bound is asserted end to end in
+/// tests/tests/proxy_e2e.rs).
 async fn wait_for_all(addr: SocketAddr, want: &str, within: Duration) -> Duration {
     let start = Instant::now();
     let mut c = HttpClient::connect(addr).await.unwrap();
@@ -116,7 +118,7 @@ async fn file_edit_switches_to_v2_under_load_with_zero_failures() {
     let load = Load::start(listen, 4, "v2");
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.rewrite(&listener_route(listen, "http", &split(0, 1), &eps));
-    let took = wait_for_all(listen, "v2", Duration::from_secs(1)).await;
+    let took = wait_for_all(listen, "v2", Duration::from_secs(5)).await;
     eprintln!("switch seen after {took:?}");
     // From now on nothing but v2, on the connections that were open before the switch too.
     load.mark.store(true, Ordering::Relaxed);
@@ -290,7 +292,7 @@ async fn discovery_from_python_http_server_switches_under_load() {
     let load = Load::start(listen, 4, "v2");
     tokio::time::sleep(Duration::from_millis(200)).await;
     write_atomic(&v1dir.join("routes"), &routes("2", "v2"));
-    let took = wait_for_all(listen, "v2", Duration::from_secs(1)).await;
+    let took = wait_for_all(listen, "v2", Duration::from_secs(5)).await;
     eprintln!("discovery switch seen after {took:?}");
     load.mark.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -166,7 +166,7 @@ async fn malformed_and_oversized_requests_get_400_and_431() {
     let answer = raw_exchange(listen, many.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
 
-    // 99 headers plus Host is within the limit.
+    // Host, Connection and 98 more: 100 headers, exactly the limit, pass.
     let mut ok = String::from("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
     for i in 0..98 {
         ok.push_str(&format!("x-h{i}: 1\r\n"));
