@@ -13,10 +13,19 @@
 //! - [`accelerate`]: `sk_msg` passes data between both loopback ends without the TCP stack.
 //! - [`maps`]: every map, and [`ctx`]: reading addresses and ports out of each context in the
 //!   common form of `mesh_ebpf_common`.
-#![no_std]
-#![no_main]
+//!
+//! Built for the host (`cargo build --workspace`, clippy), the crate is an empty program that
+//! says where it belongs, so workspace-wide commands work.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("mesh-ebpf holds eBPF programs: mesh-init's build.rs builds it for bpfel-unknown-none");
+}
 
 /// aya-log's `debug!`, only while `mesh-init ebpf --log` is reading (`CFG_LOG` in `CONFIG`).
+#[cfg(target_arch = "bpf")]
 macro_rules! log_debug {
     ($ctx:expr, $cfg:expr, $($arg:tt)+) => {
         if $cfg.flags & mesh_ebpf_common::CFG_LOG != 0 {
@@ -25,21 +34,29 @@ macro_rules! log_debug {
     };
 }
 
+#[cfg(target_arch = "bpf")]
 mod accelerate;
+#[cfg(target_arch = "bpf")]
 mod conn;
+#[cfg(target_arch = "bpf")]
 mod ctx;
+#[cfg(target_arch = "bpf")]
 mod inbound;
+#[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
 mod orig_dst;
+#[cfg(target_arch = "bpf")]
 mod outbound;
 
 /// The kernel's "license" section: the project's licence. None of the helpers used here is
 /// GPL-only, so the verifier accepts it.
+#[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 11] = *b"Apache-2.0\0";
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
