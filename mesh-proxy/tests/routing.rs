@@ -315,3 +315,20 @@ async fn python_http_server_backend_http10_keeps_the_downstream_connection() {
     let _ = py.wait();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "from python 1\nfrom python 0\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_straight_to_the_listener_without_a_route_is_closed_not_looped() {
+    let listen = free_addr();
+    let yaml = format!("admin: {{ address: \"{{admin}}\" }}\noutbound_policy: allow_any\nlisteners: [{{ name: main, address: \"{listen}\" }}]\n");
+    let proxy = ProxyProcess::start(&yaml).await;
+    let mut s = TcpStream::connect(listen).await.unwrap();
+    let _ = s.write_all(b"hello").await;
+    let mut rest = Vec::new();
+    // Closed at once (EOF or reset), not passed through to itself.
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.expect("closed");
+    assert!(rest.is_empty());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stats = proxy.admin("/stats/prometheus").await.1;
+    assert!(stats.contains("mesh_proxy_downstream_connections_total{listener=\"main\"} 1"), "one connection, no loop: {stats}");
+    assert!(proxy.log_text().contains("addressed to the proxy's own listener"), "{}", proxy.log_text());
+}
