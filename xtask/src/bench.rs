@@ -63,7 +63,8 @@ pub struct BenchArgs {
 pub struct Settings {
     pub repeats: u32,
     pub duration: Duration,
-    /// Fixed-rate runs last at least 2 s, so that p99 rests on a few thousand samples.
+    /// Fixed-rate runs last at least 2 s (1.5 s in quick mode), so that p99 rests on a couple of
+    /// thousand samples at 1,000 req/s.
     pub rate_duration: Duration,
     pub rate: u32,
     pub conns: u32,
@@ -81,7 +82,7 @@ impl Settings {
         Settings {
             repeats,
             duration,
-            rate_duration: duration.max(Duration::from_secs(2)),
+            rate_duration: duration.max(if args.quick { Duration::from_millis(1500) } else { Duration::from_secs(2) }),
             rate: args.rate,
             conns: args.conns,
             idle_conns: args.idle_conns,
@@ -320,7 +321,7 @@ fn measure(path: &mut BenchPath, workload: Workload, s: &Settings, out: &mut Pat
             out.rate.push(RateSample { latency: r.latency, sent: r.sent, errors: r.errors, cpu_per_1k: per_1k(before, after, r.sent) });
         }
         Workload::Passthrough => {
-            let bps = load::iperf3(&path.pod, s.duration.max(Duration::from_secs(2)))?;
+            let bps = load::iperf3(&path.pod, s.duration)?;
             eprintln!("bench: Passthrough {kind}: {:.2} Gbit/s", bps / 1e9);
             out.passthrough_gbps.push(bps / 1e9);
         }

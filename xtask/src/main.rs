@@ -43,7 +43,10 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let result = match Cli::parse() {
         Cli::Bench(args) => interrupt::install().and_then(|()| bench::run(args)),
-        Cli::LoadRate(args) => load::rate_client(&args).and_then(|r| Ok(println!("{}", serde_json::to_string(&r)?))),
+        Cli::LoadRate(args) => load::rate_client(&args).and_then(|r| {
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }),
         Cli::LoadIdle(args) => load::idle_client(&args),
     };
     match result {

@@ -139,7 +139,7 @@ pub fn markdown(run: &Run) -> Result<String> {
         s.repeats,
         s.duration.as_secs(),
         s.rate,
-        s.rate_duration.as_secs(),
+        s.rate_duration.as_secs_f64(),
         s.conns,
         s.idle_conns,
         s.idle_repeats,
@@ -397,9 +397,11 @@ const COLORS: [&str; 5] = ["#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756"
 /// keep-alive workload.
 pub fn svg(run: &Run) -> String {
     let fig: Vec<(PathKind, Figures)> = run.samples.iter().map(|(k, v)| (*k, figures(v))).collect();
-    let panels: [(String, Vec<(PathKind, [Option<f64>; 3])>); 2] = [
-        (format!("Fixed rate {} req/s: latency (µs)", run.settings.rate), fig.iter().map(|(k, f)| (*k, f.rate)).collect()),
-        (format!("Keep-alive, {} connections, wrk: latency (µs)", run.settings.conns), fig.iter().map(|(k, f)| (*k, f.ka)).collect()),
+    // (title, per path: p50, p90, p99)
+    type Panel = (String, Vec<(PathKind, [Option<f64>; 3])>);
+    let panels: [Panel; 2] = [
+        (format!("Fixed rate {} req/s: latency (µs, log scale)", run.settings.rate), fig.iter().map(|(k, f)| (*k, f.rate)).collect()),
+        (format!("Keep-alive, {} connections, wrk: latency (µs, log scale)", run.settings.conns), fig.iter().map(|(k, f)| (*k, f.ka)).collect()),
     ];
     let (pw, ph, top, left, bottom) = (460.0, 300.0, 60.0, 60.0, 40.0);
     let width = left + 2.0 * (pw + left);
@@ -410,15 +412,25 @@ pub fn svg(run: &Run) -> String {
     let _ = writeln!(o, r#"<text x="{left}" y="22" font-size="15" font-weight="bold">mesh-init benchmark: latency percentiles per path (medians of {} repeats)</text>"#, run.settings.repeats);
     for (pi, (title, data)) in panels.iter().enumerate() {
         let x0 = left + pi as f64 * (pw + left);
-        let max = data.iter().flat_map(|(_, v)| v.iter().flatten()).fold(0.0f64, |a, &b| a.max(b));
-        let scale_max = nice_ceiling(max);
+        // Logarithmic: p50 and p99 differ by an order of magnitude or more.
+        let values: Vec<f64> = data.iter().flat_map(|(_, v)| v.iter().flatten().copied()).filter(|v| *v > 0.0).collect();
+        let lo = 10f64.powf(values.iter().fold(f64::MAX, |a, &b| a.min(b)).log10().floor()).min(100.0);
+        let hi = 10f64.powf(values.iter().fold(1.0f64, |a, &b| a.max(b)).log10().ceil()).max(lo * 10.0);
+        let y_of = |v: f64| top + ph - ph * (v.max(lo).log10() - lo.log10()) / (hi.log10() - lo.log10());
         let _ = writeln!(o, r#"<text x="{x0}" y="{}" font-weight="bold">{}</text>"#, top - 12.0, esc(title));
-        // Axis and grid.
-        for g in 0..=4 {
-            let v = scale_max * g as f64 / 4.0;
-            let y = top + ph - ph * g as f64 / 4.0;
-            let _ = writeln!(o, r##"<line x1="{x0}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/>"##, x0 + pw);
-            let _ = writeln!(o, r#"<text x="{}" y="{}" text-anchor="end">{v:.0}</text>"#, x0 - 4.0, y + 4.0);
+        let mut tick = lo;
+        while tick <= hi * 1.001 {
+            for m in [1.0, 2.0, 5.0] {
+                let v = tick * m;
+                if v > hi * 1.001 {
+                    break;
+                }
+                let y = y_of(v);
+                let stroke = if m == 1.0 { "#bbb" } else { "#eee" };
+                let _ = writeln!(o, r#"<line x1="{x0}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="{stroke}"/>"#, x0 + pw);
+                let _ = writeln!(o, r#"<text x="{}" y="{:.1}" text-anchor="end" font-size="10">{v:.0}</text>"#, x0 - 4.0, y + 4.0);
+            }
+            tick *= 10.0;
         }
         let _ = writeln!(o, r#"<line x1="{x0}" x2="{x0}" y1="{top}" y2="{}" stroke="black"/>"#, top + ph);
         let groups = ["p50", "p90", "p99"];
@@ -429,7 +441,7 @@ pub fn svg(run: &Run) -> String {
             let gx = x0 + gi as f64 * gw + gw * 0.1;
             for (bi, (_, vals)) in data.iter().enumerate() {
                 let Some(v) = vals[gi] else { continue };
-                let h = if scale_max > 0.0 { ph * v / scale_max } else { 0.0 };
+                let h = top + ph - y_of(v);
                 let x = gx + bi as f64 * bw;
                 let _ = writeln!(o, r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{}"><title>{v:.0} µs</title></rect>"#, top + ph - h, bw * 0.9, COLORS[bi % COLORS.len()]);
                 let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9">{v:.0}</text>"#, x + bw * 0.45, top + ph - h - 3.0);
@@ -446,15 +458,6 @@ pub fn svg(run: &Run) -> String {
     o
 }
 
-/// 1, 2 or 5 times a power of ten, at least `v`.
-fn nice_ceiling(v: f64) -> f64 {
-    if v <= 0.0 {
-        return 1.0;
-    }
-    let p = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * p).find(|c| *c >= v).unwrap_or(10.0 * p)
-}
-
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
@@ -462,13 +465,6 @@ fn esc(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nice_ceilings() {
-        assert_eq!(nice_ceiling(730.0), 1000.0);
-        assert_eq!(nice_ceiling(120.0), 200.0);
-        assert_eq!(nice_ceiling(0.0), 1.0);
-    }
 
     #[test]
     fn ratios() {
