@@ -49,13 +49,13 @@ const SK_LOOKUP_LINK: &str = "link-sk-lookup";
 pub enum AttachError {
     #[error("loading the eBPF object with maps pinned in {} failed: {source}. If mesh-init was upgraded and a \
              map changed shape, remove the old pins with `mesh-init ebpf --cleanup-only --cgroup ...`", dir.display())]
-    Load { dir: PathBuf, source: EbpfError },
+    Load { dir: PathBuf, source: Box<EbpfError> },
     #[error("program {name}: {action} failed: {source}")]
-    Program { name: &'static str, action: &'static str, source: ProgramError },
+    Program { name: &'static str, action: &'static str, source: Box<ProgramError> },
     #[error("program {name}: the link cannot be pinned: {reason}")]
     Link { name: &'static str, reason: String },
     #[error("map {name}: {action} failed: {source}")]
-    Map { name: &'static str, action: &'static str, source: MapError },
+    Map { name: &'static str, action: &'static str, source: Box<MapError> },
     #[error("{}: {action} failed: {source}", path.display())]
     Io { path: PathBuf, action: &'static str, source: std::io::Error },
     #[error("{}: pinning failed: {reason}", path.display())]
@@ -76,13 +76,13 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .load(OBJECT)
-        .map_err(|source| AttachError::Load { dir: dir.into(), source })?;
+        .map_err(|source| AttachError::Load { dir: dir.into(), source: source.into() })?;
     write_config(&mut ebpf, plan, log)?;
 
     macro_rules! load {
         ($ty:ty, $name:literal) => {{
             let prog: &mut $ty = program(&mut ebpf, $name)?;
-            prog.load().map_err(|source| AttachError::Program { name: $name, action: "loading (verifier)", source })?;
+            prog.load().map_err(|source| AttachError::Program { name: $name, action: "loading (verifier)", source: source.into() })?;
         }};
     }
     load!(CgroupSockAddr, "connect4");
@@ -103,10 +103,10 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
             let prog: &mut $ty = program(&mut ebpf, $name)?;
             let id = prog
                 .attach($($target),+)
-                .map_err(|source| AttachError::Program { name: $name, action: "attaching", source })?;
+                .map_err(|source| AttachError::Program { name: $name, action: "attaching", source: source.into() })?;
             let link = prog
                 .take_link(id)
-                .map_err(|source| AttachError::Program { name: $name, action: "taking the link", source })?;
+                .map_err(|source| AttachError::Program { name: $name, action: "taking the link", source: source.into() })?;
             FdLink::try_from(link).map_err(|e| AttachError::Link { name: $name, reason: e.to_string() })?
         }};
     }
@@ -122,7 +122,7 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
     }
     {
         let prog: &mut CgroupSockopt = program(&mut ebpf, "getsockopt")?;
-        let fd = prog.fd().map_err(|source| AttachError::Program { name: "getsockopt", action: "getting its fd", source })?;
+        let fd = prog.fd().map_err(|source| AttachError::Program { name: "getsockopt", action: "getting its fd", source: source.into() })?;
         let link = raw_link::link_create(fd.as_fd(), cgroup.file.as_fd(), raw_link::BPF_CGROUP_GETSOCKOPT)
             .map_err(|source| AttachError::Io { path: cgroup.path.clone(), action: "attaching getsockopt", source })?;
         replace_pin(|path| raw_link::pin(&link, path).map_err(|e| e.to_string()), &dir.join(GETSOCKOPT_LINK))?;
@@ -142,7 +142,7 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
     // sockets `sock_ops` put in the map, which it does only with --accelerate.
     let sockhash = ebpf.map(names::LOCAL_SOCKS).expect("the object defines LOCAL_SOCKS");
     let sockhash: SockHash<&MapData, SockPair> = SockHash::try_from(sockhash)
-        .map_err(|source| AttachError::Map { name: names::LOCAL_SOCKS, action: "opening", source })?;
+        .map_err(|source| AttachError::Map { name: names::LOCAL_SOCKS, action: "opening", source: source.into() })?;
     let fd = sockhash
         .fd()
         .try_clone()
@@ -150,10 +150,10 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
     let prog: &mut SkMsg = program(&mut ebpf, "redirect_local")?;
     let id = prog
         .attach(&fd)
-        .map_err(|source| AttachError::Program { name: "redirect_local", action: "attaching", source })?;
+        .map_err(|source| AttachError::Program { name: "redirect_local", action: "attaching", source: source.into() })?;
     let link = prog
         .take_link(id)
-        .map_err(|source| AttachError::Program { name: "redirect_local", action: "taking the link", source })?;
+        .map_err(|source| AttachError::Program { name: "redirect_local", action: "taking the link", source: source.into() })?;
     // Dropping this link would detach the program from the map: the attachment must outlive us.
     std::mem::forget(link);
 
@@ -163,7 +163,7 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
 
 fn program_info(ebpf: &Ebpf, name: &'static str) -> Result<ProgramInfo, AttachError> {
     let prog = ebpf.program(name).unwrap_or_else(|| panic!("the object defines program {name}"));
-    prog.info().map_err(|source| AttachError::Program { name, action: "reading its info", source })
+    prog.info().map_err(|source| AttachError::Program { name, action: "reading its info", source: Box::new(source) })
 }
 
 /// When every link this configuration needs is pinned and runs a program with the same tag (a
@@ -197,7 +197,7 @@ fn same_programs_attached(ebpf: &Ebpf, dir: &Path, inbound: bool) -> Option<u32>
 /// Switches the programs' debug records on or off (`CFG_LOG`), without a reload.
 pub fn set_log(ebpf: &mut Ebpf, on: bool) -> Result<(), AttachError> {
     let name = names::CONFIG;
-    let err = |action| move |source| AttachError::Map { name, action, source };
+    let err = |action| move |source: MapError| AttachError::Map { name, action, source: source.into() };
     let mut config: Array<_, Config> = Array::try_from(map_mut(ebpf, name)).map_err(err("opening"))?;
     let mut c = config.get(&0, 0).map_err(err("reading"))?;
     c.flags = if on { c.flags | CFG_LOG } else { c.flags & !CFG_LOG };
@@ -209,7 +209,7 @@ where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
     let prog = ebpf.program_mut(name).unwrap_or_else(|| panic!("the object defines program {name}"));
-    prog.try_into().map_err(|source| AttachError::Program { name, action: "typing", source })
+    prog.try_into().map_err(|source| AttachError::Program { name, action: "typing", source: Box::new(source) })
 }
 
 /// Pins a link at `path` with `pin`, replacing (and so detaching) whatever link was pinned there:
@@ -240,7 +240,7 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> &'a mut aya::maps::Map
 
 /// Writes the plan into the (possibly live, reused) maps: additions before removals.
 fn write_config(ebpf: &mut Ebpf, plan: &MapPlan, log: bool) -> Result<(), AttachError> {
-    let err = |name, action| move |source| AttachError::Map { name, action, source };
+    let err = |name, action| move |source: MapError| AttachError::Map { name, action, source: source.into() };
 
     for (name, ids) in [(names::PROXY_UIDS, &plan.proxy_uids), (names::PROXY_GIDS, &plan.proxy_gids)] {
         let mut map: HashMap<_, u32, u8> = HashMap::try_from(map_mut(ebpf, name)).map_err(err(name, "opening"))?;
