@@ -172,10 +172,19 @@ pub enum Counter {
     OrigDstMissed = 3,
     InboundSteered = 4,
     Accelerated = 5,
+    /// sk_msg sends handed straight to the peer socket.
+    MsgRedirected = 6,
 }
 
-pub const COUNTER_NAMES: [&str; 6] =
-    ["outbound redirected", "outbound bypassed", "SO_ORIGINAL_DST answered", "SO_ORIGINAL_DST missed", "inbound steered", "sockets accelerated"];
+pub const COUNTER_NAMES: [&str; 7] = [
+    "outbound redirected",
+    "outbound bypassed",
+    "SO_ORIGINAL_DST answered",
+    "SO_ORIGINAL_DST missed",
+    "inbound steered",
+    "sockets accelerated",
+    "messages redirected",
+];
 pub const COUNTERS_ENTRIES: u32 = COUNTER_NAMES.len() as u32;
 
 /// IPv4-mapped form of a network-order IPv4 address.

@@ -9,7 +9,12 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 
-use crate::{ctx::sk_msg_pair, maps::LOCAL_SOCKS};
+use mesh_ebpf_common::Counter;
+
+use crate::{
+    ctx::sk_msg_pair,
+    maps::{count, LOCAL_SOCKS},
+};
 
 #[sk_msg]
 pub fn redirect_local(ctx: SkMsgContext) -> u32 {
@@ -17,6 +22,8 @@ pub fn redirect_local(ctx: SkMsgContext) -> u32 {
     let peer = sk_msg_pair(ctx.msg).reversed();
     // Not found (peer not in the map, e.g. closed): the helper says SK_DROP, but the data must
     // still go the normal way, so the verdict is SK_PASS in every case.
-    let _ = LOCAL_SOCKS.redirect_msg(&ctx, peer, BPF_F_INGRESS as u64);
+    if LOCAL_SOCKS.redirect_msg(&ctx, peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
+        count(Counter::MsgRedirected);
+    }
     SK_PASS
 }

@@ -227,3 +227,44 @@ fn log_shows_the_programs_records_until_interrupted() {
     assert!(!after.contains("log]") && !after.contains(", log"), "records switched off again:\n{after}");
     assert_eq!(Pod::answered_by(pod.in_pod(0, "python3"), &format!("{REMOTE_V4}:80")), 15000, "still attached");
 }
+
+#[test]
+fn accelerate_passes_loopback_data_through_the_sockhash() {
+    if !privileged("accelerate_passes_loopback_data_through_the_sockhash") {
+        return;
+    }
+    let mut pod = Pod::new("eaccel");
+    pod.install(&["--accelerate"]);
+    pod.proxy();
+    pod.remote(80);
+    assert_eq!(Pod::answered_by(pod.in_pod(0, "python3"), &format!("{REMOTE_V4}:80")), 15000);
+    // 8 MiB each way between two loopback sockets of the pod, byte for byte.
+    let echo = "import socket, threading, hashlib, os\n\
+                data = os.urandom(8 << 20)\n\
+                l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen(1)\n\
+                def serve():\n\
+                \x20   c, _ = l.accept(); got = b''\n\
+                \x20   while len(got) < len(data): got += c.recv(1 << 16)\n\
+                \x20   c.sendall(got); c.close()\n\
+                t = threading.Thread(target=serve); t.start()\n\
+                s = socket.create_connection(l.getsockname()); s.sendall(data); back = b''\n\
+                while len(back) < len(data): back += s.recv(1 << 16)\n\
+                t.join(); print('same' if back == data else 'different')\n";
+    let mut cmd = pod.in_pod(0, "python3");
+    let out = check(cmd.args(["-c", echo]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "same");
+    let status = pod.status();
+    let accelerated = status
+        .lines()
+        .find_map(|l| l.split(", ").find_map(|f| f.trim().strip_prefix("sockets accelerated ")))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no accelerated counter in {status}"));
+    assert!(accelerated >= 4, "both ends of both loopback connections: {status}");
+    let redirected = status
+        .lines()
+        .find_map(|l| l.split(", ").find_map(|f| f.trim().strip_prefix("messages redirected ")))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no messages counter in {status}"));
+    assert!(redirected > 0, "sends went through sk_msg: {status}");
+    assert!(status.contains("accelerate"), "{status}");
+}
