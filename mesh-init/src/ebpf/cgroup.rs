@@ -107,7 +107,10 @@ fn unescape(s: &str) -> String {
 
 /// The path below the (innermost) cgroup2 mount holding `real`; the root itself is refused.
 fn relative_to_mount(real: &Path) -> Result<PathBuf, CgroupError> {
-    let mounts = cgroup2_mounts()?;
+    relative_to(real, &cgroup2_mounts()?)
+}
+
+fn relative_to(real: &Path, mounts: &[PathBuf]) -> Result<PathBuf, CgroupError> {
     let mount = mounts
         .iter()
         .filter(|m| real.starts_with(m))
@@ -170,6 +173,30 @@ mod tests {
             [PathBuf::from("/sys/fs/cgroup/unified"), PathBuf::from("/mnt/my cg")]
         );
         assert!(parse_mountinfo(text, "bpf").is_empty());
+    }
+
+    #[test]
+    fn the_root_of_the_hierarchy_is_refused() {
+        let mounts = [PathBuf::from("/sys/fs/cgroup/unified")];
+        for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup/unified/."] {
+            let e = relative_to(Path::new(root), &mounts).unwrap_err();
+            assert!(matches!(e, CgroupError::Root { .. }), "{root}: {e}");
+            assert!(e.to_string().contains("every connection of the machine"), "{e}");
+        }
+        assert!(matches!(relative_to(Path::new("/sys/fs/cgroup"), &mounts), Err(CgroupError::Outside { .. })));
+        assert!(matches!(relative_to(Path::new("/tmp/x"), &mounts), Err(CgroupError::Outside { .. })));
+        assert!(matches!(relative_to(Path::new("/tmp/x"), &[]), Err(CgroupError::NoCgroup2)));
+        assert_eq!(
+            relative_to(Path::new("/sys/fs/cgroup/unified/kubepods/pod1"), &mounts).unwrap(),
+            PathBuf::from("kubepods/pod1")
+        );
+    }
+
+    #[test]
+    fn a_missing_cgroup_names_ip_netns_exec() {
+        let e = Cgroup::open(Path::new("/nonexistent/mesh-test-cgroup")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("--cgroup /nonexistent/mesh-test-cgroup") && msg.contains("ip netns exec") && msg.contains("--netns"), "{msg}");
     }
 
     #[test]

@@ -36,6 +36,14 @@ impl Bpffs {
         if !mounts_of_type("bpf")?.contains(&real) {
             mount(Some("bpf"), &real, Some("bpf"), MsFlags::empty(), None::<&str>)
                 .map_err(|source| PinsError::Mount { path: path.into(), source })?;
+            if !in_host_mounts() {
+                eprintln!(
+                    "mesh-init ebpf: warning: mounted a new bpffs at {}. If this is a container's own mount \
+                     namespace, that bpffs (and the pins that keep the programs attached) goes away with the \
+                     container: mount the host's /sys/fs/bpf into it instead",
+                    real.display()
+                );
+            }
         }
         Ok(Self { root: real })
     }
@@ -74,4 +82,12 @@ impl Bpffs {
         dirs.sort();
         Ok(dirs)
     }
+}
+
+/// True when this process is known to be in the host's mount namespace: newer kernels give the
+/// initial one a fixed inode number (`PROC_MNT_INIT_INO`); elsewhere nothing is known.
+fn in_host_mounts() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    const PROC_MNT_INIT_INO: u64 = 0xEFFF_FFF8;
+    std::fs::metadata("/proc/self/ns/mnt").is_ok_and(|m| m.ino() == PROC_MNT_INIT_INO)
 }
