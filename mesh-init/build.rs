@@ -16,9 +16,9 @@ mod ebpf {
         let here = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
         let root = Path::new(&here).parent().expect("mesh-init is inside the workspace");
         let programs = root.join("mesh-ebpf");
-        // aya-build watches the programs' crate; the shared types and the linker matter too.
+        // aya-build watches the programs' crate; the shared types matter too. (Not PATH: a
+        // different PATH under sudo or nsenter would rebuild the object for nothing.)
         println!("cargo:rerun-if-changed={}", root.join("mesh-ebpf-common").display());
-        println!("cargo:rerun-if-env-changed=PATH");
         let package = aya_build::Package {
             name: "mesh-ebpf",
             root_dir: programs.to_str().expect("workspace path is UTF-8"),
