@@ -37,6 +37,8 @@ enum Command {
     Validate(ValidateCmd),
     /// Show what mesh-init has installed: iptables chains (in the namespace) and eBPF programs.
     Status(StatusCmd),
+    /// Add the mesh-init init container and the mesh-proxy sidecar to Kubernetes workloads.
+    Inject(mesh_init::inject::InjectArgs),
 }
 
 /// Selects the network namespace to work in.
@@ -152,6 +154,7 @@ fn run(command: Command) -> Result<()> {
         Command::Ebpf(cmd) => run_ebpf(cmd),
         Command::Validate(cmd) => run_validate(cmd),
         Command::Status(cmd) => run_status(cmd),
+        Command::Inject(args) => Ok(mesh_init::inject::run(&args)?),
     }
 }
 
