@@ -9,6 +9,8 @@
 //! - [`attach`]: loading the object built from `mesh-ebpf`, filling the maps, attaching and
 //!   pinning (a re-run replaces each link in place and keeps the maps, so connections in flight
 //!   keep their entries), and `--cleanup-only`;
+//! - [`listeners`]: the proxy's inbound listeners that were listening before the programs were
+//!   attached, adopted into the listener map;
 //! - [`status`](mod@status): what is pinned and attached, with map entry counts;
 //! - [`log`]: `--log`, the programs' aya-log output in the foreground.
 //!
@@ -16,6 +18,7 @@
 
 mod attach;
 mod cgroup;
+mod listeners;
 mod log;
 mod pins;
 mod plan;
@@ -99,6 +102,12 @@ pub fn run(args: &EbpfArgs, capture: &CaptureConfig) -> Result<(), Error> {
     }
     let dir = bpffs.create_dir_for(&cgroup.name)?;
     let mut loaded = attach::install(&dir, &cgroup, &plan, args.log)?;
+    if plan.inbound {
+        let adopted = listeners::adopt(&mut loaded.ebpf, &cgroup, plan.config.inbound_port);
+        if adopted > 0 {
+            println!("mesh-init ebpf: {adopted} listener(s) already on port {} will take inbound connections", plan.config.inbound_port);
+        }
+    }
     println!(
         "mesh-init ebpf: {} cgroup {} (pinned in {}): outbound -> port {}, inbound -> port {}{}",
         if loaded.kept { "configuration updated, same programs stay attached to" } else { "attached to" },

@@ -268,3 +268,19 @@ fn accelerate_passes_loopback_data_through_the_sockhash() {
     assert!(redirected > 0, "sends went through sk_msg: {status}");
     assert!(status.contains("accelerate"), "{status}");
 }
+
+#[test]
+fn a_proxy_listening_before_the_programs_gets_inbound_connections() {
+    if !privileged("a_proxy_listening_before_the_programs_gets_inbound_connections") {
+        return;
+    }
+    let mut pod = Pod::new("eearly");
+    pod.proxy();
+    pod.install(&[]);
+    let from_remote = |pod: &Pod| Pod::answered_by(pod.net.remote.command("python3"), &format!("{}:8080", mesh_e2e::POD_V4));
+    assert_eq!(from_remote(&pod), 15000, "the listener was adopted at install");
+    // And again after a cleanup and a fresh install, the proxy still running.
+    pod.install(&["--cleanup-only"]);
+    pod.install(&[]);
+    assert_eq!(from_remote(&pod), 15000, "adopted again into the new map");
+}
