@@ -121,15 +121,15 @@ impl Harness {
     }
 
     /// Connects from the pod as `uid`/`gid` to `addr`.
-    fn from_pod(&self, uid: u32, gid: u32, addr: &str) -> Result<Reply, String> {
+    fn dial_from_pod(&self, uid: u32, gid: u32, addr: &str) -> Result<Reply, String> {
         Self::probe(self.pod_cmd(uid, gid, "python3"), addr)
     }
 
-    fn from_app(&self, addr: &str) -> Reply {
-        self.from_pod(APP_UID, APP_UID, addr).unwrap_or_else(|e| panic!("app -> {addr}: {e}"))
+    fn dial_from_app(&self, addr: &str) -> Reply {
+        self.dial_from_pod(APP_UID, APP_UID, addr).unwrap_or_else(|e| panic!("app -> {addr}: {e}"))
     }
 
-    fn from_remote(&self, addr: &str) -> Reply {
+    fn dial_from_remote(&self, addr: &str) -> Reply {
         Self::probe(self.net.remote.command("python3"), addr).unwrap_or_else(|e| panic!("remote -> {addr}: {e}"))
     }
 
@@ -193,9 +193,9 @@ fn outbound_is_redirected_with_its_original_destination(mode: Mode) {
     let mut h = Harness::new(mode, "out4");
     h.install(&[]);
     h.proxy(&[15000]);
-    let r = h.from_app(&format!("{REMOTE_V4}:80"));
+    let r = h.dial_from_app(&format!("{REMOTE_V4}:80"));
     assert_eq!((r.port, r.dest.as_str()), (15000, "10.200.0.2:80"));
-    let r = h.from_app(&format!("{REMOTE_V4}:8443"));
+    let r = h.dial_from_app(&format!("{REMOTE_V4}:8443"));
     assert_eq!((r.port, r.dest.as_str()), (15000, "10.200.0.2:8443"));
 }
 
@@ -203,7 +203,7 @@ fn outbound_ipv6_is_redirected_with_its_original_destination(mode: Mode) {
     let mut h = Harness::new(mode, "out6");
     h.install(&["--dual-stack"].filter_for(mode));
     h.proxy(&[15000]);
-    let r = h.from_app(&v6(REMOTE_V6, 80));
+    let r = h.dial_from_app(&v6(REMOTE_V6, 80));
     assert_eq!((r.port, r.dest.as_str()), (15000, "[fd00:200::2]:80"));
 }
 
@@ -212,11 +212,11 @@ fn proxy_uid_and_gid_are_not_redirected(mode: Mode) {
     h.install(&["-u", "1337", "-g", "1338"]);
     h.proxy(&[15000]);
     h.remote(&[80]);
-    let by_uid = h.from_pod(1337, 1337, &format!("{REMOTE_V4}:80")).unwrap();
+    let by_uid = h.dial_from_pod(1337, 1337, &format!("{REMOTE_V4}:80")).unwrap();
     assert_eq!(by_uid.port, 80, "the proxy's UID reaches the real destination");
-    let by_gid = h.from_pod(1000, 1338, &format!("{REMOTE_V4}:80")).unwrap();
+    let by_gid = h.dial_from_pod(1000, 1338, &format!("{REMOTE_V4}:80")).unwrap();
     assert_eq!(by_gid.port, 80, "the proxy's GID reaches the real destination");
-    let other = h.from_pod(1000, 1000, &format!("{REMOTE_V4}:80")).unwrap();
+    let other = h.dial_from_pod(1000, 1000, &format!("{REMOTE_V4}:80")).unwrap();
     assert_eq!(other.port, 15000, "anyone else is redirected");
 }
 
@@ -225,9 +225,9 @@ fn loopback_is_not_redirected(mode: Mode) {
     h.install(&[]);
     h.proxy(&[15000]);
     h.pod_app(&[8081]);
-    let r = h.from_app("127.0.0.1:8081");
+    let r = h.dial_from_app("127.0.0.1:8081");
     assert_eq!(r.port, 8081);
-    let r = h.from_app("[::1]:8081");
+    let r = h.dial_from_app("[::1]:8081");
     assert_eq!(r.port, 8081);
 }
 
@@ -238,10 +238,10 @@ fn excluded_cidrs_and_ports_bypass(mode: Mode) {
     h.install(&["-x", "10.200.7.0/24", "-o", "81,90-99"]);
     h.proxy(&[15000]);
     h.remote(&[80, 81, 95]);
-    assert_eq!(h.from_app("10.200.7.1:80").port, 80, "excluded CIDR goes direct");
-    assert_eq!(h.from_app(&format!("{REMOTE_V4}:81")).port, 81, "excluded port goes direct");
-    assert_eq!(h.from_app(&format!("{REMOTE_V4}:95")).port, 95, "port in an excluded range goes direct");
-    let r = h.from_app(&format!("{REMOTE_V4}:80"));
+    assert_eq!(h.dial_from_app("10.200.7.1:80").port, 80, "excluded CIDR goes direct");
+    assert_eq!(h.dial_from_app(&format!("{REMOTE_V4}:81")).port, 81, "excluded port goes direct");
+    assert_eq!(h.dial_from_app(&format!("{REMOTE_V4}:95")).port, 95, "port in an excluded range goes direct");
+    let r = h.dial_from_app(&format!("{REMOTE_V4}:80"));
     assert_eq!((r.port, r.dest.as_str()), (15000, "10.200.0.2:80"), "the rest is captured");
 }
 
@@ -252,9 +252,9 @@ fn only_included_cidrs_are_captured(mode: Mode) {
     h.install(&["-i", "10.200.9.0/24"]);
     h.proxy(&[15000]);
     h.remote(&[80]);
-    let r = h.from_app("10.200.9.1:80");
+    let r = h.dial_from_app("10.200.9.1:80");
     assert_eq!((r.port, r.dest.as_str()), (15000, "10.200.9.1:80"));
-    assert_eq!(h.from_app(&format!("{REMOTE_V4}:80")).port, 80, "outside the included CIDRs goes direct");
+    assert_eq!(h.dial_from_app(&format!("{REMOTE_V4}:80")).port, 80, "outside the included CIDRs goes direct");
 }
 
 fn inbound_is_steered_to_the_inbound_port_except_excluded_ports(mode: Mode) {
@@ -262,10 +262,10 @@ fn inbound_is_steered_to_the_inbound_port_except_excluded_ports(mode: Mode) {
     h.install(&["-p", "15001", "-z", "15006", "-d", "8081"]);
     h.proxy(&[15001, 15006]);
     h.pod_app(&[8080, 8081]);
-    let r = h.from_remote(&format!("{POD_V4}:8080"));
+    let r = h.dial_from_remote(&format!("{POD_V4}:8080"));
     assert_eq!((r.port, r.dest.as_str()), (15006, "10.200.0.1:8080"), "inbound goes to the inbound port");
-    assert_eq!(h.from_remote(&format!("{POD_V4}:8081")).port, 8081, "excluded inbound port reaches the app");
-    let r = h.from_app(&format!("{REMOTE_V4}:80"));
+    assert_eq!(h.dial_from_remote(&format!("{POD_V4}:8081")).port, 8081, "excluded inbound port reaches the app");
+    let r = h.dial_from_app(&format!("{REMOTE_V4}:80"));
     assert_eq!(r.port, 15001, "outbound still goes to the outbound port");
 }
 
@@ -279,8 +279,8 @@ fn rerun_is_idempotent_and_other_flags_replace(mode: Mode) {
     assert_ne!(h.footprint(), first, "other flags replace the rules");
     h.proxy(&[15000]);
     h.remote(&[81, 82]);
-    assert_eq!(h.from_app(&format!("{REMOTE_V4}:81")).port, 15000, "81 is no longer excluded");
-    assert_eq!(h.from_app(&format!("{REMOTE_V4}:82")).port, 82, "82 now is");
+    assert_eq!(h.dial_from_app(&format!("{REMOTE_V4}:81")).port, 15000, "81 is no longer excluded");
+    assert_eq!(h.dial_from_app(&format!("{REMOTE_V4}:82")).port, 82, "82 now is");
 }
 
 fn bad_input_changes_nothing(mode: Mode) {
@@ -300,7 +300,7 @@ fn bad_input_changes_nothing(mode: Mode) {
         assert_eq!(h.footprint(), before, "{args:?} changed the installed state");
     }
     h.proxy(&[15000]);
-    assert_eq!(h.from_app(&format!("{REMOTE_V4}:80")).port, 15000, "interception still works");
+    assert_eq!(h.dial_from_app(&format!("{REMOTE_V4}:80")).port, 15000, "interception still works");
 }
 
 fn validate_proves_interception(mode: Mode) {
@@ -331,7 +331,7 @@ fn cleanup_removes_everything_it_installed(mode: Mode) {
     h.install(&["--cleanup-only"]);
     assert_eq!(h.footprint(), before, "cleanup restores the state before mesh-init, foreign rules included");
     h.remote(&[80]);
-    assert_eq!(h.from_app(&format!("{REMOTE_V4}:80")).port, 80, "nothing is redirected any more");
+    assert_eq!(h.dial_from_app(&format!("{REMOTE_V4}:80")).port, 80, "nothing is redirected any more");
     let again = h.mesh_init(&["--cleanup-only"]);
     assert!(again.status.success(), "cleanup of nothing succeeds");
 }
