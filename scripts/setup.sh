@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian 12 machine lacks to build and test mesh-init, skipping what is there.
 #
-#   scripts/setup.sh            Debian packages + the eBPF toolchain (nightly rust-src, bpf-linker)
-#   scripts/setup.sh --no-ebpf  Debian packages only (iptables mode needs nothing else)
+#   scripts/setup.sh            Debian packages, kubernetes-validate, the eBPF toolchain (nightly rust-src, bpf-linker)
+#   scripts/setup.sh --no-ebpf  the same without the eBPF toolchain (iptables mode needs nothing else)
 #
 # Idempotent: every step checks before it installs. Needs root for apt-get.
 set -euo pipefail
@@ -44,6 +44,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
   log "Debian packages: all present"
+fi
+
+# --- Kubernetes schema validation (inject's golden files and deploy/ are checked offline) -----
+# The PyPI package ships the schemas, so no cluster and no network beyond PyPI are needed.
+if ! kubernetes-validate --version >/dev/null 2>&1; then
+  log "installing kubernetes-validate (PyPI)"
+  python3 -m pip install --quiet kubernetes-validate==1.37.0
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 fi
 
 [ "$want_ebpf" = 1 ] || exit 0
