@@ -50,7 +50,8 @@ fi
 # The PyPI package ships the schemas, so no cluster and no network beyond PyPI are needed.
 if ! kubernetes-validate --version >/dev/null 2>&1; then
   log "installing kubernetes-validate (PyPI)"
-  python3 -m pip install --quiet kubernetes-validate==1.37.0
+  python3 -m pip install --quiet kubernetes-validate==1.37.0 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages kubernetes-validate==1.37.0
   command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 fi
 

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 bash scripts/setup.sh
-export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
+# cargo's binaries (bpf-linker), the sbin directories (iptables), python's scripts (kubernetes-validate).
+export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
 
 mesh_reap_stale
 trap mesh_reap_stale EXIT
