@@ -180,8 +180,14 @@ fn same_programs_attached(ebpf: &Ebpf, dir: &Path, inbound: bool) -> Option<u32>
             }
             continue;
         }
-        let link = PinnedLink::from_pin(&path).ok()?;
-        let prog_id = FdLink::from(link).info().ok()?.program_id();
+        let link = FdLink::from(PinnedLink::from_pin(&path).ok()?);
+        if pin == SK_LOOKUP_LINK
+            && raw_link::netns_of_link(raw_link::open_pinned(&path).ok()?.as_fd()).ok()? != current_netns()?
+        {
+            // Attached to another network namespace: this run's must be attached anew.
+            return None;
+        }
+        let prog_id = link.info().ok()?.program_id();
         let old = attached.iter().find(|p| p.id() == prog_id)?;
         let new = ebpf.program(name)?.info().ok()?;
         if old.tag() != new.tag() {
@@ -192,6 +198,11 @@ fn same_programs_attached(ebpf: &Ebpf, dir: &Path, inbound: bool) -> Option<u32>
         }
     }
     connect4
+}
+
+fn current_netns() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/thread-self/ns/net").ok().map(|m| m.ino())
 }
 
 /// Switches the programs' debug records on or off (`CFG_LOG`), without a reload.

@@ -1,6 +1,7 @@
-//! One cgroup link that aya 0.14 cannot pin: it offers no conversion from a `CgroupSockoptLink`
-//! to an `FdLink` (it does for every other cgroup program), so the `getsockopt` program's link is
-//! created and pinned here with the two `bpf(2)` commands aya would use.
+//! What aya 0.14 does not offer for links, done with the `bpf(2)` commands aya would use:
+//! - pinning the `getsockopt` program's link: there is no conversion from a `CgroupSockoptLink`
+//!   to an `FdLink` (there is for every other cgroup program);
+//! - the network namespace of a pinned `sk_lookup` link (`LinkInfo` keeps it private).
 
 use std::{
     ffi::CString,
@@ -11,6 +12,8 @@ use std::{
 
 /// From `enum bpf_cmd` and `enum bpf_attach_type` (include/uapi/linux/bpf.h).
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 
@@ -38,6 +41,30 @@ pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach_type: u3
     let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
     // SAFETY: the kernel returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_OBJ_GET`: a descriptor of the object pinned at `path`.
+pub fn open_pinned(path: &Path) -> std::io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut attr: Attr = [0; 8];
+    // { u64 pathname; u32 bpf_fd; u32 file_flags; ... }
+    attr[0] = c.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The inode of the network namespace a netns link (`sk_lookup`) is attached to.
+pub fn netns_of_link(link: BorrowedFd<'_>) -> std::io::Result<u64> {
+    // struct bpf_link_info { u32 type; u32 id; u32 prog_id; union { ... struct { u32 netns_ino;
+    // u32 attach_type; } netns; } } with the union 8-byte aligned, at offset 16.
+    let mut info = [0u64; 8];
+    let mut attr: Attr = [0; 8];
+    // { u32 bpf_fd; u32 info_len; u64 info; }
+    attr[0] = u64::from(link.as_raw_fd() as u32) | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info[2] & 0xffff_ffff)
 }
 
 /// `BPF_OBJ_PIN` of `fd` at `path` (on bpffs).
