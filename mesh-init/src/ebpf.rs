@@ -60,7 +60,9 @@ pub struct EbpfArgs {
     pub bpffs: PathBuf,
 }
 
-/// Why `mesh-init ebpf` or `status` failed. Each message names the flag or path at fault.
+/// Why `mesh-init ebpf` or `status` failed. Each message names the flag or path at fault and
+/// carries its cause in the text (causes are not chained as `source`, so that `{:#}` printing
+/// does not repeat them).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -71,10 +73,17 @@ pub enum Error {
     Pins(#[from] pins::PinsError),
     #[error(transparent)]
     Attach(#[from] attach::AttachError),
-    #[error("--log: {0}")]
+    #[error(transparent)]
     Log(#[from] log::LogError),
+    /// Not a `source`: the message carries the cause, and a chain would print it twice.
     #[error("writing the status: {0}")]
-    Output(#[from] std::io::Error),
+    Output(std::io::Error),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Output(e)
+    }
 }
 
 /// Installs (or re-installs, keeping the maps) the interception for `args.cgroup`, or removes it

@@ -47,17 +47,17 @@ const SK_LOOKUP_LINK: &str = "link-sk-lookup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("loading the eBPF object with maps pinned in {} failed: {source}. If mesh-init was upgraded and a \
+    #[error("loading the eBPF object with maps pinned in {} failed: {cause}. If mesh-init was upgraded and a \
              map changed shape, remove the old pins with `mesh-init ebpf --cleanup-only --cgroup ...`", dir.display())]
-    Load { dir: PathBuf, source: Box<EbpfError> },
-    #[error("program {name}: {action} failed: {source}")]
-    Program { name: &'static str, action: &'static str, source: Box<ProgramError> },
+    Load { dir: PathBuf, cause: Box<EbpfError> },
+    #[error("program {name}: {action} failed: {cause}")]
+    Program { name: &'static str, action: &'static str, cause: Box<ProgramError> },
     #[error("program {name}: the link cannot be pinned: {reason}")]
     Link { name: &'static str, reason: String },
-    #[error("map {name}: {action} failed: {source}")]
-    Map { name: &'static str, action: &'static str, source: Box<MapError> },
-    #[error("{}: {action} failed: {source}", path.display())]
-    Io { path: PathBuf, action: &'static str, source: std::io::Error },
+    #[error("map {name}: {action} failed: {cause}")]
+    Map { name: &'static str, action: &'static str, cause: Box<MapError> },
+    #[error("{}: {action} failed: {cause}", path.display())]
+    Io { path: PathBuf, action: &'static str, cause: std::io::Error },
     #[error("{}: pinning failed: {reason}", path.display())]
     Pin { path: PathBuf, reason: String },
 }
@@ -76,13 +76,13 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .load(OBJECT)
-        .map_err(|source| AttachError::Load { dir: dir.into(), source: source.into() })?;
+        .map_err(|cause| AttachError::Load { dir: dir.into(), cause: cause.into() })?;
     write_config(&mut ebpf, plan, log)?;
 
     macro_rules! load {
         ($ty:ty, $name:literal) => {{
             let prog: &mut $ty = program(&mut ebpf, $name)?;
-            prog.load().map_err(|source| AttachError::Program { name: $name, action: "loading (verifier)", source: source.into() })?;
+            prog.load().map_err(|cause| AttachError::Program { name: $name, action: "loading (verifier)", cause: cause.into() })?;
         }};
     }
     load!(CgroupSockAddr, "connect4");
@@ -103,10 +103,10 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
             let prog: &mut $ty = program(&mut ebpf, $name)?;
             let id = prog
                 .attach($($target),+)
-                .map_err(|source| AttachError::Program { name: $name, action: "attaching", source: source.into() })?;
+                .map_err(|cause| AttachError::Program { name: $name, action: "attaching", cause: cause.into() })?;
             let link = prog
                 .take_link(id)
-                .map_err(|source| AttachError::Program { name: $name, action: "taking the link", source: source.into() })?;
+                .map_err(|cause| AttachError::Program { name: $name, action: "taking the link", cause: cause.into() })?;
             FdLink::try_from(link).map_err(|e| AttachError::Link { name: $name, reason: e.to_string() })?
         }};
     }
@@ -122,15 +122,15 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
     }
     {
         let prog: &mut CgroupSockopt = program(&mut ebpf, "getsockopt")?;
-        let fd = prog.fd().map_err(|source| AttachError::Program { name: "getsockopt", action: "getting its fd", source: source.into() })?;
+        let fd = prog.fd().map_err(|cause| AttachError::Program { name: "getsockopt", action: "getting its fd", cause: cause.into() })?;
         let link = raw_link::link_create(fd.as_fd(), cgroup.file.as_fd(), raw_link::BPF_CGROUP_GETSOCKOPT)
-            .map_err(|source| AttachError::Io { path: cgroup.path.clone(), action: "attaching getsockopt", source })?;
+            .map_err(|cause| AttachError::Io { path: cgroup.path.clone(), action: "attaching getsockopt", cause })?;
         replace_pin(|path| raw_link::pin(&link, path).map_err(|e| e.to_string()), &dir.join(GETSOCKOPT_LINK))?;
     }
     if plan.inbound {
         let netns_path = Path::new("/proc/thread-self/ns/net");
         let netns = File::open(netns_path)
-            .map_err(|source| AttachError::Io { path: netns_path.into(), action: "opening", source })?;
+            .map_err(|cause| AttachError::Io { path: netns_path.into(), action: "opening", cause })?;
         let link = attach!(SkLookup, "steer_inbound", &netns);
         replace_pin(|path| link.pin(path).map(drop).map_err(|e| e.to_string()), &dir.join(SK_LOOKUP_LINK))?;
     } else {
@@ -142,18 +142,18 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
     // sockets `sock_ops` put in the map, which it does only with --accelerate.
     let sockhash = ebpf.map(names::LOCAL_SOCKS).expect("the object defines LOCAL_SOCKS");
     let sockhash: SockHash<&MapData, SockPair> = SockHash::try_from(sockhash)
-        .map_err(|source| AttachError::Map { name: names::LOCAL_SOCKS, action: "opening", source: source.into() })?;
+        .map_err(|cause| AttachError::Map { name: names::LOCAL_SOCKS, action: "opening", cause: cause.into() })?;
     let fd = sockhash
         .fd()
         .try_clone()
-        .map_err(|source| AttachError::Io { path: dir.join(names::LOCAL_SOCKS), action: "duplicating", source })?;
+        .map_err(|cause| AttachError::Io { path: dir.join(names::LOCAL_SOCKS), action: "duplicating", cause })?;
     let prog: &mut SkMsg = program(&mut ebpf, "redirect_local")?;
     let id = prog
         .attach(&fd)
-        .map_err(|source| AttachError::Program { name: "redirect_local", action: "attaching", source: source.into() })?;
+        .map_err(|cause| AttachError::Program { name: "redirect_local", action: "attaching", cause: cause.into() })?;
     let link = prog
         .take_link(id)
-        .map_err(|source| AttachError::Program { name: "redirect_local", action: "taking the link", source: source.into() })?;
+        .map_err(|cause| AttachError::Program { name: "redirect_local", action: "taking the link", cause: cause.into() })?;
     // Dropping this link would detach the program from the map: the attachment must outlive us.
     std::mem::forget(link);
 
@@ -163,7 +163,7 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
 
 fn program_info(ebpf: &Ebpf, name: &'static str) -> Result<ProgramInfo, AttachError> {
     let prog = ebpf.program(name).unwrap_or_else(|| panic!("the object defines program {name}"));
-    prog.info().map_err(|source| AttachError::Program { name, action: "reading its info", source: Box::new(source) })
+    prog.info().map_err(|cause| AttachError::Program { name, action: "reading its info", cause: Box::new(cause) })
 }
 
 /// When every link this configuration needs is pinned and runs a program with the same tag (a
@@ -208,7 +208,7 @@ fn current_netns() -> Option<u64> {
 /// Switches the programs' debug records on or off (`CFG_LOG`), without a reload.
 pub fn set_log(ebpf: &mut Ebpf, on: bool) -> Result<(), AttachError> {
     let name = names::CONFIG;
-    let err = |action| move |source: MapError| AttachError::Map { name, action, source: source.into() };
+    let err = |action| move |cause: MapError| AttachError::Map { name, action, cause: cause.into() };
     let mut config: Array<_, Config> = Array::try_from(map_mut(ebpf, name)).map_err(err("opening"))?;
     let mut c = config.get(&0, 0).map_err(err("reading"))?;
     c.flags = if on { c.flags | CFG_LOG } else { c.flags & !CFG_LOG };
@@ -220,7 +220,7 @@ where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
     let prog = ebpf.program_mut(name).unwrap_or_else(|| panic!("the object defines program {name}"));
-    prog.try_into().map_err(|source| AttachError::Program { name, action: "typing", source: Box::new(source) })
+    prog.try_into().map_err(|cause| AttachError::Program { name, action: "typing", cause: Box::new(cause) })
 }
 
 /// Pins a link at `path` with `pin`, replacing (and so detaching) whatever link was pinned there:
@@ -233,13 +233,13 @@ fn replace_pin(pin: impl FnOnce(&Path) -> Result<(), String>, path: &Path) -> Re
     remove_file(&fresh)?;
     pin(&fresh).map_err(|reason| AttachError::Pin { path: fresh.clone(), reason })?;
     std::fs::rename(&fresh, path)
-        .map_err(|source| AttachError::Io { path: path.into(), action: "renaming the new link over the old", source })
+        .map_err(|cause| AttachError::Io { path: path.into(), action: "renaming the new link over the old", cause })
 }
 
 fn remove_file(path: &Path) -> Result<(), AttachError> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(AttachError::Io { path: path.into(), action: "removing", source: e })
+            Err(AttachError::Io { path: path.into(), action: "removing", cause: e })
         }
         _ => Ok(()),
     }
@@ -251,7 +251,7 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> &'a mut aya::maps::Map
 
 /// Writes the plan into the (possibly live, reused) maps: additions before removals.
 fn write_config(ebpf: &mut Ebpf, plan: &MapPlan, log: bool) -> Result<(), AttachError> {
-    let err = |name, action| move |source: MapError| AttachError::Map { name, action, source: source.into() };
+    let err = |name, action| move |cause: MapError| AttachError::Map { name, action, cause: cause.into() };
 
     for (name, ids) in [(names::PROXY_UIDS, &plan.proxy_uids), (names::PROXY_GIDS, &plan.proxy_gids)] {
         let mut map: HashMap<_, u32, u8> = HashMap::try_from(map_mut(ebpf, name)).map_err(err(name, "opening"))?;
@@ -306,7 +306,7 @@ pub fn cleanup(dir: &Path) -> Result<Vec<PathBuf>, AttachError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(AttachError::Io { path: dir.into(), action: "listing", source }),
+        Err(cause) => return Err(AttachError::Io { path: dir.into(), action: "listing", cause }),
     };
     let mut files: Vec<PathBuf> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
     // "link-*" sorts before the upper-case map names only by accident; be explicit.
@@ -314,7 +314,7 @@ pub fn cleanup(dir: &Path) -> Result<Vec<PathBuf>, AttachError> {
     for file in files {
         remove_file(&file)?;
     }
-    std::fs::remove_dir(dir).map_err(|source| AttachError::Io { path: dir.into(), action: "removing", source })?;
+    std::fs::remove_dir(dir).map_err(|cause| AttachError::Io { path: dir.into(), action: "removing", cause })?;
     // The top directory goes with its last cgroup; other cgroups' directories keep it.
     if let Some(top) = dir.parent() {
         let _ = std::fs::remove_dir(top);
@@ -327,7 +327,7 @@ pub fn cleanup_all(bpffs: &Bpffs) -> Result<Vec<PathBuf>, AttachError> {
     let dirs = bpffs.cgroup_dirs().map_err(|e| AttachError::Io {
         path: bpffs.root.clone(),
         action: "listing",
-        source: std::io::Error::other(e.to_string()),
+        cause: std::io::Error::other(e.to_string()),
     })?;
     let mut removed = Vec::new();
     for (_, dir) in dirs {
@@ -336,7 +336,7 @@ pub fn cleanup_all(bpffs: &Bpffs) -> Result<Vec<PathBuf>, AttachError> {
     let top = bpffs.root.join(super::pins::TOP);
     match std::fs::remove_dir(&top) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(AttachError::Io { path: top, action: "removing", source: e })
+            return Err(AttachError::Io { path: top, action: "removing", cause: e })
         }
         _ => {}
     }

@@ -16,12 +16,12 @@ pub enum CgroupError {
     #[error("no cgroup2 file system is mounted (none in /proc/self/mountinfo); the eBPF mode needs cgroup v2")]
     NoCgroup2,
     #[error(
-        "--cgroup {}: no such directory ({source}). If mesh-init runs under `ip netns exec`, that command \
+        "--cgroup {}: no such directory ({cause}). If mesh-init runs under `ip netns exec`, that command \
          remounts /sys and hides the cgroup2 mount: run `mesh-init ebpf --netns NAME ...` instead, which joins \
          the namespace and keeps the mounts",
         path.display()
     )]
-    Missing { path: PathBuf, source: std::io::Error },
+    Missing { path: PathBuf, cause: std::io::Error },
     #[error("--cgroup {}: not a directory of the cgroup2 hierarchy mounted at {}", path.display(), mount.display())]
     Outside { path: PathBuf, mount: PathBuf },
     #[error(
@@ -30,15 +30,15 @@ pub enum CgroupError {
         path.display()
     )]
     Root { path: PathBuf },
-    #[error("--cgroup {}: cannot be opened ({source})", path.display())]
-    Open { path: PathBuf, source: std::io::Error },
+    #[error("--cgroup {}: cannot be opened ({cause})", path.display())]
+    Open { path: PathBuf, cause: std::io::Error },
     #[error(
         "refusing to attach inbound steering (sk_lookup) to the machine's own network namespace: run in the \
          pod's namespace with --netns NAME|PATH, or turn inbound capture off with --istio-inbound-ports ''"
     )]
     HostNetns,
-    #[error("{}: {source}", path.display())]
-    Proc { path: PathBuf, source: std::io::Error },
+    #[error("{}: {cause}", path.display())]
+    Proc { path: PathBuf, cause: std::io::Error },
 }
 
 /// A checked cgroup v2 directory, open for attaching.
@@ -52,9 +52,9 @@ pub struct Cgroup {
 
 impl Cgroup {
     pub fn open(path: &Path) -> Result<Self, CgroupError> {
-        let real = path.canonicalize().map_err(|source| CgroupError::Missing { path: path.into(), source })?;
+        let real = path.canonicalize().map_err(|cause| CgroupError::Missing { path: path.into(), cause })?;
         let relative = relative_to_mount(&real)?;
-        let file = File::open(&real).map_err(|source| CgroupError::Open { path: path.into(), source })?;
+        let file = File::open(&real).map_err(|cause| CgroupError::Open { path: path.into(), cause })?;
         Ok(Self { name: pin_name(&relative), path: real, file })
     }
 
@@ -73,11 +73,11 @@ pub fn cgroup2_mounts() -> Result<Vec<PathBuf>, CgroupError> {
 /// Mount points of file systems of type `fstype` (`cgroup2`, `bpf`).
 pub fn mounts_of_type(fstype: &str) -> Result<Vec<PathBuf>, CgroupError> {
     let path = PathBuf::from("/proc/self/mountinfo");
-    let text = std::fs::read_to_string(&path).map_err(|source| CgroupError::Proc { path, source })?;
+    let text = std::fs::read_to_string(&path).map_err(|cause| CgroupError::Proc { path, cause })?;
     Ok(parse_mountinfo(&text, fstype))
 }
 
-/// Lines are `id parent dev root mountpoint options [optional...] - fstype source superoptions`;
+/// Lines are `id parent dev root mountpoint options [optional...] - fstype cause superoptions`;
 /// octal escapes (`\040` for a space) are decoded.
 fn parse_mountinfo(text: &str, fstype: &str) -> Vec<PathBuf> {
     text.lines()
@@ -147,7 +147,7 @@ pub fn refuse_host_netns() -> Result<(), CgroupError> {
     const PROC_NET_INIT_INO: u64 = 0xEFFF_FFF9;
     let ino = |p: &str| std::fs::metadata(p).map(|m| m.ino());
     let own = ino("/proc/thread-self/ns/net")
-        .map_err(|source| CgroupError::Proc { path: "/proc/thread-self/ns/net".into(), source })?;
+        .map_err(|cause| CgroupError::Proc { path: "/proc/thread-self/ns/net".into(), cause })?;
     if own == PROC_NET_INIT_INO {
         return Err(CgroupError::HostNetns);
     }

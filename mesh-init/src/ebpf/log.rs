@@ -12,14 +12,15 @@ use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal
 
 use super::attach::{self, Loaded};
 
+/// The cause is part of each message (and not a `source`, which would print it twice).
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("cannot read the programs' log buffer: {0}")]
-    Logger(#[from] aya_log::Error),
-    #[error("cannot install the Ctrl-C handler: {0}")]
-    Signal(#[from] nix::Error),
-    #[error("turning the debug records off again: {0}")]
-    Off(#[from] attach::AttachError),
+    #[error("--log: cannot read the programs' log buffer: {0}")]
+    Logger(aya_log::Error),
+    #[error("--log: cannot install the Ctrl-C handler: {0}")]
+    Signal(nix::Error),
+    #[error("--log: turning the debug records off again: {0}")]
+    Off(attach::AttachError),
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -44,12 +45,13 @@ impl ::log::Log for Stderr {
 
 pub fn follow(loaded: &mut Loaded) -> Result<(), LogError> {
     // The attached set's log buffer: this run's, or the previous run's if its programs were kept.
-    let mut logger = aya_log::EbpfLogger::init_from_id_with_logger(loaded.attached_program, Stderr)?;
+    let mut logger =
+        aya_log::EbpfLogger::init_from_id_with_logger(loaded.attached_program, Stderr).map_err(LogError::Logger)?;
     let action = SigAction::new(SigHandler::Handler(stop), SaFlags::empty(), SigSet::empty());
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
-        sigaction(Signal::SIGINT, &action)?;
-        sigaction(Signal::SIGTERM, &action)?;
+        sigaction(Signal::SIGINT, &action).map_err(LogError::Signal)?;
+        sigaction(Signal::SIGTERM, &action).map_err(LogError::Signal)?;
     }
     eprintln!("mesh-init ebpf: printing the programs' debug log; Ctrl-C stops (the programs stay attached)");
     while !STOP.load(Ordering::Relaxed) {
@@ -57,6 +59,6 @@ pub fn follow(loaded: &mut Loaded) -> Result<(), LogError> {
         std::thread::sleep(Duration::from_millis(100));
     }
     logger.flush();
-    attach::set_log(&mut loaded.ebpf, false)?;
+    attach::set_log(&mut loaded.ebpf, false).map_err(LogError::Off)?;
     Ok(())
 }

@@ -13,10 +13,10 @@ pub const TOP: &str = "mesh-init";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinsError {
-    #[error("--bpffs {}: {action} failed ({source})", path.display())]
-    Io { path: PathBuf, action: &'static str, source: std::io::Error },
-    #[error("--bpffs {}: mounting bpffs failed ({source}); it needs CAP_SYS_ADMIN", path.display())]
-    Mount { path: PathBuf, source: nix::Error },
+    #[error("--bpffs {}: {action} failed ({cause})", path.display())]
+    Io { path: PathBuf, action: &'static str, cause: std::io::Error },
+    #[error("--bpffs {}: mounting bpffs failed ({cause}); it needs CAP_SYS_ADMIN", path.display())]
+    Mount { path: PathBuf, cause: nix::Error },
     #[error(transparent)]
     Mounts(#[from] CgroupError),
 }
@@ -30,12 +30,12 @@ pub struct Bpffs {
 impl Bpffs {
     /// `path` as a bpffs, mounted there first if it is not one (a fresh node has none).
     pub fn ensure(path: &Path) -> Result<Self, PinsError> {
-        let io = |action| move |source| PinsError::Io { path: path.into(), action, source };
+        let io = |action| move |cause| PinsError::Io { path: path.into(), action, cause };
         std::fs::create_dir_all(path).map_err(io("creating the mount point"))?;
         let real = path.canonicalize().map_err(io("resolving the path"))?;
         if !mounts_of_type("bpf")?.contains(&real) {
             mount(Some("bpf"), &real, Some("bpf"), MsFlags::empty(), None::<&str>)
-                .map_err(|source| PinsError::Mount { path: path.into(), source })?;
+                .map_err(|cause| PinsError::Mount { path: path.into(), cause })?;
             if !in_host_mounts() {
                 eprintln!(
                     "mesh-init ebpf: warning: mounted a new bpffs at {}. If this is a container's own mount \
@@ -62,7 +62,7 @@ impl Bpffs {
     pub fn create_dir_for(&self, name: &str) -> Result<PathBuf, PinsError> {
         let dir = self.dir_for(name);
         std::fs::create_dir_all(&dir)
-            .map_err(|source| PinsError::Io { path: dir.clone(), action: "creating the pin directory", source })?;
+            .map_err(|cause| PinsError::Io { path: dir.clone(), action: "creating the pin directory", cause })?;
         Ok(dir)
     }
 
@@ -72,7 +72,7 @@ impl Bpffs {
         let entries = match std::fs::read_dir(&top) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(PinsError::Io { path: top, action: "listing", source }),
+            Err(cause) => return Err(PinsError::Io { path: top, action: "listing", cause }),
         };
         let mut dirs: Vec<_> = entries
             .filter_map(Result::ok)
