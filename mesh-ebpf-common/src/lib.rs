@@ -64,12 +64,16 @@ pub mod maps {
     ];
 }
 
-/// Capacities. The connection maps are LRU: with more connections in flight than this, the oldest
-/// entries are evicted instead of memory growing; 65536 is the number of ephemeral source ports
-/// one loopback address pair can have at a time.
-pub const ORIG_BY_COOKIE_ENTRIES: u32 = 65536;
-pub const ORIG_BY_PAIR_ENTRIES: u32 = 65536;
-pub const LOCAL_SOCKS_ENTRIES: u32 = 65536;
+/// Capacities. The connection maps are LRU and preallocated (about 100 bytes an entry, per pod):
+/// with more connections than they hold, the oldest entries are evicted instead of memory
+/// growing. An entry is needed only for a short time: by cookie from connect to ESTABLISHED, by
+/// 4-tuple until the proxy has asked `SO_ORIGINAL_DST` right after accept; evicting an older
+/// one costs nothing. So these are sized for bursts of new connections, not for the number of
+/// open ones (about 6 MB in all). The sockhash is not LRU: when full, a new connection simply
+/// is not accelerated.
+pub const ORIG_BY_COOKIE_ENTRIES: u32 = 16384;
+pub const ORIG_BY_PAIR_ENTRIES: u32 = 32768;
+pub const LOCAL_SOCKS_ENTRIES: u32 = 32768;
 pub const ID_ENTRIES: u32 = 64;
 pub const CIDR_ENTRIES: u32 = 1024;
 
