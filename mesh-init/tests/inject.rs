@@ -9,8 +9,9 @@
 //! is set: there it fails. Each `testdata/inject/errors/<case>.yaml` must be refused with the
 //! message of its `# expect:` line.
 //!
-//! These tests go through the library (`mesh_init::inject::inject`), which is all `mesh-init
-//! inject` does besides reading the file and writing stdout.
+//! The goldens, the error messages and the notes are checked through the binary (`mesh-init
+//! inject -f FILE`, and `-f -` on stdin); the structural properties (idempotence, re-injection,
+//! passthrough) through the library, which is what the binary calls.
 
 use std::{
     path::{Path, PathBuf},
@@ -68,6 +69,18 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// `mesh-init inject -f FILE` with the flags of the file's `# args:` line.
+fn run_binary(input: &Path) -> std::process::Output {
+    let text = read(input);
+    Command::new(env!("CARGO_BIN_EXE_mesh-init"))
+        .arg("inject")
+        .arg("-f")
+        .arg(input)
+        .args(header(&text, "args").unwrap_or_default().split_whitespace())
+        .output()
+        .expect("mesh-init runs")
+}
+
 fn run(text: &str, origin: &str, args: &InjectArgs) -> inject::Outcome {
     inject::inject(text, origin, args).unwrap_or_else(|e| panic!("{origin}: {e}"))
 }
@@ -77,16 +90,17 @@ fn goldens() {
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
     let mut failed = vec![];
     for input in cases() {
-        let text = read(&input);
-        let out = run(&text, &input.display().to_string(), &args_of(&text));
+        let out = run_binary(&input);
+        assert!(out.status.success(), "{}: {}", input.display(), String::from_utf8_lossy(&out.stderr));
+        let yaml = String::from_utf8(out.stdout).expect("UTF-8 output");
         let golden = golden_of(&input);
         if update {
-            std::fs::write(&golden, &out.yaml).unwrap_or_else(|e| panic!("{}: {e}", golden.display()));
+            std::fs::write(&golden, &yaml).unwrap_or_else(|e| panic!("{}: {e}", golden.display()));
             continue;
         }
         let want = std::fs::read_to_string(&golden).unwrap_or_default();
-        if out.yaml != want {
-            failed.push(format!("{} differs from {} (UPDATE_GOLDEN=1 rewrites it):\n{}", input.display(), golden.display(), out.yaml));
+        if yaml != want {
+            failed.push(format!("{} differs from {} (UPDATE_GOLDEN=1 rewrites it):\n{yaml}", input.display(), golden.display()));
         }
     }
     assert!(failed.is_empty(), "{}", failed.join("\n\n"));
@@ -119,12 +133,30 @@ fn other_kinds_pass_through_byte_for_byte() {
 
 #[test]
 fn opted_out_and_host_network_workloads_are_left_alone_with_a_note() {
-    let text = read(&testdata().join("opt-out.yaml"));
-    let out = run(&text, "opt-out.yaml", &args_of(&text));
-    assert_eq!(out.yaml, text);
-    assert_eq!(out.notes.len(), 2, "{:?}", out.notes);
-    assert!(out.notes[0].contains("Deployment ingress-gateway: left as is (mesh-init.io/inject: \"false\")"), "{:?}", out.notes);
-    assert!(out.notes[1].contains("DaemonSet node-exporter: left as is (hostNetwork: true"), "{:?}", out.notes);
+    let input = testdata().join("opt-out.yaml");
+    let out = run_binary(&input);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), read(&input));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let notes: Vec<&str> = stderr.lines().collect();
+    assert_eq!(notes.len(), 2, "{stderr}");
+    assert!(notes[0].contains("Deployment ingress-gateway: left as is (mesh-init.io/inject: \"false\")"), "{stderr}");
+    assert!(notes[1].contains("DaemonSet node-exporter: left as is (hostNetwork: true"), "{stderr}");
+}
+
+#[test]
+fn standard_input_is_read_with_dash() {
+    let input = testdata().join("deployment.yaml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-init"))
+        .args(["inject", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mesh-init runs");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), read(&input).as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), read(&golden_of(&input)));
 }
 
 #[test]
@@ -144,11 +176,13 @@ fn bad_input_is_refused_naming_document_line_and_annotation() {
     for input in yaml_files(&testdata().join("errors")) {
         let text = read(&input);
         let expect = header(&text, "expect").unwrap_or_else(|| panic!("{}: no `# expect:` line", input.display()));
-        let origin = input.file_name().unwrap().to_string_lossy().to_string();
-        match inject::inject(&text, &origin, &args_of(&text)) {
-            Ok(out) => failed.push(format!("{origin}: accepted:\n{}", out.yaml)),
-            Err(e) if e.to_string().contains(expect) => {}
-            Err(e) => failed.push(format!("{origin}: error {:?} does not contain {expect:?}", e.to_string())),
+        // Messages start with the file name as given; the expectations use the bare name.
+        let out = run_binary(&input);
+        let stderr = String::from_utf8_lossy(&out.stderr).replace(&format!("{}/", input.parent().unwrap().display()), "");
+        if out.status.success() {
+            failed.push(format!("{}: accepted:\n{}", input.display(), String::from_utf8_lossy(&out.stdout)));
+        } else if !stderr.contains(expect) || !out.stdout.is_empty() {
+            failed.push(format!("{}: error {stderr:?} does not contain {expect:?} (or stdout was written)", input.display()));
         }
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
