@@ -151,6 +151,8 @@ pub struct Run {
     pub rules: Vec<(rules::RuleCase, Vec<rules::RuleSample>)>,
     /// Measurements that failed (the run goes on; the report lists them and the exit is non-zero).
     pub errors: Vec<String>,
+    /// Which measurements those were, so that the tables can say "failed" instead of "—".
+    pub failed: Vec<(PathKind, Workload)>,
     pub started: Instant,
     /// /proc/loadavg before the lab starts: how busy the machine was with other work.
     pub load_before: String,
@@ -164,6 +166,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for tool in ["wrk", "iperf3", "nginx", "haproxy", "nsenter", "ip", "iptables-restore"] {
         paths::which(tool)?;
     }
+    // Before anything of ours (the build included) runs: how busy the machine is with other work.
+    let load_before = std::fs::read_to_string("/proc/loadavg")?.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     let fd_limit = raise_nofile_limit()?;
     let mut settings = Settings::from(&args);
     let mut notes = args.note.clone();
@@ -188,7 +192,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             bail!("{} is missing: build it (`cargo build --release -p mesh-init -p mesh-proxy`) or drop --bin-dir", b.display());
         }
     }
-    let load_before = std::fs::read_to_string("/proc/loadavg")?.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     let wanted: Vec<PathKind> = if args.paths.is_empty() { PathKind::ALL.to_vec() } else { args.paths.clone() };
     let mut run = Run {
         settings: settings.clone(),
@@ -198,6 +201,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         samples: BTreeMap::new(),
         rules: vec![],
         errors: vec![],
+        failed: vec![],
         started: Instant::now(),
         load_before,
         notes,
@@ -243,6 +247,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     let msg = format!("repeat {}: {workload:?} on {kind}: {e:#}", r + 1);
                     eprintln!("bench: FAILED {msg}");
                     run.errors.push(msg);
+                    run.failed.push((kind, workload));
                     // A sidecar that died is restarted so that the other workloads still run.
                     if path.sidecar.as_mut().is_some_and(|s| s.proc.ensure_running().is_err()) {
                         path.restart_sidecar()?;

@@ -7,7 +7,7 @@ use std::{fmt::Write as _, process::Command};
 use anyhow::Result;
 
 use crate::{
-    bench::{median, ms, PathSamples, Run},
+    bench::{median, ms, PathSamples, Run, Workload},
     paths::PathKind,
 };
 
@@ -115,6 +115,15 @@ fn tool_versions() -> String {
     )
 }
 
+/// The first figure of a row: "failed (see below)" when every attempt at it failed.
+fn or_failed(run: &Run, kind: PathKind, workload: Workload, text: String) -> String {
+    if text == "—" && run.failed.contains(&(kind, workload)) {
+        "failed (see below)".into()
+    } else {
+        text
+    }
+}
+
 pub fn markdown(run: &Run) -> Result<String> {
     let s = &run.settings;
     let fig: Vec<(PathKind, Figures)> = run.samples.iter().map(|(k, v)| (*k, figures(v))).collect();
@@ -157,7 +166,8 @@ pub fn markdown(run: &Run) -> Result<String> {
         "Each path has its own pod network namespace joined by a veth pair to one backend namespace running nginx \
          (1 worker, fixed 23-byte response, no access log) and an iperf3 server; nothing touches the machine's own namespace. \
          Sidecars run as UID 1337 with one data-plane thread and no access log; the client runs in the pod as root, \
-         so its connections are intercepted.\n"
+         so its connections are intercepted. \
+         The direct path has no proxy: its CPU and memory cells are empty, and those figures have ratios to HAProxy only.\n"
     )?;
     writeln!(o, "- **direct**: client → nginx, no interception.")?;
     writeln!(
@@ -183,13 +193,13 @@ pub fn markdown(run: &Run) -> Result<String> {
     }
 
     writeln!(o, "## HTTP/1.1 keep-alive, {} connections (wrk -t1 -c{})\n", s.conns, s.conns)?;
-    writeln!(o, "| path | req/s | × direct | × HAProxy | p50 | p90 | p99 | p99 × HAProxy | proxy CPU s / 1k req | CPU × HAProxy | errors |")?;
+    writeln!(o, "| path | req/s | × direct | × HAProxy | p50 | p90 | p99 | p99 × HAProxy | proxy CPU s / 1k req | CPU × HAProxy | errors (all repeats) |")?;
     writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for (k, f) in &fig {
         writeln!(
             o,
             "| {k} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            num(f.ka_rps, 0),
+            or_failed(run, *k, Workload::KeepAlive, num(f.ka_rps, 0)),
             ratio(f.ka_rps, direct.and_then(|d| d.ka_rps)),
             ratio(f.ka_rps, haproxy.and_then(|h| h.ka_rps)),
             us(f.ka[0]),
@@ -203,13 +213,13 @@ pub fn markdown(run: &Run) -> Result<String> {
     }
 
     writeln!(o, "\n## A new connection per request (wrk -c{} -H 'Connection: close')\n", s.conns)?;
-    writeln!(o, "| path | req/s | × direct | × HAProxy | p50 | p90 | p99 | p99 × HAProxy | proxy CPU s / 1k req | CPU × HAProxy | errors |")?;
+    writeln!(o, "| path | req/s | × direct | × HAProxy | p50 | p90 | p99 | p99 × HAProxy | proxy CPU s / 1k req | CPU × HAProxy | errors (all repeats) |")?;
     writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for (k, f) in &fig {
         writeln!(
             o,
             "| {k} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            num(f.close_rps, 0),
+            or_failed(run, *k, Workload::Close, num(f.close_rps, 0)),
             ratio(f.close_rps, direct.and_then(|d| d.close_rps)),
             ratio(f.close_rps, haproxy.and_then(|h| h.close_rps)),
             us(f.close[0]),
@@ -233,7 +243,7 @@ pub fn markdown(run: &Run) -> Result<String> {
          and latency counts from that intended time, so stalls are not hidden (no coordinated omission). \
          *Added* = this path's median percentile minus the direct path's.\n"
     )?;
-    writeln!(o, "| path | p50 | p90 | p99 | added p50 | added p90 | added p99 | p99 × direct | p99 × HAProxy | proxy CPU s / 1k req | CPU × HAProxy | errors / sent |")?;
+    writeln!(o, "| path | p50 | p90 | p99 | added p50 | added p90 | added p99 | p99 × direct | p99 × HAProxy | proxy CPU s / 1k req | CPU × HAProxy | errors / sent (all repeats) |")?;
     writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for (k, f) in &fig {
         let added = |i: usize| match (f.rate[i], direct.and_then(|d| d.rate[i])) {
@@ -243,7 +253,7 @@ pub fn markdown(run: &Run) -> Result<String> {
         writeln!(
             o,
             "| {k} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
-            us(f.rate[0]),
+            or_failed(run, *k, Workload::Rate, us(f.rate[0])),
             us(f.rate[1]),
             us(f.rate[2]),
             added(0),
@@ -261,7 +271,7 @@ pub fn markdown(run: &Run) -> Result<String> {
     writeln!(o, "\n## TCP bulk throughput through passthrough (iperf3, one stream, pod → backend)\n")?;
     writeln!(o, "| path | Gbit/s | × direct | × HAProxy |\n|---|---:|---:|---:|")?;
     for (k, f) in &fig {
-        writeln!(o, "| {k} | {} | {} | {} |", num(f.gbps, 2), ratio(f.gbps, direct.and_then(|d| d.gbps)), ratio(f.gbps, haproxy.and_then(|h| h.gbps)))?;
+        writeln!(o, "| {k} | {} | {} | {} |", or_failed(run, *k, Workload::Passthrough, num(f.gbps, 2)), ratio(f.gbps, direct.and_then(|d| d.gbps)), ratio(f.gbps, haproxy.and_then(|h| h.gbps)))?;
     }
 
     writeln!(o, "\n## Memory: {} idle connections held (established, nothing sent)\n", s.idle_conns)?;
@@ -275,7 +285,7 @@ pub fn markdown(run: &Run) -> Result<String> {
         writeln!(
             o,
             "| {k} | {} | {} | {} | {} | {} ({}) |",
-            mib(f.fresh_kib),
+            or_failed(run, *k, Workload::Idle, mib(f.fresh_kib)),
             mib(f.held_kib),
             mib(f.peak_kib),
             ratio(f.held_kib, haproxy.and_then(|h| h.held_kib)),
