@@ -73,7 +73,8 @@ cleanup() {
   fi
   rm -rf "$work"
 }
-trap cleanup EXIT
+bpffs_was_mounted=$(mountpoint -q /sys/fs/bpf && echo 1 || echo 0)
+trap 'cleanup; mesh_unmount_bpffs_if_ours "$bpffs_was_mounted"' EXIT
 trap 'exit 130' INT TERM
 mesh_reap_stale
 

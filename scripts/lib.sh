@@ -19,11 +19,28 @@ mesh_reap_stale() {
     [ -d "$cg" ] || continue
     pid=$(basename "$cg" | awk -F- '{print $(NF-1)}')
     if [[ "$pid" =~ ^[0-9]+$ ]] && [ ! -d "/proc/$pid" ]; then
-      for pin in /sys/fs/bpf/mesh-init/*; do
-        [ -e "$pin/cgroup" ] && grep -qx "$cg" "$pin/cgroup" 2>/dev/null && rm -rf "$pin"
-      done
       for p in $(cat "$cg/cgroup.procs" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
       rmdir "$cg" 2>/dev/null && echo "[cleanup] removed stale cgroup $cg" >&2
     fi
   done
+  # mesh-init ebpf pins under <bpffs>/mesh-init/<cgroup path, '/' as %2F>; a top-level test
+  # cgroup's pins are named like the cgroup. Unpinning releases the programs and links.
+  for pin in /sys/fs/bpf/mesh-init/mesh-*; do
+    [ -e "$pin" ] || continue
+    pid=$(basename "$pin" | awk -F- '{print $(NF-1)}')
+    if [[ "$pid" =~ ^[0-9]+$ ]] && [ ! -d "/proc/$pid" ]; then
+      rm -rf "$pin" && echo "[cleanup] removed stale pins $pin" >&2
+    fi
+  done
+  rmdir /sys/fs/bpf/mesh-init 2>/dev/null || true
+}
+
+# Unmounts bpffs when it was not mounted before this run (argument: 1 if it was) and nothing of
+# mesh-init is pinned there, so the machine is left as it was found. The kernel's own
+# maps.debug/progs.debug iterators appear on every bpffs mount and are not ours.
+mesh_unmount_bpffs_if_ours() {
+  [ "${1:-1}" = 0 ] || return 0
+  mountpoint -q /sys/fs/bpf || return 0
+  [ -e /sys/fs/bpf/mesh-init ] && return 0
+  umount /sys/fs/bpf 2>/dev/null || true
 }

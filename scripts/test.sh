@@ -12,7 +12,8 @@ bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
 
 mesh_reap_stale
-trap mesh_reap_stale EXIT
+bpffs_was_mounted=$(mountpoint -q /sys/fs/bpf && echo 1 || echo 0)
+trap 'mesh_reap_stale; mesh_unmount_bpffs_if_ours "$bpffs_was_mounted"' EXIT
 
 # The e2e tests run the binaries: build them first, in the same target directory. Only the
 # default members: mesh-ebpf is built for the BPF target by mesh-init/build.rs, never for the host.

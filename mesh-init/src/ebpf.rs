@@ -36,14 +36,18 @@ use crate::capture::CaptureConfig;
 #[derive(Debug, Clone, clap::Args)]
 pub struct EbpfArgs {
     /// The pod's cgroup v2 directory, e.g. /sys/fs/cgroup/kubepods.slice/.../pod<uid>. Required
-    /// (except with --cleanup-only): mesh-init never attaches to the root cgroup.
-    #[arg(long, env = "MESH_CGROUP", required_unless_present = "cleanup_only")]
+    /// (except with --cleanup-only --all): mesh-init never attaches to the root cgroup.
+    #[arg(long, env = "MESH_CGROUP", required_unless_present = "all")]
     pub cgroup: Option<PathBuf>,
 
-    /// Detach and unpin everything mesh-init installed for --cgroup (for every cgroup when
-    /// --cgroup is not given), and nothing else.
+    /// Detach and unpin everything mesh-init installed for --cgroup, and nothing else.
     #[arg(long = "cleanup-only", env = "CLEANUP_ONLY")]
     pub cleanup_only: bool,
+
+    /// With --cleanup-only and instead of --cgroup: every cgroup's interception under --bpffs.
+    /// Explicit, because on a node that is every pod's.
+    #[arg(long, requires = "cleanup_only", conflicts_with = "cgroup")]
+    pub all: bool,
 
     /// Pass data between the application and the proxy on loopback with sockmap (sk_msg),
     /// skipping the TCP stack. Off by default: sockmap has had kernel bugs.

@@ -25,8 +25,8 @@ pub enum Error {
     NotInstalled { tried: String },
     #[error("--iptables-backend {0}: `{1}` is not installed; install the Debian package `iptables`, or choose another backend")]
     BackendMissing(BackendChoice, String),
-    #[error("cannot run `{cmd}`: {source}")]
-    Spawn { cmd: String, source: std::io::Error },
+    #[error("cannot run `{cmd}`: {cause}")]
+    Spawn { cmd: String, cause: std::io::Error },
     #[error("`{cmd}` failed ({status}); the kernel's {family} rules are unchanged:\n{stderr}")]
     Restore { cmd: String, family: Family, status: std::process::ExitStatus, stderr: String },
     #[error("`{cmd}` failed ({status}): {stderr}")]
@@ -85,10 +85,10 @@ fn restore(backend: Backend, family: Family, text: &str) -> Result<(), Error> {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| Error::Spawn { cmd: cmd.clone(), source })?;
+            .map_err(|cause| Error::Spawn { cmd: cmd.clone(), cause })?;
         // A write error means the child died early; its status and stderr say why.
         let _ = child.stdin.take().expect("piped").write_all(text.as_bytes());
-        let out = child.wait_with_output().map_err(|source| Error::Spawn { cmd: cmd.clone(), source })?;
+        let out = child.wait_with_output().map_err(|cause| Error::Spawn { cmd: cmd.clone(), cause })?;
         if !out.status.success() {
             return Err(Error::Restore {
                 cmd,
@@ -107,7 +107,7 @@ pub(crate) fn run(bin: &str, args: &[&str]) -> Result<String, Error> {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| Error::Spawn { cmd: cmd.clone(), source })?;
+        .map_err(|cause| Error::Spawn { cmd: cmd.clone(), cause })?;
     if !out.status.success() {
         return Err(Error::Command {
             cmd,

@@ -14,10 +14,10 @@ use nix::sched::{setns, CloneFlags};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
-    #[error("--netns {given:?}: {path} cannot be opened ({source}); expected a name from `ip netns list` or a path such as /proc/PID/ns/net")]
-    Open { given: String, path: PathBuf, source: std::io::Error },
-    #[error("--netns {given:?}: setns failed ({source}); joining a network namespace needs CAP_SYS_ADMIN")]
-    Join { given: String, source: nix::Error },
+    #[error("--netns {given:?}: {path} cannot be opened ({cause}); expected a name from `ip netns list` or a path such as /proc/PID/ns/net")]
+    Open { given: String, path: PathBuf, cause: std::io::Error },
+    #[error("--netns {given:?}: setns failed ({cause}); joining a network namespace needs CAP_SYS_ADMIN")]
+    Join { given: String, cause: nix::Error },
 }
 
 /// Resolves `NAME` to `/run/netns/NAME`; anything with a `/` is taken as a path.
@@ -34,6 +34,6 @@ pub fn path_of(given: &str) -> PathBuf {
 /// follows lives in that namespace.
 pub fn enter(given: &str) -> Result<(), NetnsError> {
     let path = path_of(given);
-    let file = File::open(&path).map_err(|source| NetnsError::Open { given: given.into(), path, source })?;
-    setns(file, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Join { given: given.into(), source })
+    let file = File::open(&path).map_err(|cause| NetnsError::Open { given: given.into(), path, cause })?;
+    setns(file, CloneFlags::CLONE_NEWNET).map_err(|cause| NetnsError::Join { given: given.into(), cause })
 }

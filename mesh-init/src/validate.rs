@@ -16,16 +16,16 @@ use crate::orig_dst::original_dst;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ValidationError {
-    #[error("cannot listen on {addr} ({source}); run validate before the proxy starts, or check --envoy-port")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen on {addr} ({cause}); run validate before the proxy starts, or check --envoy-port")]
+    Listen { addr: SocketAddr, cause: std::io::Error },
     #[error("running as UID {uid}, which is a proxy UID: its traffic is exempt by design; run validate as another user")]
     ProxyUser { uid: u32 },
-    #[error("connecting to {probe} failed ({source}): outbound traffic is not redirected to port {port}")]
-    Connect { probe: SocketAddr, port: u16, source: std::io::Error },
+    #[error("connecting to {probe} failed ({cause}): outbound traffic is not redirected to port {port}")]
+    Connect { probe: SocketAddr, port: u16, cause: std::io::Error },
     #[error("the connection to {probe} was not redirected to port {port} within {timeout:?}")]
     NotRedirected { probe: SocketAddr, port: u16, timeout: Duration },
-    #[error("the redirected connection has no SO_ORIGINAL_DST ({source})")]
-    NoOriginalDst { source: nix::Error },
+    #[error("the redirected connection has no SO_ORIGINAL_DST ({cause})")]
+    NoOriginalDst { cause: nix::Error },
     #[error("SO_ORIGINAL_DST is {got}, expected {probe}: the rules rewrite the destination wrongly")]
     WrongOriginalDst { probe: SocketAddr, got: SocketAddr },
     #[error("I/O on the validation connection failed: {0}")]
@@ -40,11 +40,11 @@ pub fn outbound(port: u16, probe: SocketAddr, proxy_uids: &[u32], timeout: Durat
         return Err(ValidationError::ProxyUser { uid });
     }
     let bind: SocketAddr = if probe.is_ipv6() { (std::net::Ipv6Addr::UNSPECIFIED, port).into() } else { ([0, 0, 0, 0], port).into() };
-    let listener = TcpListener::bind(bind).map_err(|source| ValidationError::Listen { addr: bind, source })?;
+    let listener = TcpListener::bind(bind).map_err(|cause| ValidationError::Listen { addr: bind, cause })?;
     listener.set_nonblocking(true)?;
 
     let mut client = TcpStream::connect_timeout(&probe, timeout)
-        .map_err(|source| ValidationError::Connect { probe, port, source })?;
+        .map_err(|cause| ValidationError::Connect { probe, port, cause })?;
     let deadline = Instant::now() + timeout;
     let mut accepted = loop {
         match listener.accept() {
@@ -59,7 +59,7 @@ pub fn outbound(port: u16, probe: SocketAddr, proxy_uids: &[u32], timeout: Durat
         }
     };
     accepted.set_nonblocking(false)?;
-    let got = original_dst(&accepted, probe.is_ipv6()).map_err(|source| ValidationError::NoOriginalDst { source })?;
+    let got = original_dst(&accepted, probe.is_ipv6()).map_err(|cause| ValidationError::NoOriginalDst { cause })?;
     if got != probe {
         return Err(ValidationError::WrongOriginalDst { probe, got });
     }
