@@ -64,6 +64,34 @@ fn unique(tag: &str) -> String {
     format!("mesh-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Starts `py/origdst_server.py` on `ports` through `cmd` (a `python3` command already placed in
+/// the right namespace, user and cgroup) and returns once every socket listens.
+pub fn origdst_server(mut cmd: Command, ports: &[u16]) -> Proc {
+    cmd.arg(script("origdst_server.py")).args(ports.iter().map(u16::to_string));
+    let mut p = Proc::spawn(&mut cmd);
+    p.wait_for_line("ready");
+    p
+}
+
+/// `cgroup`'s block of `mesh-init status` (a header line naming the cgroup, then indented
+/// lines), seen from `netns`; lines starting with one of `skip` are left out.
+pub fn ebpf_status_of(netns: &Netns, cgroup: &Cgroup, skip: &[&str]) -> String {
+    let out = check(Command::new(bin("mesh-init")).args(["status", "--netns", netns.name()]));
+    let ours = format!("cgroup {} ", cgroup.path().display());
+    let mut in_block = false;
+    let mut block = String::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if !line.starts_with(' ') {
+            in_block = line.contains(&ours);
+        }
+        if in_block && !skip.iter().any(|p| line.trim_start().starts_with(p)) {
+            block += line;
+            block.push('\n');
+        }
+    }
+    block
+}
+
 /// Runs a command to completion; panics with its output when it fails.
 pub fn check(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));

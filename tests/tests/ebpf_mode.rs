@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_e2e::{bin, check, eventually, privileged, script, Cgroup, PodNet, Proc, REMOTE_V4};
+use mesh_e2e::{bin, check, ebpf_status_of, eventually, origdst_server, privileged, script, Cgroup, PodNet, Proc, REMOTE_V4};
 
 const PROXY_UID: u32 = 1337;
 
@@ -45,11 +45,8 @@ impl Pod {
         cmd
     }
 
-    fn serve(&mut self, mut cmd: Command, ports: &[u16]) {
-        cmd.arg(script("origdst_server.py")).args(ports.iter().map(u16::to_string));
-        let mut p = Proc::spawn(&mut cmd);
-        p.wait_for_line("ready");
-        self.procs.push(p);
+    fn serve(&mut self, cmd: Command, ports: &[u16]) {
+        self.procs.push(origdst_server(cmd, ports));
     }
 
     /// The stand-in proxy (UID 1337, in the cgroup). Started after `install`, as in a pod: the
@@ -81,21 +78,7 @@ impl Pod {
 
     /// This cgroup's block of `mesh-init status`.
     fn status(&self) -> String {
-        let out = check(Command::new(bin("mesh-init")).args(["status", "--netns", self.net.pod.name()]));
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let ours = format!("cgroup {} ", self.cgroup.path().display());
-        let mut in_block = false;
-        let mut s = String::new();
-        for line in text.lines() {
-            if !line.starts_with(' ') {
-                in_block = line.contains(&ours);
-            }
-            if in_block {
-                s += line;
-                s.push('\n');
-            }
-        }
-        s
+        ebpf_status_of(&self.net.pod, &self.cgroup, &[])
     }
 
     /// Entry count of `map` in the status's "map entries" line.

@@ -9,7 +9,7 @@
 
 use std::process::{Command, Output};
 
-use mesh_e2e::{bin, check, script, Cgroup, PodNet, Proc, POD_V4, REMOTE_V4, REMOTE_V6};
+use mesh_e2e::{bin, check, ebpf_status_of, origdst_server, script, Cgroup, PodNet, Proc, POD_V4, REMOTE_V4, REMOTE_V6};
 
 const PROXY_UID: u32 = 1337;
 const APP_UID: u32 = 0;
@@ -90,29 +90,19 @@ impl Harness {
 
     /// The stand-in proxy: UID 1337, listening on `ports` in the pod.
     fn proxy(&mut self, ports: &[u16]) {
-        let mut cmd = self.pod_cmd(PROXY_UID, PROXY_UID, "python3");
-        cmd.arg(script("origdst_server.py")).args(ports.iter().map(u16::to_string));
-        let mut p = Proc::spawn(&mut cmd);
-        p.wait_for_line("ready");
-        self.procs.push(p);
+        let cmd = self.pod_cmd(PROXY_UID, PROXY_UID, "python3");
+        self.procs.push(origdst_server(cmd, ports));
     }
 
     /// An application server in the pod (not the proxy).
     fn pod_app(&mut self, ports: &[u16]) {
-        let mut cmd = self.pod_cmd(APP_UID, APP_UID, "python3");
-        cmd.arg(script("origdst_server.py")).args(ports.iter().map(u16::to_string));
-        let mut p = Proc::spawn(&mut cmd);
-        p.wait_for_line("ready");
-        self.procs.push(p);
+        let cmd = self.pod_cmd(APP_UID, APP_UID, "python3");
+        self.procs.push(origdst_server(cmd, ports));
     }
 
     /// A server on the remote host.
     fn remote(&mut self, ports: &[u16]) {
-        let mut cmd = self.net.remote.command("python3");
-        cmd.arg(script("origdst_server.py")).args(ports.iter().map(u16::to_string));
-        let mut p = Proc::spawn(&mut cmd);
-        p.wait_for_line("ready");
-        self.procs.push(p);
+        self.procs.push(origdst_server(self.net.remote.command("python3"), ports));
     }
 
     fn probe(mut cmd: Command, addr: &str) -> Result<Reply, String> {
@@ -153,24 +143,8 @@ impl Harness {
                 }
                 s
             }
-            Mode::Ebpf => {
-                // This pod's block of `mesh-init status`, without the traffic counters.
-                let out = check(Command::new(bin("mesh-init")).args(["status", "--netns", self.net.pod.name()]));
-                let text = String::from_utf8_lossy(&out.stdout).into_owned();
-                let ours = format!("cgroup {} ", self.cgroup.path().display());
-                let mut in_block = false;
-                let mut s = String::new();
-                for line in text.lines() {
-                    if !line.starts_with(' ') {
-                        in_block = line.contains(&ours);
-                    }
-                    if in_block && !line.trim_start().starts_with("counters:") {
-                        s += line;
-                        s.push('\n');
-                    }
-                }
-                s
-            }
+            // This pod's block of `mesh-init status`, without the traffic counters.
+            Mode::Ebpf => ebpf_status_of(&self.net.pod, &self.cgroup, &["counters:"]),
         }
     }
 }
