@@ -48,14 +48,14 @@ pub struct BenchArgs {
     pub no_rules: bool,
     /// Directory with mesh-init and mesh-proxy already built (e.g. target/debug in tests);
     /// without it they are built in release mode first.
-    #[arg(long, env = "MESH_BIN_DIR")]
+    #[arg(long)]
     pub bin_dir: Option<PathBuf>,
     /// A sentence for the report's header (e.g. "the machine was shared with other builds").
     #[arg(long)]
     pub note: Vec<String>,
-    /// Where results.md and latency.svg go.
-    #[arg(long, default_value = "bench")]
-    pub out: PathBuf,
+    /// Where results.md and latency.svg go [default: the workspace's bench/].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// The settings a run used, after defaults.
@@ -157,6 +157,7 @@ pub struct Run {
     /// /proc/loadavg before the lab starts: how busy the machine was with other work.
     pub load_before: String,
     pub notes: Vec<String>,
+    pub bins: Bins,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -205,6 +206,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         started: Instant::now(),
         load_before,
         notes,
+        bins: bins.clone(),
     };
 
     let mut backend = Backend::start()?;
@@ -283,9 +285,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("mkdir {}", args.out.display()))?;
-    let md = args.out.join("results.md");
-    let svg = args.out.join("latency.svg");
+    let out = args.out.clone().unwrap_or_else(|| workspace_root().join("bench"));
+    std::fs::create_dir_all(&out).with_context(|| format!("mkdir {}", out.display()))?;
+    let md = out.join("results.md");
+    let svg = out.join("latency.svg");
     std::fs::write(&svg, report::svg(&run)).with_context(|| format!("write {}", svg.display()))?;
     std::fs::write(&md, report::markdown(&run)?).with_context(|| format!("write {}", md.display()))?;
     eprintln!("bench: wrote {} and {} in {:.0} s", md.display(), svg.display(), run.started.elapsed().as_secs_f64());

@@ -141,6 +141,7 @@ pub fn markdown(run: &Run) -> Result<String> {
     writeln!(o, "| machine | {} cores (`nproc`), {}, kernel {}, {} |", sh("nproc", &[]), cpu_model(), sh("uname", &["-r"]), mem_total())?;
     writeln!(o, "| load before the run | {} (1/5/15 min) |", run.load_before)?;
     writeln!(o, "| commit | {commit}{} |", if dirty { " with uncommitted changes in the work tree" } else { "" })?;
+    writeln!(o, "| binaries | {}, {} |", run.bins.mesh_init.display(), run.bins.mesh_proxy.display())?;
     writeln!(o, "| tools | {} |", tool_versions())?;
     writeln!(
         o,
