@@ -34,8 +34,6 @@ use crate::{
 
 /// Envoy's `max_request_headers_kb` default.
 pub const MAX_HEADER_BYTES: usize = 60 * 1024;
-/// Envoy's `max_headers_count` default.
-pub const MAX_HEADERS: usize = 100;
 /// A client must send a request's headers within this long (slowloris bound).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connect timeout for passthrough requests, which have no cluster settings.
@@ -73,7 +71,8 @@ pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: drain::Watch) {
         // hyper refuses (431) a head that does not fit its buffer; the exact 60 KiB limit on
         // header bytes is checked per request in `handle`, which sees them parsed.
         .max_buf_size(MAX_HEADER_BYTES + 16 * 1024)
-        .max_headers(MAX_HEADERS)
+        // At most 100 headers (Envoy's `max_headers_count`) is hyper's default; set explicitly,
+        // hyper would initialise its header arrays on every request.
         // Small responses: one flattened buffer and one write() beat writev's bookkeeping.
         .writev(false);
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
