@@ -92,7 +92,7 @@ pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: drain::Watch) {
 async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
     let snapshot = ctx.proxy.snapshot.load_full();
-    let log = AccessLog::start(&req, start);
+    let log = AccessLog::start(&req, ctx.peer, start);
     let header_bytes: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
     if header_bytes > MAX_HEADER_BYTES {
         let why = "request headers exceed 60 KiB";
@@ -401,6 +401,8 @@ struct AccessLog {
 
 struct LogFields {
     start: Instant,
+    /// The downstream client.
+    peer: SocketAddr,
     method: Method,
     uri: Uri,
     route: Option<Arc<str>>,
@@ -410,12 +412,13 @@ struct LogFields {
 }
 
 impl AccessLog {
-    fn start(req: &Request<Incoming>, start: Instant) -> Self {
+    fn start(req: &Request<Incoming>, peer: SocketAddr, start: Instant) -> Self {
         let on = tracing::enabled!(target: "access", tracing::Level::INFO);
         Self {
             fields: on.then(|| {
                 Box::new(LogFields {
                     start,
+                    peer,
                     method: req.method().clone(),
                     uri: req.uri().clone(),
                     route: None,
@@ -469,6 +472,7 @@ impl AccessLog {
 fn clone_fields(f: &LogFields) -> LogFields {
     LogFields {
         start: f.start,
+        peer: f.peer,
         method: f.method.clone(),
         uri: f.uri.clone(),
         route: f.route.clone(),
@@ -482,6 +486,7 @@ fn emit(f: &LogFields, status: u16, bytes: u64, reason: Option<&str>) {
     tracing::info!(
         target: "access",
         kind = "http",
+        peer = %f.peer,
         method = %f.method,
         path = %f.uri,
         route = f.route.as_deref().unwrap_or("-"),

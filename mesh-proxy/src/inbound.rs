@@ -39,6 +39,7 @@ impl LocalAddrs {
         Ok(Self(set))
     }
 
+    #[cfg(test)]
     pub fn from_addrs(addrs: impl IntoIterator<Item = IpAddr>) -> Self {
         Self(addrs.into_iter().collect())
     }

@@ -124,10 +124,6 @@ impl Control {
         Ok(Arc::new(ArcSwap::from_pointee(Snapshot::build(config, origin, registry, metrics))))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn last_rejected(&self) -> Option<Rejection> {
         self.state.lock().expect("state lock poisoned").last_rejected.clone()
     }

@@ -6,7 +6,7 @@ use std::{
     pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::{
@@ -31,9 +31,10 @@ pub async fn connect(addr: SocketAddr, bind: Option<IpAddr>, timeout: Duration) 
 /// What a finished copy moved.
 #[derive(Debug, Clone, Copy)]
 pub struct Transfer {
+    /// Bytes from downstream to upstream.
     pub sent: u64,
+    /// Bytes from upstream to downstream.
     pub received: u64,
-    pub duration: Duration,
 }
 
 /// Copies both ways until both sides are done. When one side finishes sending, the other side's
@@ -45,7 +46,6 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let start = Instant::now();
     let clock = Activity::new();
     let mut a = Stamped { inner: downstream, clock: &clock };
     let mut b = Stamped { inner: upstream, clock: &clock };
@@ -55,7 +55,7 @@ where
         tokio::select! {
             r = &mut copy => {
                 let (sent, received) = r?;
-                return Ok(Transfer { sent, received, duration: start.elapsed() });
+                return Ok(Transfer { sent, received });
             }
             _ = tokio::time::sleep_until(clock.last() + idle) => {
                 if clock.last() + idle <= tokio::time::Instant::now() {
