@@ -451,8 +451,8 @@ fn proxy_discovery_switch_and_nack() {
 }
 
 #[test]
-fn proxy_passthrough_inbound_and_dead_backend() {
-    if !privileged("proxy_passthrough_inbound_and_dead_backend") {
+fn proxy_passthrough_inbound_dead_backend_registry_only() {
+    if !privileged("proxy_passthrough_inbound_dead_backend_registry_only") {
         return;
     }
     let mut mesh = Mesh::start("pxp", &file_config(ALL_V2));
@@ -521,5 +521,14 @@ fn proxy_passthrough_inbound_and_dead_backend() {
     mesh.net.pod.run(|| {
         let stats = admin("/stats/prometheus");
         assert!(stats.contains("mesh_proxy_tcp_connections_total{route=\"inbound\",cluster=\"InboundPassthroughCluster\"} 1"), "{stats}");
+
+        // registry_only: the unknown destination is refused; routed traffic still flows.
+        mesh.write_config(&file_config(ALL_V2).replace("allow_any", "registry_only"));
+        eventually(Duration::from_secs(5), "registry_only applied", || {
+            admin("/config_dump").contains("\"registry_only\"").then_some(())
+        });
+        let refused = Http::connect(&remote_http).and_then(|mut c| c.get("/", &[]));
+        assert!(refused.is_err(), "passed through under registry_only: {refused:?}");
+        assert_eq!(Http::connect(SERVICE).unwrap().get("/", &[]).unwrap(), (200, "v2".to_string()));
     });
 }
