@@ -3,8 +3,9 @@
 //!
 //! The proxy connects from 127.0.0.6 (IPv4) / ::6 (IPv6), the sources mesh-init's rules let
 //! through untouched: without them, the proxy's own connection to the pod address would be
-//! redirected back to the proxy. 127.0.0.6 is on `lo` already (all of 127/8 is); ::6 is used only
-//! when it has been assigned to `lo`, and otherwise the kernel picks the source.
+//! redirected back to the proxy, in a loop. 127.0.0.6 is on `lo` already (all of 127/8 is). ::6
+//! is not unless someone assigned it; then the proxy connects to `[::1]:port` instead, which the
+//! rules never redirect (the application must listen on `::` or `::1`, as with Istio before 1.10).
 
 use std::{
     collections::HashSet,
@@ -56,8 +57,10 @@ pub async fn connect_local(dst: SocketAddr, timeout: Duration) -> io::Result<Tcp
         SocketAddr::V4(_) => tcp::connect(dst, Some(INBOUND_SOURCE_V4), timeout).await,
         SocketAddr::V6(_) => match tcp::connect(dst, Some(INBOUND_SOURCE_V6), timeout).await {
             Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => {
-                tracing::debug!(%dst, "::6 is not on lo; connecting from the kernel's choice of source");
-                tcp::connect(dst, None, timeout).await
+                // From the pod's own address the connection would be redirected back to us.
+                let local = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), dst.port());
+                tracing::debug!(%dst, %local, "::6 is not on lo; connecting to the app over ::1");
+                tcp::connect(local, None, timeout).await
             }
             r => r,
         },

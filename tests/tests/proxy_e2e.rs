@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_e2e::{bin, check, eventually, privileged, PodNet, Proc, POD_V4, REMOTE_V4, REMOTE_V6};
+use mesh_e2e::{bin, check, eventually, privileged, PodNet, Proc, POD_V4, POD_V6, REMOTE_V4, REMOTE_V6};
 
 /// What the application dials: a service address with no host behind it.
 const SERVICE: &str = "10.200.100.1:9080";
@@ -468,10 +468,10 @@ fn proxy_passthrough_inbound_dead_backend_registry_only() {
     });
     greeter.wait_for_line("ready");
     mesh.procs.push(greeter);
-    // The pod's own application, for inbound traffic.
+    // The pod's own application, for inbound traffic (dual-stack: `::`).
     let mut app = mesh.net.pod.spawn({
         let mut c = mesh.net.pod.command("python3");
-        c.args(["-c", BACKEND_PY, "pod-app", "0.0.0.0", "9999"]);
+        c.args(["-c", BACKEND_PY, "pod-app", "::", "9999"]);
         c
     });
     app.wait_for_line("ready");
@@ -518,9 +518,12 @@ fn proxy_passthrough_inbound_dead_backend_registry_only() {
     // Inbound: the remote calls the pod's address; the proxy hands it to the local app.
     let inbound = mesh.net.remote.run(|| Http::connect(&format!("{POD_V4}:9999")).and_then(|mut c| c.get("/", &[])));
     assert_eq!(inbound.unwrap(), (200, "pod-app".to_string()));
+    // IPv6 inbound: no ::6 on lo here, so the proxy reaches the app over ::1 (no loop).
+    let inbound6 = mesh.net.remote.run(|| Http::connect(&format!("[{POD_V6}]:9999")).and_then(|mut c| c.get("/", &[])));
+    assert_eq!(inbound6.unwrap(), (200, "pod-app".to_string()));
     mesh.net.pod.run(|| {
         let stats = admin("/stats/prometheus");
-        assert!(stats.contains("mesh_proxy_tcp_connections_total{route=\"inbound\",cluster=\"InboundPassthroughCluster\"} 1"), "{stats}");
+        assert!(stats.contains("mesh_proxy_tcp_connections_total{route=\"inbound\",cluster=\"InboundPassthroughCluster\"} 2"), "{stats}");
 
         // registry_only: the unknown destination is refused; routed traffic still flows.
         mesh.write_config(&file_config(ALL_V2).replace("allow_any", "registry_only"));
