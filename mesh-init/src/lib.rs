@@ -10,6 +10,7 @@
 //! - `ebpf` (feature `ebpf`): the same interception with eBPF programs attached to a cgroup;
 //! - [`inject`]: adding the init container and the sidecar to Kubernetes workloads;
 //! - [`validate`]: proving from inside the namespace that interception works;
+//! - [`loopback`]: the proxy's IPv6 inbound passthrough source (::6 on `lo`);
 //! - [`netns`]: joining a network namespace without `ip netns exec`'s remount of `/sys`;
 //! - [`orig_dst`]: reading `SO_ORIGINAL_DST`, shared by validation and the tests.
 
@@ -18,6 +19,7 @@ pub mod capture;
 pub mod ebpf;
 pub mod inject;
 pub mod iptables;
+pub mod loopback;
 pub mod netns;
 pub mod orig_dst;
 pub mod rules;
@@ -26,8 +28,14 @@ pub mod validate;
 /// True when the current network namespace has a global-scope IPv6 address, which is when
 /// istio-iptables programs ip6tables without being asked.
 pub fn has_global_ipv6() -> bool {
-    // Columns: address, ifindex, prefix length, scope, flags, name. Scope 00 is global.
+    // Columns: address, ifindex, prefix length, scope, flags, name. Scope 00 is global. `lo` is
+    // left out: mesh-init's own ::6 lives there.
     std::fs::read_to_string("/proc/net/if_inet6")
-        .map(|t| t.lines().any(|l| l.split_whitespace().nth(3) == Some("00")))
+        .map(|t| {
+            t.lines().any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.get(3) == Some(&"00") && cols.get(5) != Some(&"lo")
+            })
+        })
         .unwrap_or(false)
 }

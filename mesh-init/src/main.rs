@@ -184,11 +184,15 @@ fn run_iptables(cmd: IptablesCmd) -> Result<()> {
             let done = iptables::cleanup(backend, family)?;
             println!("{family}: removed {} mesh-init rules ({backend})", done.removed);
         }
+        mesh_init::loopback::remove_passthrough_v6()?;
         return Ok(());
     }
     for family in [Family::V4, Family::V6] {
         if families.contains(&family) {
             let done = iptables::apply(backend, &rules::plan(&capture, family))?;
+            if family == Family::V6 {
+                mesh_init::loopback::add_passthrough_v6()?;
+            }
             println!("{family}: {} rules in place, {} replaced ({backend})", done.added, done.removed);
         } else {
             // A previous dual-stack run may have left IPv6 rules that this run no longer wants.
@@ -205,7 +209,19 @@ fn run_iptables(cmd: IptablesCmd) -> Result<()> {
 fn run_ebpf(cmd: EbpfCmd) -> Result<()> {
     let capture = cmd.capture.validate()?;
     cmd.netns.enter()?;
-    mesh_init::ebpf::run(&cmd.ebpf, &capture)?;
+    // IPv6 is always captured in this mode. A namespace without IPv6 cannot take ::6, and
+    // needs no IPv6 passthrough source either: a warning, not a failure.
+    let passthrough = if cmd.ebpf.cleanup_only {
+        mesh_init::ebpf::run(&cmd.ebpf, &capture)?;
+        mesh_init::loopback::remove_passthrough_v6()
+    } else {
+        let added = mesh_init::loopback::add_passthrough_v6();
+        mesh_init::ebpf::run(&cmd.ebpf, &capture)?;
+        added
+    };
+    if let Err(e) = passthrough {
+        tracing::warn!("IPv6 inbound passthrough source ::6: {e}");
+    }
     Ok(())
 }
 

@@ -179,6 +179,8 @@ fn outbound_ipv6_is_redirected_with_its_original_destination(mode: Mode) {
     h.proxy(&[15000]);
     let r = h.dial_from_app(&v6(REMOTE_V6, 80));
     assert_eq!((r.port, r.dest.as_str()), (15000, "[fd00:200::2]:80"));
+    let lo = h.net.pod.sh("ip -6 addr show dev lo");
+    assert!(lo.contains("::6/128"), "the proxy's IPv6 passthrough source is on lo: {lo}");
 }
 
 fn proxy_uid_and_gid_are_not_redirected(mode: Mode) {
@@ -304,6 +306,7 @@ fn cleanup_removes_everything_it_installed(mode: Mode) {
     assert_ne!(h.footprint(), before);
     h.install(&["--cleanup-only"]);
     assert_eq!(h.footprint(), before, "cleanup restores the state before mesh-init, foreign rules included");
+    assert!(!h.net.pod.sh("ip -6 addr show dev lo").contains("::6/128"), "::6 is removed from lo");
     h.remote(&[80]);
     assert_eq!(h.dial_from_app(&format!("{REMOTE_V4}:80")).port, 80, "nothing is redirected any more");
     let again = h.mesh_init(&["--cleanup-only"]);
