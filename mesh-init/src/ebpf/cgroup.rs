@@ -77,7 +77,7 @@ pub fn mounts_of_type(fstype: &str) -> Result<Vec<PathBuf>, CgroupError> {
     Ok(parse_mountinfo(&text, fstype))
 }
 
-/// Lines are `id parent dev root mountpoint options [optional...] - fstype cause superoptions`;
+/// Lines are `id parent dev root mountpoint options [optional...] - fstype source superoptions`;
 /// octal escapes (`\040` for a space) are decoded.
 fn parse_mountinfo(text: &str, fstype: &str) -> Vec<PathBuf> {
     text.lines()
