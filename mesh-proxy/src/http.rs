@@ -242,23 +242,43 @@ const HOP_BY_HOP: [header::HeaderName; 6] = [
     header::PROXY_AUTHORIZATION,
 ];
 
+fn is_hop_by_hop(name: &header::HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
+    // One pass over the names finds the hop-by-hop headers present (usually none, or Connection
+    // alone), so only those are removed: no hashed removal of absent names per message, no
+    // name parsing, no allocation. At most the 8 names of `is_hop_by_hop` can be found.
+    let mut found: [Option<header::HeaderName>; 8] = Default::default();
+    let mut n_found = 0;
+    for name in headers.keys() {
+        if is_hop_by_hop(name) {
+            found[n_found] = Some(name.clone());
+            n_found += 1;
+        }
+    }
+    if n_found == 0 {
+        return;
+    }
+    // Headers named in Connection are hop-by-hop too; only those present need a removal.
     let named: Vec<header::HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| header::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        // keep-alive is in `found` already; skipping it spares parsing the common token.
+        .filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case("keep-alive") && headers.contains_key(*n))
+        .filter_map(|n| header::HeaderName::from_bytes(n.as_bytes()).ok())
+        .filter(|n| !is_hop_by_hop(n))
         .collect();
     for n in named {
         headers.remove(n);
     }
-    for n in &HOP_BY_HOP {
+    for n in found.into_iter().flatten() {
         headers.remove(n);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 fn prepare_upstream_request(req: &mut Request<Incoming>) {
@@ -497,4 +517,45 @@ fn emit(f: &LogFields, status: u16, bytes: u64, reason: Option<&str>) {
         duration_ms = f.start.elapsed().as_secs_f64() * 1000.0,
         reason = reason.unwrap_or("-"),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_stripped() {
+        let mut h = map(&[
+            ("host", "a"),
+            ("connection", "keep-alive, X-Trace , close"),
+            ("x-trace", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("trailer", "x"),
+            ("proxy-authorization", "basic x"),
+            ("end-user", "jason"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["host", "end-user"]);
+        // A header named `close` is removed when Connection names it.
+        let mut h = map(&[("connection", "close"), ("close", "1"), ("via", "x")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["via"]);
+        // Nothing hop-by-hop: nothing changes.
+        let mut h = map(&[("host", "a"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+    }
 }
