@@ -366,9 +366,18 @@ fn raise_nofile_limit() -> Result<u64> {
     Ok(hard)
 }
 
-/// The command as a user would retype it.
+/// The command as a user would retype it (shell-quoted).
 fn command_line() -> String {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .map(|a| {
+            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=,:".contains(c)) {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect();
     format!("cargo xtask {}", args.join(" "))
 }
 
