@@ -106,7 +106,7 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
             Fallback::Passthrough(dst) => {
                 let cluster = ctx.passthrough.get_or_init(|| Arc::new(ctx.proxy.passthrough_cluster(dst)));
                 let counters = &ctx.proxy.passthrough_counters;
-                forward(cluster, counters, "passthrough".into(), req, crate::config::DEFAULT_REQUEST_TIMEOUT, log)
+                forward(cluster, counters, &ctx.proxy.passthrough_route, req, crate::config::DEFAULT_REQUEST_TIMEOUT, log)
                     .await
             }
             Fallback::Refuse(why) => {
@@ -125,7 +125,7 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
         return local_response(StatusCode::NOT_FOUND, why);
     };
     let target = rule.pick();
-    forward(&target.cluster, &target.requests, route.name.clone(), req, rule.timeout, log).await
+    forward(&target.cluster, &target.requests, &route.name, req, rule.timeout, log).await
 }
 
 /// The request's authority: the absolute URI's, else the Host header.
@@ -140,12 +140,12 @@ fn authority(req: &Request<Incoming>) -> Option<&str> {
 async fn forward(
     cluster: &Cluster,
     counters: &RequestCounters,
-    route: Arc<str>,
+    route: &Arc<str>,
     mut req: Request<Incoming>,
     timeout: Duration,
     log: AccessLog,
 ) -> Response<ProxyBody> {
-    let log = log.with_route(&route).with_cluster(&cluster.name);
+    let log = log.with_route(route).with_cluster(&cluster.name);
     prepare_upstream_request(&mut req);
     let mut exclude = None;
     let mut failure = None;
@@ -242,23 +242,28 @@ const HOP_BY_HOP: [header::HeaderName; 6] = [
     header::PROXY_AUTHORIZATION,
 ];
 
-fn is_hop_by_hop(name: &header::HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
+/// The two hop-by-hop names `http` has no constant for, after those of [`HOP_BY_HOP`].
+const HOP_BY_HOP_OTHER: [&str; 2] = ["keep-alive", "proxy-connection"];
+
+/// Which hop-by-hop name `name` is: an index into [`HOP_BY_HOP`] then [`HOP_BY_HOP_OTHER`].
+fn hop_by_hop_index(name: &header::HeaderName) -> Option<usize> {
+    HOP_BY_HOP
+        .iter()
+        .position(|h| h == name)
+        .or_else(|| HOP_BY_HOP_OTHER.iter().position(|h| name == h).map(|i| HOP_BY_HOP.len() + i))
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names finds the hop-by-hop headers present (usually none, or Connection
     // alone), so only those are removed: no hashed removal of absent names per message, no
-    // name parsing, no allocation. At most the 8 names of `is_hop_by_hop` can be found.
-    let mut found: [Option<header::HeaderName>; 8] = Default::default();
-    let mut n_found = 0;
+    // name parsing, no allocation.
+    let mut found = 0u8;
     for name in headers.keys() {
-        if is_hop_by_hop(name) {
-            found[n_found] = Some(name.clone());
-            n_found += 1;
+        if let Some(i) = hop_by_hop_index(name) {
+            found |= 1 << i;
         }
     }
-    if n_found == 0 {
+    if found == 0 {
         return;
     }
     // Headers named in Connection are hop-by-hop too; only those present need a removal.
@@ -271,13 +276,20 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         // keep-alive is in `found` already; skipping it spares parsing the common token.
         .filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case("keep-alive") && headers.contains_key(*n))
         .filter_map(|n| header::HeaderName::from_bytes(n.as_bytes()).ok())
-        .filter(|n| !is_hop_by_hop(n))
+        .filter(|n| hop_by_hop_index(n).is_none())
         .collect();
     for n in named {
         headers.remove(n);
     }
-    for n in found.into_iter().flatten() {
-        headers.remove(n);
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if found & (1 << i) != 0 {
+            headers.remove(n);
+        }
+    }
+    for (i, n) in HOP_BY_HOP_OTHER.iter().enumerate() {
+        if found & (1 << (HOP_BY_HOP.len() + i)) != 0 {
+            headers.remove(*n);
+        }
     }
 }
 

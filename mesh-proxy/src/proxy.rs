@@ -29,6 +29,8 @@ pub struct Proxy {
     pub local_addrs: ArcSwap<LocalAddrs>,
     /// Requests forwarded to their original destination.
     pub passthrough_counters: RequestCounters,
+    /// The route name access logs give those requests, made once rather than per request.
+    pub passthrough_route: Arc<str>,
     passthrough_connect_failures: Counter,
     passthrough_tcp: Counter,
     inbound_tcp: Counter,
@@ -38,6 +40,7 @@ impl Proxy {
     pub fn new(snapshot: SharedSnapshot, metrics: Arc<Metrics>, local_addrs: LocalAddrs) -> Self {
         Self {
             passthrough_counters: metrics.request_counters("passthrough", PASSTHROUGH_CLUSTER),
+            passthrough_route: Arc::from("passthrough"),
             passthrough_connect_failures: metrics.connect_failures(PASSTHROUGH_CLUSTER),
             passthrough_tcp: metrics.tcp_counter("passthrough", PASSTHROUGH_CLUSTER),
             inbound_tcp: metrics.tcp_counter("inbound", "InboundPassthroughCluster"),

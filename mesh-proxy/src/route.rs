@@ -57,6 +57,10 @@ impl RuleEntry {
 
     /// Picks a cluster by weight.
     pub fn pick(&self) -> &Target {
+        // One cluster, the common case: no random number, so not even the thread-local generator.
+        if self.targets.len() == 1 {
+            return &self.targets[0];
+        }
         let i = balance::with_rng(|rng| balance::pick_weighted(&self.cumulative, rng));
         &self.targets[i]
     }
