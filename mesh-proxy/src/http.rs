@@ -7,10 +7,14 @@
 
 use std::{
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, OnceLock},
-    task::{Context, Poll},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    task::{Context, Poll, Wake, Waker},
     time::{Duration, Instant},
 };
 
@@ -77,15 +81,55 @@ pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: drain::Watch) {
         .writev(false);
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = drain.signaled() => {
+    // The drain signal is polled only when its own waker fired, not on every wake-up of the
+    // connection (a `select!` would poll it, and lock its `Notify`, twice per request).
+    let signaled = drain.signaled();
+    tokio::pin!(signaled);
+    let gate = Arc::new(DrainGate { woken: AtomicBool::new(true), task: Mutex::new(None) });
+    let gate_waker = Waker::from(gate.clone());
+    let served = std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if gate.woken.swap(false, Ordering::AcqRel) {
+            *gate.task.lock().expect("drain gate lock poisoned") = Some(cx.waker().clone());
+            if signaled.as_mut().poll(&mut Context::from_waker(&gate_waker)).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    let result = match served {
+        Some(r) => r,
+        None => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "downstream connection ended with an error");
+    }
+}
+
+/// The waker the drain signal of one connection is polled with: it marks the signal as worth
+/// polling and wakes the connection's task (recorded each time the signal is polled; a task's
+/// waker does not change).
+struct DrainGate {
+    woken: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl Wake for DrainGate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        if let Some(w) = self.task.lock().expect("drain gate lock poisoned").as_ref() {
+            w.wake_by_ref();
+        }
     }
 }
 
