@@ -7,7 +7,7 @@
 //!   deploy/README.md for why that needs the node's cgroup tree and bpffs);
 //! - the sidecar `mesh-proxy`, as the proxy UID (1337) with no capabilities, reading
 //!   `/etc/mesh-proxy/config.yaml` from the ConfigMap `<workload>-mesh-proxy`, with a readiness
-//!   probe on its admin API's `/ready`;
+//!   probe on its readiness port's `/ready` (the config's `readiness` section, Istio's 15021);
 //! - the annotation `mesh-init.io/status`, listing what was added.
 //!
 //! Everything else is written back byte for byte. A workload is rewritten (losing its comments)
@@ -81,9 +81,15 @@ pub struct InjectArgs {
     #[arg(long = "mode", value_enum, default_value = "iptables")]
     pub mode: Mode,
 
-    /// mesh-proxy's admin port: the readiness probe's target, never captured inbound.
+    /// mesh-proxy's admin port (on loopback in the config); never captured inbound, as Istio
+    /// excludes 15090.
     #[arg(long = "proxy-admin-port", default_value = "15090", value_parser = clap::value_parser!(u16).range(1..))]
     pub admin_port: u16,
+
+    /// mesh-proxy's readiness port (`readiness.address` in its config): the readiness probe's
+    /// target, never captured inbound.
+    #[arg(long = "proxy-readiness-port", default_value = "15021", value_parser = clap::value_parser!(u16).range(1..))]
+    pub readiness_port: u16,
 
     /// ConfigMap holding the sidecar's `config.yaml` [default: WORKLOAD-mesh-proxy, after the workload's name].
     #[arg(long = "config-map")]
@@ -257,13 +263,23 @@ fn decide(args: &InjectArgs, annotations: &Annotations, name: Option<&str>) -> R
     };
 
     let (mut capture, from) = annotations.apply_capture(&args.capture);
-    // The kubelet's readiness probe must reach the admin port itself, not the proxy's listener.
-    let admin = args.admin_port.to_string();
-    if !capture.inbound_ports_exclude.split(',').any(|p| p.trim() == admin) {
-        capture.inbound_ports_exclude = match capture.inbound_ports_exclude.trim() {
-            "" => admin,
-            list => format!("{admin},{list}"),
-        };
+    if args.readiness_port == args.admin_port {
+        return Err(Decision::Flag(format!(
+            "--proxy-readiness-port: {} is also --proxy-admin-port; the readiness port must be its own (Istio's is 15021)",
+            args.readiness_port
+        )));
+    }
+    // The kubelet's readiness probe must reach the readiness port itself, not the proxy's
+    // listener; the admin port is excluded too, as Istio does, so nothing arriving on the pod IP
+    // for it is handed to the proxy. Readiness first: `15021,15090,<the rest>`.
+    for port in [args.admin_port, args.readiness_port] {
+        let port = port.to_string();
+        if !capture.inbound_ports_exclude.split(',').any(|p| p.trim() == port) {
+            capture.inbound_ports_exclude = match capture.inbound_ports_exclude.trim() {
+                "" => port,
+                list => format!("{port},{list}"),
+            };
+        }
     }
     let blame = |flag: &str, reason: String| match from.get(flag) {
         Some(annotation) => bad(annotation, reason),
@@ -300,7 +316,7 @@ fn decide(args: &InjectArgs, annotations: &Annotations, name: Option<&str>) -> R
         mode,
         init_image: args.init_image.clone(),
         proxy_image: args.proxy_image.clone(),
-        admin_port: args.admin_port,
+        readiness_port: args.readiness_port,
         config_map,
         native: args.native_sidecar,
         capture_flags: containers::render_flags(&capture),

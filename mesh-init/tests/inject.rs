@@ -350,3 +350,19 @@ fn collect_templates<'a>(v: &'a serde_yaml::Value, out: &mut Vec<&'a serde_yaml:
         _ => {}
     }
 }
+
+#[test]
+fn readiness_port_flag_moves_the_probe_and_the_exclude() {
+    let text = read(&testdata().join("pod.yaml"));
+    let mut args = args_of(&text);
+    args.readiness_port = 16021;
+    let yaml = run(&text, "pod.yaml", &args).yaml;
+    let probe = yaml.split("readinessProbe:").nth(1).unwrap_or_else(|| panic!("no probe: {yaml}"));
+    assert!(probe.contains("path: /ready\n") && probe.contains("port: 16021\n"), "{yaml}");
+    assert!(yaml.contains("- 16021,15090\n"), "{yaml}");
+    assert!(yaml.contains("containerPort: 16021\n") && !yaml.contains("containerPort: 15090"), "{yaml}");
+
+    args.readiness_port = args.admin_port;
+    let e = inject::inject(&text, "pod.yaml", &args).unwrap_err().to_string();
+    assert!(e.contains("--proxy-readiness-port: 15090 is also --proxy-admin-port"), "{e}");
+}

@@ -203,13 +203,7 @@ impl Admin {
                 );
                 r
             }
-            (&Method::GET, "/ready") => {
-                if self.drain.is_draining() {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
-                } else {
-                    text(StatusCode::OK, "LIVE\n")
-                }
-            }
+            (&Method::GET, "/ready") => crate::readiness::answer(&self.drain),
             (&Method::POST, "/logging") => {
                 let Some(level) = query_param(query, "level") else {
                     return text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=debug (an EnvFilter string)\n");

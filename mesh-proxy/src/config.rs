@@ -59,6 +59,10 @@ fn invalid(field: impl Into<String>, reason: impl fmt::Display) -> Error {
 pub struct RawConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<RawAdmin>,
+    /// A second port serving only `GET /ready`, for probes from outside the pod. No default:
+    /// absent, there is no such port (see README.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<RawReadiness>,
     #[serde(default)]
     pub outbound_policy: OutboundPolicy,
     #[serde(default)]
@@ -83,6 +87,12 @@ pub struct RawConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReadiness {
     pub address: String,
 }
 
@@ -206,6 +216,8 @@ pub struct RawDiscovery {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     pub admin: SocketAddr,
+    /// Where `GET /ready` alone is served (the kubelet's probe), if anywhere.
+    pub readiness: Option<Readiness>,
     pub outbound_policy: OutboundPolicy,
     pub listeners: Vec<Listener>,
     pub routes: Vec<Route>,
@@ -216,6 +228,11 @@ pub struct Config {
     pub drain_timeout: Duration,
     #[serde(serialize_with = "ser_duration")]
     pub tcp_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Readiness {
+    pub address: SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -389,6 +406,18 @@ impl RawConfig {
             Some(a) => parse_socket_addr("admin.address", &a.address)?,
             None => DEFAULT_ADMIN_ADDRESS.parse().expect("default admin address parses"),
         };
+        let readiness = match &self.readiness {
+            None => None,
+            Some(r) => {
+                let address = parse_socket_addr("readiness.address", &r.address)?;
+                let same_ip = address.ip() == admin.ip() || address.ip().is_unspecified() || admin.ip().is_unspecified();
+                if address.port() == admin.port() && same_ip {
+                    let reason = format!("{address} overlaps admin.address {admin}; use its own port (Istio's is 15021)");
+                    return Err(invalid("readiness.address", reason));
+                }
+                Some(Readiness { address })
+            }
+        };
         let drain_timeout = opt_duration("drain_timeout", self.drain_timeout.as_deref(), DEFAULT_DRAIN_TIMEOUT)?;
         let tcp_idle_timeout =
             opt_duration("tcp_idle_timeout", self.tcp_idle_timeout.as_deref(), DEFAULT_TCP_IDLE_TIMEOUT)?;
@@ -411,6 +440,9 @@ impl RawConfig {
             }
             if address == admin {
                 return Err(invalid(format!("{field}.address"), format!("{address} is the admin address")));
+            }
+            if readiness.is_some_and(|r| r.address == address) {
+                return Err(invalid(format!("{field}.address"), format!("{address} is the readiness address")));
             }
             listeners.push(Listener { name: l.name.clone(), address });
         }
@@ -512,6 +544,7 @@ impl RawConfig {
 
         Ok(Config {
             admin,
+            readiness,
             outbound_policy: self.outbound_policy,
             listeners,
             routes,
@@ -665,6 +698,20 @@ discovery:
             .unwrap();
         assert_eq!(c.listeners.len(), 1);
         assert_eq!(c.admin, DEFAULT_ADMIN_ADDRESS.parse().unwrap());
+    }
+
+    #[test]
+    fn readiness_is_optional_and_checked() {
+        let c = RawConfig::from_yaml("x", "readiness: { address: 0.0.0.0:15021 }\n").unwrap().validate().unwrap();
+        assert_eq!(c.readiness, Some(Readiness { address: "0.0.0.0:15021".parse().unwrap() }));
+        assert_eq!(RawConfig::default().validate().unwrap().readiness, None);
+        let e = err("readiness: { address: 0.0.0.0:15090 }\n");
+        let want = "readiness.address: 0.0.0.0:15090 overlaps admin.address 127.0.0.1:15090; use its own port (Istio's is 15021)";
+        assert_eq!(e, want);
+        let e = err("readiness: { address: 127.0.0.1:1 }\nlisteners: [{ name: a, address: 127.0.0.1:1 }]\n");
+        assert_eq!(e, "listeners[0].address: 127.0.0.1:1 is the readiness address");
+        assert!(err("readiness: { address: 0.0.0.0:15021, path: /ready }\n").contains("unknown field `path`"));
+        assert!(err("readiness: { address: nowhere }\n").starts_with("readiness.address: "));
     }
 
     #[test]

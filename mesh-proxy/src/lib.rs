@@ -16,7 +16,8 @@
 //! - [`config`]: the file format and its validation; [`snapshot`]: a validated config plus the
 //!   runtime objects built from it, swapped atomically.
 //! - [`reload`]: applying updates from the file (inotify, SIGHUP) and [`discovery`] (polling).
-//! - [`admin`], [`metrics`], [`logging`], [`drain`]: the operator's side.
+//! - [`admin`], [`readiness`] (`GET /ready` alone, for the kubelet), [`metrics`], [`logging`],
+//!   [`drain`]: the operator's side.
 //!
 //! Threads: the data plane (accept loops, connections) runs on a multi-thread runtime of
 //! `--workers` threads; admin, reloads and discovery on a separate current-thread runtime.
@@ -38,6 +39,7 @@ pub mod logging;
 pub mod metrics;
 pub mod orig_dst;
 pub mod proxy;
+pub mod readiness;
 pub mod reload;
 pub mod route;
 pub mod snapshot;

@@ -14,6 +14,7 @@ use mesh_proxy::{
     logging::{self, LogFormat},
     metrics::Metrics,
     proxy::Proxy,
+    readiness,
     reload::{self, Control},
 };
 use tokio::{
@@ -95,6 +96,13 @@ fn run(args: Args, log: logging::LogHandle) -> anyhow::Result<()> {
         let shutdown = Arc::new(Notify::new());
         let admin = Arc::new(Admin { control: control.clone(), log: Some(log), shutdown: shutdown.clone(), drain: drain.clone() });
         tokio::spawn(admin::serve(admin, admin_listener));
+        if let Some(ready) = control.snapshot.load().config.readiness {
+            let listener = tokio::net::TcpListener::bind(ready.address)
+                .await
+                .with_context(|| format!("binding readiness.address {}", ready.address))?;
+            tracing::info!(address = %ready.address, "readiness listening");
+            tokio::spawn(readiness::serve(drain.clone(), listener));
+        }
 
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let _watcher = match reload::watch_file(&path, tx) {

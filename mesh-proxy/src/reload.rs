@@ -53,6 +53,8 @@ pub enum UpdateError {
     Bind(#[from] crate::listener::BindError),
     #[error("admin.address cannot change while running ({running} → {wanted}); restart to move it")]
     AdminMoved { running: std::net::SocketAddr, wanted: std::net::SocketAddr },
+    #[error("readiness.address cannot change while running ({running} → {wanted}); restart to change it")]
+    ReadinessMoved { running: String, wanted: String },
 }
 
 /// What an update did.
@@ -249,6 +251,11 @@ impl Control {
         let running = self.snapshot.load().config.admin;
         if config.admin != running {
             return Err(UpdateError::AdminMoved { running, wanted: config.admin });
+        }
+        let running = self.snapshot.load().config.readiness;
+        if config.readiness != running {
+            let show = |r: Option<config::Readiness>| r.map_or("none".to_string(), |r| r.address.to_string());
+            return Err(UpdateError::ReadinessMoved { running: show(running), wanted: show(config.readiness) });
         }
         let prepared = self.listeners.prepare(&config.listeners)?;
         let origin = Origin { source: source.to_string(), version: version.to_string() };

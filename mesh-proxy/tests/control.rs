@@ -407,3 +407,51 @@ async fn an_invalid_file_at_start_is_an_error_naming_the_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown field `protocl`") && err.contains("line 4"), "{err}");
 }
+
+/// The readiness port answers `GET /ready` as the admin API does and nothing else: the admin
+/// API's `POST /quitquitquit` there is 404 and the proxy keeps running. A reload that moves it is
+/// rejected, and while draining it answers 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_port_serves_only_ready() {
+    let slow = Backend::start_on("slow", "127.0.0.1:0".parse().unwrap(), Duration::from_millis(700)).await;
+    let listen = free_addr();
+    let ready = free_addr();
+    let eps: [(&str, &[SocketAddr]); 1] = [("v1", &[slow.addr])];
+    let base = listener_route(listen, "http", &split(1, 0), &eps);
+    let with_ready = |addr: SocketAddr| base.replacen('\n', &format!("\nreadiness: {{ address: \"{addr}\" }}\n"), 1);
+    let mut proxy = ProxyProcess::start(&with_ready(ready)).await;
+
+    assert_eq!(admin_get(ready, "/ready").await.unwrap(), (200, "LIVE\n".into()));
+    assert_eq!(admin_post(ready, "/quitquitquit").await.0, 404);
+    assert_eq!(admin_post(ready, "/logging?level=debug").await.0, 404);
+    assert_eq!(admin_get(ready, "/config_dump").await.unwrap().0, 404);
+    assert_eq!(admin_post(ready, "/ready").await.0, 404);
+    assert_eq!(proxy.admin("/ready").await, (200, "LIVE\n".into()), "still running after POST /quitquitquit");
+    let dump = proxy.config_dump().await;
+    assert_eq!(dump["config"]["readiness"]["address"], ready.to_string());
+
+    let elsewhere = free_addr();
+    proxy.rewrite(&with_ready(elsewhere));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let dump = proxy.config_dump().await;
+        if let Some(e) = dump["last_rejected"]["error"].as_str() {
+            let want = format!("readiness.address cannot change while running ({ready} → {elsewhere}); restart to change it");
+            assert_eq!(e, want);
+            break;
+        }
+        assert!(Instant::now() < deadline, "rejection not visible: {dump}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(admin_get(ready, "/ready").await.unwrap().0, 200);
+
+    // A slow request in flight keeps the proxy draining long enough to ask.
+    let mut c = HttpClient::connect(listen).await.unwrap();
+    let in_flight = tokio::spawn(async move { c.get("/", &[]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(admin_get(ready, "/ready").await.unwrap(), (503, "DRAINING\n".into()));
+    assert_eq!(in_flight.await.unwrap().unwrap(), (200, "slow".into()));
+    assert!(proxy.wait_exit(Duration::from_secs(10)).await.success());
+}

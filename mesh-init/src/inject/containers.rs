@@ -17,7 +17,7 @@ pub const PROXY_NAME: &str = "mesh-proxy";
 pub const CONFIG_VOLUME: &str = "mesh-proxy-config";
 pub const CGROUP_VOLUME: &str = "mesh-host-cgroup";
 pub const BPFFS_VOLUME: &str = "mesh-host-bpffs";
-const ADMIN_PORT_NAME: &str = "mesh-admin";
+const READINESS_PORT_NAME: &str = "mesh-ready";
 
 /// Where the sidecar reads its config (the ConfigMap's `config.yaml` key).
 pub const CONFIG_DIR: &str = "/etc/mesh-proxy";
@@ -43,8 +43,8 @@ pub struct Sidecar {
     pub mode: Mode,
     pub init_image: String,
     pub proxy_image: String,
-    /// mesh-proxy's admin port: the readiness probe's target, so it is never captured inbound.
-    pub admin_port: u16,
+    /// mesh-proxy's readiness port: the readiness probe's target, so it is never captured inbound.
+    pub readiness_port: u16,
     pub config_map: String,
     /// The sidecar as an init container with `restartPolicy: Always` (Kubernetes 1.29+), which
     /// starts before the application and lets a Job finish.
@@ -234,11 +234,16 @@ impl Sidecar {
             command: vec![],
             args: vec!["--config".into(), format!("{CONFIG_DIR}/config.yaml")],
             env: vec![],
-            ports: vec![ContainerPort { name: ADMIN_PORT_NAME, container_port: self.admin_port, protocol: "TCP" }],
-            // The kubelet probes the pod IP, so the config must bind the admin API to 0.0.0.0
-            // (deploy/README.md says what that exposes).
+            // The admin port is not declared: the admin API stays on loopback.
+            ports: vec![ContainerPort {
+                name: READINESS_PORT_NAME,
+                container_port: self.readiness_port,
+                protocol: "TCP",
+            }],
+            // The kubelet probes the pod IP, so the config binds the readiness port (which serves
+            // `GET /ready` alone) to 0.0.0.0; see deploy/README.md.
             readiness_probe: Some(Probe {
-                http_get: HttpGet { path: "/ready", port: self.admin_port },
+                http_get: HttpGet { path: "/ready", port: self.readiness_port },
                 period_seconds: 2,
                 failure_threshold: 30,
             }),
