@@ -206,7 +206,8 @@ pub const fn is_mapped_v4(a: &Addr) -> bool {
 /// 127.0.0.0/8 (mapped) or ::1.
 #[inline(always)]
 pub const fn is_loopback(a: &Addr) -> bool {
-    (is_mapped_v4(a) && (u32::from_be(a[3]) >> 24) == 127) || (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == u32::to_be(1))
+    (is_mapped_v4(a) && (u32::from_be(a[3]) >> 24) == 127)
+        || (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == u32::to_be(1))
 }
 
 /// 127.0.0.6 (mapped) or ::6: the source the proxy binds when it hands an inbound connection to
@@ -214,7 +215,8 @@ pub const fn is_loopback(a: &Addr) -> bool {
 /// connection must not be steered back to the proxy.
 #[inline(always)]
 pub const fn is_inbound_passthrough_source(a: &Addr) -> bool {
-    (is_mapped_v4(a) && u32::from_be(a[3]) == 0x7f00_0006) || (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == u32::to_be(6))
+    (is_mapped_v4(a) && u32::from_be(a[3]) == 0x7f00_0006)
+        || (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == u32::to_be(6))
 }
 
 #[cfg(feature = "user")]

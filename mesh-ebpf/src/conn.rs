@@ -17,8 +17,7 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use mesh_ebpf_common::{
-    is_loopback, Config, Counter, SockPair, AF_INET, CFG_ACCELERATE, CFG_INBOUND, LISTENER_SLOT_V4,
-    LISTENER_SLOT_V6,
+    is_loopback, Config, Counter, SockPair, AF_INET, CFG_ACCELERATE, CFG_INBOUND, LISTENER_SLOT_V4, LISTENER_SLOT_V6,
 };
 
 use crate::{

@@ -38,7 +38,11 @@ pub unsafe fn read_ip6(p: *const [u32; 4]) -> Addr {
 #[inline(always)]
 pub unsafe fn addr(family: u32, ip4: *const u32, ip6: *const [u32; 4]) -> Addr {
     let (v4, v6) = unsafe { (read_volatile(ip4), read_ip6(ip6)) };
-    if family == AF_INET as u32 { mapped_v4(v4) } else { v6 }
+    if family == AF_INET as u32 {
+        mapped_v4(v4)
+    } else {
+        v6
+    }
 }
 
 /// A `remote_port` field of `bpf_sock_ops` / `sk_msg_md` in host order.

@@ -8,8 +8,8 @@ use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{bindings::sk_action::SK_PASS, macros::sk_lookup, programs::SkLookupContext};
 use mesh_ebpf_common::{
-    is_inbound_passthrough_source, is_loopback, Counter, PortSet, AF_INET, CFG_INBOUND, CFG_INCLUDE_ALL_INBOUND_PORTS, LISTENER_SLOT_V4,
-    LISTENER_SLOT_V6,
+    is_inbound_passthrough_source, is_loopback, Counter, PortSet, AF_INET, CFG_INBOUND, CFG_INCLUDE_ALL_INBOUND_PORTS,
+    LISTENER_SLOT_V4, LISTENER_SLOT_V6,
 };
 
 use crate::{
@@ -44,7 +44,11 @@ fn steer(ctx: &SkLookupContext) {
     }
     let Some(cfg) = config() else { return };
     // The proxy handing a connection to the local application (from 127.0.0.6) would loop.
-    if cfg.flags & CFG_INBOUND == 0 || port == cfg.inbound_port || is_loopback(&dst) || is_inbound_passthrough_source(&src) {
+    if cfg.flags & CFG_INBOUND == 0
+        || port == cfg.inbound_port
+        || is_loopback(&dst)
+        || is_inbound_passthrough_source(&src)
+    {
         return;
     }
     if port_in(PortSet::ExcludeInbound, port) {

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
 use mesh_ebpf_common::{
-    Addr, Config, Counter, OrigDst, PortSet, SockPair, CIDR_ENTRIES, COUNTERS_ENTRIES, ID_ENTRIES,
-    LOCAL_SOCKS_ENTRIES, ORIG_BY_COOKIE_ENTRIES, ORIG_BY_PAIR_ENTRIES, PORT_SETS_ENTRIES,
+    Addr, Config, Counter, OrigDst, PortSet, SockPair, CIDR_ENTRIES, COUNTERS_ENTRIES, ID_ENTRIES, LOCAL_SOCKS_ENTRIES,
+    ORIG_BY_COOKIE_ENTRIES, ORIG_BY_PAIR_ENTRIES, PORT_SETS_ENTRIES,
 };
 
 /// `BPF_F_NO_PREALLOC`: required by LPM tries.

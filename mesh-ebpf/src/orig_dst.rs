@@ -10,9 +10,7 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
-use mesh_ebpf_common::{
-    is_mapped_v4, Counter, OrigDst, AF_INET, AF_INET6, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
-};
+use mesh_ebpf_common::{is_mapped_v4, Counter, OrigDst, AF_INET, AF_INET6, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST};
 
 use crate::{
     ctx::{bpf_sock_pair, bytes},

@@ -80,7 +80,9 @@ pub fn sock_release(ctx: SockContext) -> i32 {
 #[inline(always)]
 fn is_tcp(sa: *const aya_ebpf::bindings::bpf_sock_addr) -> bool {
     // SAFETY: the program's context.
-    unsafe { read_volatile(addr_of!((*sa).type_)) == SOCK_STREAM && read_volatile(addr_of!((*sa).protocol)) == IPPROTO_TCP }
+    unsafe {
+        read_volatile(addr_of!((*sa).type_)) == SOCK_STREAM && read_volatile(addr_of!((*sa).protocol)) == IPPROTO_TCP
+    }
 }
 
 /// Decides, and for a captured connect records the original destination and returns the

@@ -43,7 +43,12 @@ pub struct CaptureArgs {
     pub outbound_ports: String,
 
     /// Outbound destination ports never captured, comma separated.
-    #[arg(short = 'o', long = "istio-local-outbound-ports-exclude", env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", default_value = "")]
+    #[arg(
+        short = 'o',
+        long = "istio-local-outbound-ports-exclude",
+        env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",
+        default_value = ""
+    )]
     pub outbound_ports_exclude: String,
 
     /// Inbound destination ports to capture: `*` for all, empty for none.
@@ -59,7 +64,12 @@ pub struct CaptureArgs {
     pub exclude_interfaces: String,
 
     /// How inbound traffic reaches the proxy: REDIRECT (nat) or TPROXY (mangle, keeps the source).
-    #[arg(short = 'm', long = "istio-inbound-interception-mode", env = "ISTIO_INBOUND_INTERCEPTION_MODE", default_value = "REDIRECT")]
+    #[arg(
+        short = 'm',
+        long = "istio-inbound-interception-mode",
+        env = "ISTIO_INBOUND_INTERCEPTION_MODE",
+        default_value = "REDIRECT"
+    )]
     pub inbound_interception_mode: String,
 
     /// Capture DNS (UDP and TCP port 53) to the proxy's DNS port.
@@ -160,25 +170,17 @@ impl CaptureArgs {
         };
         let exclude_cidrs = parse_cidrs("--istio-service-exclude-cidr", &self.service_exclude_cidr)?;
         let include_outbound_ports = parse_ports("--istio-outbound-ports", &self.outbound_ports)?;
-        let exclude_outbound_ports =
-            parse_ports("--istio-local-outbound-ports-exclude", &self.outbound_ports_exclude)?;
+        let exclude_outbound_ports = parse_ports("--istio-local-outbound-ports-exclude", &self.outbound_ports_exclude)?;
         let include_inbound_ports = match self.inbound_ports.trim() {
             "*" => Selection::All,
             s => Selection::Only(parse_ports("--istio-inbound-ports", s)?),
         };
-        let exclude_inbound_ports =
-            parse_ports("--istio-local-exclude-ports", &self.inbound_ports_exclude)?;
+        let exclude_inbound_ports = parse_ports("--istio-local-exclude-ports", &self.inbound_ports_exclude)?;
         let exclude_interfaces = parse_interfaces(&self.exclude_interfaces)?;
         let inbound_mode = match self.inbound_interception_mode.trim() {
             m if m.eq_ignore_ascii_case("REDIRECT") => InboundMode::Redirect,
             m if m.eq_ignore_ascii_case("TPROXY") => InboundMode::Tproxy,
-            m => {
-                return Err(InvalidFlag::new(
-                    "--istio-inbound-interception-mode",
-                    m,
-                    "expected REDIRECT or TPROXY",
-                ))
-            }
+            m => return Err(InvalidFlag::new("--istio-inbound-interception-mode", m, "expected REDIRECT or TPROXY")),
         };
         let dns_port = parse_port("--dns-port", &self.dns_port, false)?;
         Ok(CaptureConfig {
@@ -322,7 +324,21 @@ mod tests {
     #[test]
     fn istio_injector_flags_are_accepted() {
         let c = parse(&[
-            "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d",
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-m",
+            "REDIRECT",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
             "15090,15021,15020",
         ])
         .unwrap();

@@ -118,7 +118,10 @@ pub fn run(args: &EbpfArgs, capture: &CaptureConfig) -> Result<(), Error> {
     if plan.inbound {
         let adopted = listeners::adopt(&mut loaded.ebpf, &cgroup, plan.config.inbound_port);
         if adopted > 0 {
-            println!("mesh-init ebpf: {adopted} listener(s) already on port {} will take inbound connections", plan.config.inbound_port);
+            println!(
+                "mesh-init ebpf: {adopted} listener(s) already on port {} will take inbound connections",
+                plan.config.inbound_port
+            );
         }
     }
     println!(

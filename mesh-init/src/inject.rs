@@ -181,7 +181,13 @@ pub fn inject(text: &str, origin: &str, args: &InjectArgs) -> Result<Outcome, Er
             out.yaml.push_str(doc.body);
         } else {
             // `--- {inline: document}` keeps only its `---`; a comment after `---` stays.
-            out.yaml.push_str(if doc.separator.len() > 3 { doc.separator } else if doc.separator.is_empty() { "" } else { "---\n" });
+            out.yaml.push_str(if doc.separator.len() > 3 {
+                doc.separator
+            } else if doc.separator.is_empty() {
+                ""
+            } else {
+                "---\n"
+            });
             out.yaml.push_str(&serde_yaml::to_string(&value).expect("a parsed document serialises"));
         }
     }
@@ -293,7 +299,8 @@ fn decide(args: &InjectArgs, annotations: &Annotations, name: Option<&str>) -> R
         // What `mesh-init ebpf` refuses (ebpf/plan.rs), checked here so that a build without
         // the `ebpf` feature injects the same.
         if config.inbound_mode == InboundMode::Tproxy {
-            let reason = "TPROXY is a netfilter target; the eBPF mode keeps the client's address without it: use REDIRECT";
+            let reason =
+                "TPROXY is a netfilter target; the eBPF mode keeps the client's address without it: use REDIRECT";
             return Err(blame("--istio-inbound-interception-mode", reason.into()));
         }
         if config.dns_port.is_some() {

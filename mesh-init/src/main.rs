@@ -75,7 +75,13 @@ struct IptablesCmd {
     #[arg(long = "dual-stack", env = "DUAL_STACK")]
     dual_stack: bool,
     /// Which iptables to use; `auto` follows the rules already present, as kube-proxy does.
-    #[arg(long = "iptables-backend", visible_alias = "force-iptables-binary", env = "IPTABLES_BACKEND", value_enum, default_value = "auto")]
+    #[arg(
+        long = "iptables-backend",
+        visible_alias = "force-iptables-binary",
+        env = "IPTABLES_BACKEND",
+        value_enum,
+        default_value = "auto"
+    )]
     backend: BackendChoice,
 }
 

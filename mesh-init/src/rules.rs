@@ -159,12 +159,18 @@ pub enum Match {
     InInterface(String),
     OutInterface(String),
     Source(IpNet),
-    Destination { net: IpNet, negate: bool },
+    Destination {
+        net: IpNet,
+        negate: bool,
+    },
     /// Destination ports as inclusive ranges; more than one range is rendered as a `multiport`
     /// match (at most 15 slots, a range taking two, which [`plan`] guarantees).
     DestinationPorts(Vec<(u16, u16)>),
     SourcePort(u16),
-    Owner { owner: Owner, negate: bool },
+    Owner {
+        owner: Owner,
+        negate: bool,
+    },
     /// The packet belongs to a socket on this host (`-m socket`): TPROXY'd connections already
     /// accepted by the proxy.
     LocalSocket,

@@ -18,7 +18,9 @@ use crate::orig_dst::original_dst;
 pub enum ValidationError {
     #[error("cannot listen on {addr} ({cause}); run validate before the proxy starts, or check --envoy-port")]
     Listen { addr: SocketAddr, cause: std::io::Error },
-    #[error("running as UID {uid}, which is a proxy UID: its traffic is exempt by design; run validate as another user")]
+    #[error(
+        "running as UID {uid}, which is a proxy UID: its traffic is exempt by design; run validate as another user"
+    )]
     ProxyUser { uid: u32 },
     #[error("connecting to {probe} failed ({cause}): outbound traffic is not redirected to port {port}")]
     Connect { probe: SocketAddr, port: u16, cause: std::io::Error },
@@ -34,17 +36,23 @@ pub enum ValidationError {
 
 /// Checks that a TCP connect to `probe` is redirected to `port` on this host and that the
 /// original destination reads back as `probe`.
-pub fn outbound(port: u16, probe: SocketAddr, proxy_uids: &[u32], timeout: Duration) -> Result<SocketAddr, ValidationError> {
+pub fn outbound(
+    port: u16,
+    probe: SocketAddr,
+    proxy_uids: &[u32],
+    timeout: Duration,
+) -> Result<SocketAddr, ValidationError> {
     let uid = nix::unistd::geteuid().as_raw();
     if proxy_uids.contains(&uid) {
         return Err(ValidationError::ProxyUser { uid });
     }
-    let bind: SocketAddr = if probe.is_ipv6() { (std::net::Ipv6Addr::UNSPECIFIED, port).into() } else { ([0, 0, 0, 0], port).into() };
+    let bind: SocketAddr =
+        if probe.is_ipv6() { (std::net::Ipv6Addr::UNSPECIFIED, port).into() } else { ([0, 0, 0, 0], port).into() };
     let listener = TcpListener::bind(bind).map_err(|cause| ValidationError::Listen { addr: bind, cause })?;
     listener.set_nonblocking(true)?;
 
-    let mut client = TcpStream::connect_timeout(&probe, timeout)
-        .map_err(|cause| ValidationError::Connect { probe, port, cause })?;
+    let mut client =
+        TcpStream::connect_timeout(&probe, timeout).map_err(|cause| ValidationError::Connect { probe, port, cause })?;
     let deadline = Instant::now() + timeout;
     let mut accepted = loop {
         match listener.accept() {

@@ -46,7 +46,11 @@ fn check(case: &str, argv: &[&str]) {
     }
     let want = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e}; run with UPDATE_GOLDEN=1 to create it", path.display()));
-    assert!(got == want, "{case}: rendered rules differ from {}; rerun with UPDATE_GOLDEN=1 and review the diff\n{got}", path.display());
+    assert!(
+        got == want,
+        "{case}: rendered rules differ from {}; rerun with UPDATE_GOLDEN=1 and review the diff\n{got}",
+        path.display()
+    );
 }
 
 #[test]
@@ -56,14 +60,47 @@ fn defaults() {
 
 #[test]
 fn istio_injector_flags() {
-    check("istio_injector", &["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"]);
+    check(
+        "istio_injector",
+        &[
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-m",
+            "REDIRECT",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
+            "15090,15021,15020",
+        ],
+    );
 }
 
 #[test]
 fn include_and_exclude_cidrs_and_ports() {
     check(
         "include_exclude",
-        &["-i", "10.96.0.0/12,fd00:96::/108", "-x", "10.96.0.1/32,169.254.169.254,fd00:96::1", "-q", "3306,5432", "-o", "25,8000-8010", "-b", "8080,9090,9091", "-d", "9090"],
+        &[
+            "-i",
+            "10.96.0.0/12,fd00:96::/108",
+            "-x",
+            "10.96.0.1/32,169.254.169.254,fd00:96::1",
+            "-q",
+            "3306,5432",
+            "-o",
+            "25,8000-8010",
+            "-b",
+            "8080,9090,9091",
+            "-d",
+            "9090",
+        ],
     );
 }
 

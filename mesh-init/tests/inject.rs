@@ -100,7 +100,11 @@ fn goldens() {
         }
         let want = std::fs::read_to_string(&golden).unwrap_or_default();
         if yaml != want {
-            failed.push(format!("{} differs from {} (UPDATE_GOLDEN=1 rewrites it):\n{yaml}", input.display(), golden.display()));
+            failed.push(format!(
+                "{} differs from {} (UPDATE_GOLDEN=1 rewrites it):\n{yaml}",
+                input.display(),
+                golden.display()
+            ));
         }
     }
     assert!(failed.is_empty(), "{}", failed.join("\n\n"));
@@ -178,11 +182,15 @@ fn bad_input_is_refused_naming_document_line_and_annotation() {
         let expect = header(&text, "expect").unwrap_or_else(|| panic!("{}: no `# expect:` line", input.display()));
         // Messages start with the file name as given; the expectations use the bare name.
         let out = run_binary(&input);
-        let stderr = String::from_utf8_lossy(&out.stderr).replace(&format!("{}/", input.parent().unwrap().display()), "");
+        let stderr =
+            String::from_utf8_lossy(&out.stderr).replace(&format!("{}/", input.parent().unwrap().display()), "");
         if out.status.success() {
             failed.push(format!("{}: accepted:\n{}", input.display(), String::from_utf8_lossy(&out.stdout)));
         } else if !stderr.contains(expect) || !out.stdout.is_empty() {
-            failed.push(format!("{}: error {stderr:?} does not contain {expect:?} (or stdout was written)", input.display()));
+            failed.push(format!(
+                "{}: error {stderr:?} does not contain {expect:?} (or stdout was written)",
+                input.display()
+            ));
         }
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
@@ -260,7 +268,8 @@ fn ebpf_init_script_finds_the_pod_cgroup() {
     let tree = root.join("cgroup");
     let systemd = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0b4f_77.slice";
     let cgroupfs = "kubepods/besteffort/pod5a1e-9c";
-    for dir in [format!("{systemd}/cri-containerd-1.scope"), cgroupfs.into(), "kubepods/besteffort/pod5a1e-9c0".into()] {
+    for dir in [format!("{systemd}/cri-containerd-1.scope"), cgroupfs.into(), "kubepods/besteffort/pod5a1e-9c0".into()]
+    {
         std::fs::create_dir_all(tree.join(dir)).unwrap();
     }
     let bin = root.join("bin");
@@ -283,7 +292,11 @@ fn ebpf_init_script_finds_the_pod_cgroup() {
         let out = run(uid);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{uid}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(stdout.trim(), format!("ebpf --cgroup {}/{cgroup} --bpffs /host/sys/fs/bpf {flags}", tree.display()), "{uid}");
+        assert_eq!(
+            stdout.trim(),
+            format!("ebpf --cgroup {}/{cgroup} --bpffs /host/sys/fs/bpf {flags}", tree.display()),
+            "{uid}"
+        );
     }
     let out = run("ffff-00");
     assert!(!out.status.success());
@@ -321,7 +334,8 @@ fn injected_iptables_arguments_are_accepted_by_mesh_init() {
                 let Some(inits) = spec.get("initContainers").and_then(|v| v.as_sequence()) else { continue };
                 for init in inits.iter().filter(|c| c["name"] == "mesh-init" && c["args"][0] == "iptables") {
                     let args: Vec<String> = serde_yaml::from_value(init["args"].clone()).unwrap();
-                    let out = Command::new(env!("CARGO_BIN_EXE_mesh-init")).args(&args).arg("--dry-run").output().unwrap();
+                    let out =
+                        Command::new(env!("CARGO_BIN_EXE_mesh-init")).args(&args).arg("--dry-run").output().unwrap();
                     let stdout = String::from_utf8_lossy(&out.stdout);
                     assert!(
                         out.status.success() && stdout.contains("-j REDIRECT"),

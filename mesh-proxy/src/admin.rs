@@ -74,7 +74,9 @@ fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
-        (k == name).then(|| v.replace("%2C", ",").replace("%2c", ",").replace("%3D", "=").replace("%3d", "=").replace('+', " "))
+        (k == name).then(|| {
+            v.replace("%2C", ",").replace("%2c", ",").replace("%3D", "=").replace("%3d", "=").replace('+', " ")
+        })
     })
 }
 

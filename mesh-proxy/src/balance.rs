@@ -90,7 +90,13 @@ mod tests {
         let mut rng = seeded();
         // 99 / 1, then 50 / 50, then 10/20/70.
         for weights in [vec![99u32, 1], vec![50, 50], vec![10, 20, 70]] {
-            let cumulative: Vec<u32> = weights.iter().scan(0, |s, w| { *s += w; Some(*s) }).collect();
+            let cumulative: Vec<u32> = weights
+                .iter()
+                .scan(0, |s, w| {
+                    *s += w;
+                    Some(*s)
+                })
+                .collect();
             let total: u32 = weights.iter().sum();
             let n = 100_000;
             let mut counts = vec![0u32; weights.len()];

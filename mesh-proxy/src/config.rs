@@ -353,9 +353,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Parses `ip:port` (IPv6 as `[addr]:port`).
 fn parse_socket_addr(field: &str, s: &str) -> Result<SocketAddr, Error> {
-    s.trim()
-        .parse()
-        .map_err(|_| invalid(field, format!("invalid address {s:?}: expected ip:port, e.g. 10.0.0.1:8080 or [fd00::1]:8080")))
+    s.trim().parse().map_err(|_| {
+        invalid(field, format!("invalid address {s:?}: expected ip:port, e.g. 10.0.0.1:8080 or [fd00::1]:8080"))
+    })
 }
 
 /// Parses a route destination: an `ip:port`, or an HTTP authority `host[:port]`.
@@ -395,8 +395,8 @@ impl RawConfig {
 
     /// Reads and parses a file; the file name is the origin in errors.
     pub fn from_file(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| Error::Read { path: path.display().to_string(), error })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|error| Error::Read { path: path.display().to_string(), error })?;
         Self::from_yaml(&path.display().to_string(), &text)
     }
 
@@ -410,9 +410,11 @@ impl RawConfig {
             None => None,
             Some(r) => {
                 let address = parse_socket_addr("readiness.address", &r.address)?;
-                let same_ip = address.ip() == admin.ip() || address.ip().is_unspecified() || admin.ip().is_unspecified();
+                let same_ip =
+                    address.ip() == admin.ip() || address.ip().is_unspecified() || admin.ip().is_unspecified();
                 if address.port() == admin.port() && same_ip {
-                    let reason = format!("{address} overlaps admin.address {admin}; use its own port (Istio's is 15021)");
+                    let reason =
+                        format!("{address} overlaps admin.address {admin}; use its own port (Istio's is 15021)");
                     return Err(invalid("readiness.address", reason));
                 }
                 Some(Readiness { address })
@@ -463,7 +465,12 @@ impl RawConfig {
             if connect_timeout.is_zero() {
                 return Err(invalid(format!("{field}.connect_timeout"), "must be greater than 0"));
             }
-            clusters.push(Cluster { name: c.name.clone(), lb_policy: c.lb_policy, connect_timeout, endpoints: Vec::new() });
+            clusters.push(Cluster {
+                name: c.name.clone(),
+                lb_policy: c.lb_policy,
+                connect_timeout,
+                endpoints: Vec::new(),
+            });
         }
 
         let mut seen_eds = HashSet::new();
@@ -478,7 +485,10 @@ impl RawConfig {
             if !seen_eds.insert(e.cluster.as_str()) {
                 return Err(invalid(
                     format!("{field}.cluster"),
-                    format!("endpoints for cluster {:?} are given twice; list all its addresses in one entry", e.cluster),
+                    format!(
+                        "endpoints for cluster {:?} are given twice; list all its addresses in one entry",
+                        e.cluster
+                    ),
                 ));
             }
             for (j, a) in e.addresses.iter().enumerate() {
@@ -531,8 +541,7 @@ impl RawConfig {
                 if !url.starts_with("http://") {
                     return Err(invalid("discovery.url", format!("{:?}: only http:// URLs are supported", d.url)));
                 }
-                url.parse::<http::Uri>()
-                    .map_err(|e| invalid("discovery.url", format!("{:?}: {e}", d.url)))?;
+                url.parse::<http::Uri>().map_err(|e| invalid("discovery.url", format!("{:?}: {e}", d.url)))?;
                 let poll_interval =
                     opt_duration("discovery.poll_interval", d.poll_interval.as_deref(), DEFAULT_POLL_INTERVAL)?;
                 if poll_interval < Duration::from_millis(10) {

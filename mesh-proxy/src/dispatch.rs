@@ -46,10 +46,16 @@ pub enum Plan {
     Inbound(SocketAddr),
     /// A route (index in the snapshot's route table) claims the original destination; HTTP
     /// requests whose authority names no route get `fallback`.
-    Route { route: usize, protocol: Protocol, fallback: Fallback },
+    Route {
+        route: usize,
+        protocol: Protocol,
+        fallback: Fallback,
+    },
     /// No route claims the address but HTTP host routes exist for its port: detect, and route per
     /// request if it is HTTP; `fallback` for the rest.
-    Detect { fallback: Fallback },
+    Detect {
+        fallback: Fallback,
+    },
     Unrouted(Fallback),
 }
 

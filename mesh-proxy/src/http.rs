@@ -164,8 +164,15 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
             Fallback::Passthrough(dst) => {
                 let cluster = ctx.passthrough.get_or_init(|| Arc::new(ctx.proxy.passthrough_cluster(dst)));
                 let counters = &ctx.proxy.passthrough_counters;
-                forward(cluster, counters, &ctx.proxy.passthrough_route, req, crate::config::DEFAULT_REQUEST_TIMEOUT, log)
-                    .await
+                forward(
+                    cluster,
+                    counters,
+                    &ctx.proxy.passthrough_route,
+                    req,
+                    crate::config::DEFAULT_REQUEST_TIMEOUT,
+                    log,
+                )
+                .await
             }
             Fallback::Refuse(why) => {
                 let status = match why {
@@ -188,10 +195,7 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
 
 /// The request's authority: the absolute URI's, else the Host header.
 fn authority(req: &Request<Incoming>) -> Option<&str> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+    req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
 }
 
 /// Sends `req` to an endpoint of `cluster`; a failed connect is retried once on another endpoint.
@@ -233,7 +237,13 @@ async fn forward(
                 resp.map(|inner| {
                     ProxyBody::Upstream(UpstreamBody {
                         inner,
-                        done: Some(Done { sender, endpoint: ep.clone(), _guard: guard, log: log.with_status(status), bytes: 0 }),
+                        done: Some(Done {
+                            sender,
+                            endpoint: ep.clone(),
+                            _guard: guard,
+                            log: log.with_status(status),
+                            bytes: 0,
+                        }),
                     })
                 })
             }
@@ -452,10 +462,7 @@ impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
@@ -536,9 +543,7 @@ impl AccessLog {
     }
 
     fn with_endpoint(&self, e: SocketAddr) -> Self {
-        AccessLog {
-            fields: self.fields.as_ref().map(|f| Box::new(LogFields { endpoint: Some(e), ..clone_fields(f) })),
-        }
+        AccessLog { fields: self.fields.as_ref().map(|f| Box::new(LogFields { endpoint: Some(e), ..clone_fields(f) })) }
     }
 
     fn with_status(self, s: StatusCode) -> Self {

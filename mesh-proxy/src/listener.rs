@@ -131,8 +131,7 @@ impl Listeners {
 
     pub fn info(&self) -> Vec<ListenerInfo> {
         let running = self.running.lock().expect("listeners lock poisoned");
-        let mut v: Vec<_> =
-            running.iter().map(|(a, r)| ListenerInfo { name: r.name.clone(), address: *a }).collect();
+        let mut v: Vec<_> = running.iter().map(|(a, r)| ListenerInfo { name: r.name.clone(), address: *a }).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }

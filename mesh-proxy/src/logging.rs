@@ -3,9 +3,7 @@
 //! Access-log lines use the target `access`, so they can be switched off or on alone
 //! (`--log-level info,access=off`, or `POST /logging?level=info,access=off`).
 
-use tracing_subscriber::{
-    filter::EnvFilter, fmt, layer::SubscriberExt, reload, util::SubscriberInitExt, Registry,
-};
+use tracing_subscriber::{filter::EnvFilter, fmt, layer::SubscriberExt, reload, util::SubscriberInitExt, Registry};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -53,9 +51,7 @@ pub fn init(directives: &str, format: LogFormat) -> Result<LogHandle, Error> {
 impl LogHandle {
     pub fn set(&self, directives: &str) -> Result<(), Error> {
         let f = filter(directives)?;
-        self.0
-            .reload(f)
-            .map_err(|e| Error::Filter { directives: directives.to_string(), reason: e.to_string() })?;
+        self.0.reload(f).map_err(|e| Error::Filter { directives: directives.to_string(), reason: e.to_string() })?;
         // Callsites cache whether they are enabled; make them ask again.
         tracing::callsite::rebuild_interest_cache();
         Ok(())

@@ -76,10 +76,8 @@ fn run(args: Args, log: logging::LogHandle) -> anyhow::Result<()> {
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     let data = DataPlane::start(workers).context("starting the data-plane runtime")?;
-    let control_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the control runtime")?;
+    let control_rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the control runtime")?;
 
     control_rt.block_on(async {
         let local = LocalAddrs::discover().context("reading interface addresses")?;
@@ -94,7 +92,12 @@ fn run(args: Args, log: logging::LogHandle) -> anyhow::Result<()> {
             .with_context(|| format!("binding admin.address {admin_addr}"))?;
         tracing::info!(address = %admin_addr, workers, "admin listening");
         let shutdown = Arc::new(Notify::new());
-        let admin = Arc::new(Admin { control: control.clone(), log: Some(log), shutdown: shutdown.clone(), drain: drain.clone() });
+        let admin = Arc::new(Admin {
+            control: control.clone(),
+            log: Some(log),
+            shutdown: shutdown.clone(),
+            drain: drain.clone(),
+        });
         tokio::spawn(admin::serve(admin, admin_listener));
         if let Some(ready) = control.snapshot.load().config.readiness {
             let listener = tokio::net::TcpListener::bind(ready.address)
@@ -152,7 +155,11 @@ fn run(args: Args, log: logging::LogHandle) -> anyhow::Result<()> {
 /// work-stealing bookkeeping and an uncontended timer, which is what a sidecar on one core wants;
 /// more workers are a multi-thread runtime.
 enum DataPlane {
-    Single { handle: tokio::runtime::Handle, stop: tokio::sync::oneshot::Sender<()>, thread: std::thread::JoinHandle<()> },
+    Single {
+        handle: tokio::runtime::Handle,
+        stop: tokio::sync::oneshot::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
+    },
     Multi(tokio::runtime::Runtime),
 }
 

@@ -134,7 +134,11 @@ impl Metrics {
     pub fn request_counters(&self, route: &str, cluster: &str) -> RequestCounters {
         RequestCounters(ResponseClass::ALL.map(|response_class| {
             self.requests
-                .get_or_create(&RequestLabels { route: route.to_string(), cluster: cluster.to_string(), response_class })
+                .get_or_create(&RequestLabels {
+                    route: route.to_string(),
+                    cluster: cluster.to_string(),
+                    response_class,
+                })
                 .clone()
         }))
     }

@@ -136,7 +136,15 @@ impl Proxy {
                 let _req = ep.start_request();
                 let idle = snapshot.config.tcp_idle_timeout;
                 let result = tcp::splice(&mut stream, &mut upstream, idle).await;
-                log_tcp(peer, &entry.name, &target.cluster.name, Some(ep.addr), start, result.as_ref().ok(), result.as_ref().err());
+                log_tcp(
+                    peer,
+                    &entry.name,
+                    &target.cluster.name,
+                    Some(ep.addr),
+                    start,
+                    result.as_ref().ok(),
+                    result.as_ref().err(),
+                );
                 if result.is_err() {
                     ep.record_error();
                 }

@@ -143,9 +143,7 @@ mod tests {
     async fn an_idle_session_times_out_and_an_active_one_does_not() {
         let (mut client, mut proxy_down) = tokio::io::duplex(64);
         let (mut proxy_up, mut server) = tokio::io::duplex(64);
-        let splice = tokio::spawn(async move {
-            splice(&mut proxy_down, &mut proxy_up, Duration::from_secs(10)).await
-        });
+        let splice = tokio::spawn(async move { splice(&mut proxy_down, &mut proxy_up, Duration::from_secs(10)).await });
         // Activity every 6 s keeps it alive past 10 s.
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_secs(6)).await;

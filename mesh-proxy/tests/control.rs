@@ -82,7 +82,11 @@ impl Load {
         for t in self.tasks {
             t.await.unwrap();
         }
-        (self.total.load(Ordering::Relaxed), self.failures.load(Ordering::Relaxed), self.stale_after_mark.load(Ordering::Relaxed))
+        (
+            self.total.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+            self.stale_after_mark.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -217,7 +221,10 @@ async fn sighup_reloads_and_unchanged_listeners_keep_their_sockets() {
     // The first listener's established connection was not touched.
     assert_eq!(old_conn.get("/", &[]).await.unwrap().1, "v1");
     let (_, listeners) = proxy.admin("/listeners").await;
-    assert!(listeners.contains(&format!("main::{listen}")) && listeners.contains(&format!("second::{second}")), "{listeners}");
+    assert!(
+        listeners.contains(&format!("main::{listen}")) && listeners.contains(&format!("second::{second}")),
+        "{listeners}"
+    );
 
     // Removing the second listener stops it accepting; its open connection carries on.
     proxy.rewrite(&base);
@@ -239,11 +246,23 @@ async fn discovery_from_python_http_server_switches_under_load() {
     let v1dir = dir.path().join("mesh").join("v1");
     std::fs::create_dir_all(&v1dir).unwrap();
     let resources = |version: &str, body: String| format!("{{\"version_info\": \"{version}\", \"resources\": {body}}}");
-    write_atomic(&v1dir.join("listeners"), &resources("1", format!("[{{\"name\": \"main\", \"address\": \"{listen}\"}}]")));
-    write_atomic(&v1dir.join("clusters"), &resources("1", "[{\"name\": \"v1\"}, {\"name\": \"v2\", \"lb_policy\": \"least_request\"}]".into()));
+    write_atomic(
+        &v1dir.join("listeners"),
+        &resources("1", format!("[{{\"name\": \"main\", \"address\": \"{listen}\"}}]")),
+    );
+    write_atomic(
+        &v1dir.join("clusters"),
+        &resources("1", "[{\"name\": \"v1\"}, {\"name\": \"v2\", \"lb_policy\": \"least_request\"}]".into()),
+    );
     write_atomic(
         &v1dir.join("endpoints"),
-        &resources("1", format!("[{{\"cluster\": \"v1\", \"addresses\": [\"{}\"]}}, {{\"cluster\": \"v2\", \"addresses\": [\"{}\"]}}]", v1.addr, v2.addr)),
+        &resources(
+            "1",
+            format!(
+                "[{{\"cluster\": \"v1\", \"addresses\": [\"{}\"]}}, {{\"cluster\": \"v2\", \"addresses\": [\"{}\"]}}]",
+                v1.addr, v2.addr
+            ),
+        ),
     );
     let routes = |version: &str, cluster: &str| {
         resources(
@@ -436,7 +455,8 @@ async fn readiness_port_serves_only_ready() {
     loop {
         let dump = proxy.config_dump().await;
         if let Some(e) = dump["last_rejected"]["error"].as_str() {
-            let want = format!("readiness.address cannot change while running ({ready} → {elsewhere}); restart to change it");
+            let want =
+                format!("readiness.address cannot change while running ({ready} → {elsewhere}); restart to change it");
             assert_eq!(e, want);
             break;
         }

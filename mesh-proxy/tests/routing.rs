@@ -25,7 +25,8 @@ async fn three_versions() -> (Backend, Backend, Backend) {
 async fn weighted_split_is_per_request_on_one_keepalive_connection() {
     let (v1, v2, v3) = three_versions().await;
     let listen = free_addr();
-    let yaml = listener_route(listen, "http", SPLIT_RULES, &[("v1", &[v1.addr]), ("v2", &[v2.addr]), ("v3", &[v3.addr])]);
+    let yaml =
+        listener_route(listen, "http", SPLIT_RULES, &[("v1", &[v1.addr]), ("v2", &[v2.addr]), ("v3", &[v3.addr])]);
     let proxy = ProxyProcess::start(&yaml).await;
 
     let mut client = HttpClient::connect(listen).await.unwrap();
@@ -49,7 +50,8 @@ async fn weighted_split_is_per_request_on_one_keepalive_connection() {
 async fn header_and_path_rules_pick_their_cluster() {
     let (v1, v2, v3) = three_versions().await;
     let listen = free_addr();
-    let yaml = listener_route(listen, "auto", SPLIT_RULES, &[("v1", &[v1.addr]), ("v2", &[v2.addr]), ("v3", &[v3.addr])]);
+    let yaml =
+        listener_route(listen, "auto", SPLIT_RULES, &[("v1", &[v1.addr]), ("v2", &[v2.addr]), ("v3", &[v3.addr])]);
     let _proxy = ProxyProcess::start(&yaml).await;
 
     // curl, a real client, with the header.
@@ -86,7 +88,16 @@ endpoints: [{{ cluster: v1, addresses: [\"{}\"] }}, {{ cluster: v2, addresses: [
     let _proxy = ProxyProcess::start(&yaml).await;
     let curl = |host: &str| {
         let out = std::process::Command::new("curl")
-            .args(["-sS", "-o", "-", "-w", " %{http_code}", "-H", &format!("host: {host}"), &format!("http://{listen}/")])
+            .args([
+                "-sS",
+                "-o",
+                "-",
+                "-w",
+                " %{http_code}",
+                "-H",
+                &format!("host: {host}"),
+                &format!("http://{listen}/"),
+            ])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -132,7 +143,10 @@ async fn dead_endpoint_is_retried_on_another_then_503_then_recovery() {
     assert_eq!(c.get("/", &[]).await.unwrap(), (200, "back".into()));
     let stats = proxy.admin("/stats/prometheus").await.1;
     assert!(stats.contains("mesh_proxy_upstream_connect_failures_total{cluster=\"solo\"}"), "{stats}");
-    assert!(stats.contains("mesh_proxy_requests_total{route=\"main\",cluster=\"solo\",response_class=\"5xx\"} 2"), "{stats}");
+    assert!(
+        stats.contains("mesh_proxy_requests_total{route=\"main\",cluster=\"solo\",response_class=\"5xx\"} 2"),
+        "{stats}"
+    );
 }
 
 /// Sends raw bytes, returns everything the proxy answered until it closed.
@@ -226,7 +240,10 @@ async fn an_idle_tcp_session_is_closed_after_tcp_idle_timeout() {
     s.write_all(b"hello").await.unwrap();
     // Nothing more either way: the proxy closes both sides; the client sees EOF, not a hang.
     let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.expect("closed by the idle timeout").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed by the idle timeout")
+        .unwrap();
     assert!(rest.is_empty(), "{rest:?}");
 }
 
@@ -329,6 +346,9 @@ async fn a_connection_straight_to_the_listener_without_a_route_is_closed_not_loo
     assert!(rest.is_empty());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let stats = proxy.admin("/stats/prometheus").await.1;
-    assert!(stats.contains("mesh_proxy_downstream_connections_total{listener=\"main\"} 1"), "one connection, no loop: {stats}");
+    assert!(
+        stats.contains("mesh_proxy_downstream_connections_total{listener=\"main\"} 1"),
+        "one connection, no loop: {stats}"
+    );
     assert!(proxy.log_text().contains("addressed to the proxy's own listener"), "{}", proxy.log_text());
 }

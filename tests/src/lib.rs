@@ -229,7 +229,11 @@ impl Proc {
     }
 
     /// Sends a signal and waits up to `timeout` for the exit status.
-    pub fn signal_and_wait(&mut self, sig: nix::sys::signal::Signal, timeout: Duration) -> Option<std::process::ExitStatus> {
+    pub fn signal_and_wait(
+        &mut self,
+        sig: nix::sys::signal::Signal,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {

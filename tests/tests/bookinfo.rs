@@ -16,7 +16,11 @@ fn demo(mode: &str) {
         .output()
         .expect("run demo.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo --short --mode {mode} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo --short --mode {mode} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for step in ["(a) all reviews traffic to v1", "(b) reviews 50/50", "(c) requests of end-user jason"] {
         assert!(stdout.contains(step), "missing step {step:?}:\n{stdout}");
     }

@@ -12,7 +12,9 @@ use std::{
     time::Duration,
 };
 
-use mesh_e2e::{bin, check, ebpf_status_of, eventually, origdst_server, privileged, script, Cgroup, PodNet, Proc, REMOTE_V4};
+use mesh_e2e::{
+    bin, check, ebpf_status_of, eventually, origdst_server, privileged, script, Cgroup, PodNet, Proc, REMOTE_V4,
+};
 
 const PROXY_UID: u32 = 1337;
 
@@ -84,7 +86,8 @@ impl Pod {
     /// Entry count of `map` in the status's "map entries" line.
     fn entries(&self, map: &str) -> u64 {
         let status = self.status();
-        let line = status.lines().find(|l| l.contains("map entries:")).unwrap_or_else(|| panic!("no map entries in {status}"));
+        let line =
+            status.lines().find(|l| l.contains("map entries:")).unwrap_or_else(|| panic!("no map entries in {status}"));
         line.split(", ")
             .find_map(|f| f.trim().trim_start_matches("map entries: ").strip_prefix(&format!("{map} ")))
             .and_then(|n| n.parse().ok())
@@ -134,16 +137,22 @@ fn cleanup_leaves_nothing_attached_pinned_or_loaded() {
     let attached = bpftool(&["cgroup", "show", &cg]);
     let prog_ids: Vec<String> = attached
         .lines()
-        .filter_map(|l| l.split_whitespace().next().filter(|w| w.chars().all(|c| c.is_ascii_digit())).map(str::to_owned))
+        .filter_map(|l| {
+            l.split_whitespace().next().filter(|w| w.chars().all(|c| c.is_ascii_digit())).map(str::to_owned)
+        })
         .collect();
     assert_eq!(prog_ids.len(), 5, "connect4/6, sock_release, sock_ops, getsockopt:\n{attached}");
-    let netns_ino = std::fs::metadata(pod.net.pod.path()).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect("netns inode");
+    let netns_ino =
+        std::fs::metadata(pod.net.pod.path()).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect("netns inode");
     let ours = format!("netns_ino {netns_ino}");
     assert!(bpftool(&["link", "show"]).contains(&ours), "sk_lookup link on the pod namespace");
     assert!(pod.pin_dir().is_dir());
 
     pod.install(&["--cleanup-only"]);
-    assert!(!bpftool(&["cgroup", "show", &cg]).lines().any(|l| l.trim().starts_with(char::is_numeric)), "no program on the cgroup");
+    assert!(
+        !bpftool(&["cgroup", "show", &cg]).lines().any(|l| l.trim().starts_with(char::is_numeric)),
+        "no program on the cgroup"
+    );
     assert!(!bpftool(&["link", "show"]).contains(&ours), "no link on the pod namespace");
     assert!(!pod.pin_dir().exists(), "pin directory removed");
     // Programs are freed once their last reference goes, after an RCU grace period.
@@ -182,7 +191,9 @@ fn connection_maps_are_emptied_as_connections_close() {
     let status = pod.status();
     let redirected = status
         .lines()
-        .find_map(|l| l.split(", ").find_map(|f| f.trim().trim_start_matches("counters: ").strip_prefix("outbound redirected ")))
+        .find_map(|l| {
+            l.split(", ").find_map(|f| f.trim().trim_start_matches("counters: ").strip_prefix("outbound redirected "))
+        })
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or_else(|| panic!("no redirect counter in {status}"));
     assert_eq!(redirected, u64::from(n), "{status}");
@@ -204,7 +215,8 @@ fn log_shows_the_programs_records_until_interrupted() {
     let line = log.wait_for_line("connect uid=0");
     assert!(line.contains("10.200.0.2]:80"), "{line}");
     log.wait_for_line("SO_ORIGINAL_DST");
-    let status = log.signal_and_wait(nix::sys::signal::Signal::SIGINT, Duration::from_secs(5)).expect("exits on Ctrl-C");
+    let status =
+        log.signal_and_wait(nix::sys::signal::Signal::SIGINT, Duration::from_secs(5)).expect("exits on Ctrl-C");
     assert!(status.success(), "{status}");
     let after = pod.status();
     assert!(!after.contains("log]") && !after.contains(", log"), "records switched off again:\n{after}");
@@ -260,7 +272,8 @@ fn a_proxy_listening_before_the_programs_gets_inbound_connections() {
     let mut pod = Pod::new("eearly");
     pod.proxy();
     pod.install(&[]);
-    let from_remote = |pod: &Pod| Pod::answered_by(pod.net.remote.command("python3"), &format!("{}:8080", mesh_e2e::POD_V4));
+    let from_remote =
+        |pod: &Pod| Pod::answered_by(pod.net.remote.command("python3"), &format!("{}:8080", mesh_e2e::POD_V4));
     assert_eq!(from_remote(&pod), 15000, "the listener was adopted at install");
     // And again after a cleanup and a fresh install, the proxy still running.
     pod.install(&["--cleanup-only"]);

@@ -9,7 +9,9 @@
 
 use std::process::{Command, Output};
 
-use mesh_e2e::{bin, check, ebpf_status_of, origdst_server, script, Cgroup, PodNet, Proc, POD_V4, REMOTE_V4, REMOTE_V6};
+use mesh_e2e::{
+    bin, check, ebpf_status_of, origdst_server, script, Cgroup, PodNet, Proc, POD_V4, REMOTE_V4, REMOTE_V6,
+};
 
 const PROXY_UID: u32 = 1337;
 const APP_UID: u32 = 0;
@@ -136,7 +138,9 @@ impl Harness {
                     for line in String::from_utf8_lossy(&out.stdout).lines() {
                         if let Some(t) = line.strip_prefix('*') {
                             table = t.to_string();
-                        } else if line.starts_with("-A") || (line.starts_with(':') && line.split_whitespace().nth(1) == Some("-")) {
+                        } else if line.starts_with("-A")
+                            || (line.starts_with(':') && line.split_whitespace().nth(1) == Some("-"))
+                        {
                             s += &format!("{save} {table} {line}\n");
                         }
                     }
@@ -366,4 +370,3 @@ macro_rules! all_modes {
 }
 
 all_modes!(Iptables => iptables, Ebpf => ebpf);
-

@@ -47,8 +47,11 @@ fn golden_files_are_accepted_by_both_backends() {
         let path = entry.unwrap().path();
         let (v4, v6) = split_families(&fs::read_to_string(&path).unwrap());
         for backend in ["nft", "legacy"] {
-            for (restore, text) in [(format!("iptables-{backend}-restore"), &v4), (format!("ip6tables-{backend}-restore"), &v6)] {
-                restore_test(&ns, &restore, text).unwrap_or_else(|e| panic!("{} rejected by {restore}: {e}", path.display()));
+            for (restore, text) in
+                [(format!("iptables-{backend}-restore"), &v4), (format!("ip6tables-{backend}-restore"), &v6)]
+            {
+                restore_test(&ns, &restore, text)
+                    .unwrap_or_else(|e| panic!("{} rejected by {restore}: {e}", path.display()));
             }
         }
         seen += 1;
@@ -105,15 +108,25 @@ fn thousand_ports_and_cidrs_apply_and_work() {
     let net = PodNet::new("scale");
     let ports: Vec<String> = (0..1000).map(|i| (20000 + 3 * i).to_string()).collect();
     let cidrs: Vec<String> = (0..1000).map(|i| format!("10.{}.{}.128/25", 100 + i / 250, i % 250)).collect();
-    let out = check(Command::new(bin("mesh-init")).args(["iptables", "--netns", net.pod.name(), "-o", &ports.join(","), "-x", &cidrs.join(",")]));
+    let out = check(Command::new(bin("mesh-init")).args([
+        "iptables",
+        "--netns",
+        net.pod.name(),
+        "-o",
+        &ports.join(","),
+        "-x",
+        &cidrs.join(","),
+    ]));
     let summary = String::from_utf8_lossy(&out.stdout);
     let rules = net.pod.sh("iptables-save -t nat | grep -c '^-A ISTIO_OUTPUT'");
     let rules: usize = rules.trim().parse().unwrap();
     assert!(rules < 1000 + 100, "ports are packed: {rules} rules in ISTIO_OUTPUT ({summary})");
     // 20003 is excluded, 20004 is not.
-    let mut proxy = Proc::spawn(net.pod.command_as(1337, 1337, "python3").arg(script("origdst_server.py")).arg("15000"));
+    let mut proxy =
+        Proc::spawn(net.pod.command_as(1337, 1337, "python3").arg(script("origdst_server.py")).arg("15000"));
     proxy.wait_for_line("ready");
-    let mut remote = Proc::spawn(net.remote.command("python3").arg(script("origdst_server.py")).args(["20003", "20004"]));
+    let mut remote =
+        Proc::spawn(net.remote.command("python3").arg(script("origdst_server.py")).args(["20003", "20004"]));
     remote.wait_for_line("ready");
     let probe = |port: u16| net.pod.sh(&format!("python3 {} {REMOTE_V4}:{port}", script("probe.py").display()));
     assert!(probe(20003).contains("port=20003"), "excluded port goes direct");
@@ -126,12 +139,32 @@ fn tproxy_delivers_inbound_with_the_client_address_kept() {
         return;
     }
     let net = PodNet::new("tproxy");
-    check(Command::new(bin("mesh-init")).args(["iptables", "--netns", net.pod.name(), "-m", "TPROXY", "-z", "15006", "-d", "8081"]));
+    check(Command::new(bin("mesh-init")).args([
+        "iptables",
+        "--netns",
+        net.pod.name(),
+        "-m",
+        "TPROXY",
+        "-z",
+        "15006",
+        "-d",
+        "8081",
+    ]));
     // IP_TRANSPARENT needs CAP_NET_ADMIN: give the proxy UID just that, as a sidecar would get it.
     let mut cmd = net.pod.command("setpriv");
-    cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups", "--inh-caps=+net_admin", "--ambient-caps=+net_admin", "--", "env", "TRANSPARENT=1", "python3"])
-        .arg(script("origdst_server.py"))
-        .arg("15006");
+    cmd.args([
+        "--reuid=1337",
+        "--regid=1337",
+        "--clear-groups",
+        "--inh-caps=+net_admin",
+        "--ambient-caps=+net_admin",
+        "--",
+        "env",
+        "TRANSPARENT=1",
+        "python3",
+    ])
+    .arg(script("origdst_server.py"))
+    .arg("15006");
     let mut proxy = Proc::spawn(&mut cmd);
     proxy.wait_for_line("ready");
     let mut app = Proc::spawn(net.pod.command("python3").arg(script("origdst_server.py")).arg("8081"));

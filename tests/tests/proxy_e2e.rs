@@ -123,12 +123,21 @@ impl Mesh {
             net.add_remote_addr(&format!("{ip}/32"));
         }
         let dir = Dir::new(tag);
-        let mut mesh = Mesh { config: dir.0.join("proxy.yaml"), log: dir.0.join("proxy.log"), net, dir, procs: Vec::new() };
+        let mut mesh =
+            Mesh { config: dir.0.join("proxy.yaml"), log: dir.0.join("proxy.log"), net, dir, procs: Vec::new() };
         for (name, addr) in [("v1", V1), ("v2", V2), ("v3", V3)] {
             mesh.backend_remote(name, addr);
         }
         check(Command::new(bin("mesh-init")).args([
-            "iptables", "--netns", mesh.net.pod.name(), "-p", "15000", "-u", "1337", "-d", "15090",
+            "iptables",
+            "--netns",
+            mesh.net.pod.name(),
+            "-p",
+            "15000",
+            "-u",
+            "1337",
+            "-d",
+            "15090",
         ]));
         mesh.write_config(config);
         let mut cmd = mesh.net.pod.command_as(1337, 1337, bin("mesh-proxy"));
@@ -287,7 +296,11 @@ impl Load {
         for t in self.threads {
             t.join().unwrap();
         }
-        (self.total.load(Ordering::Relaxed), self.failures.load(Ordering::Relaxed), self.unexpected.load(Ordering::Relaxed))
+        (
+            self.total.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+            self.unexpected.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -401,7 +414,9 @@ fn proxy_discovery_switch_and_nack() {
     }
     // The file has only the admin address and the discovery source; python's http.server serves
     // a directory of JSON files in the pod.
-    let yaml = format!("admin: {{ address: {ADMIN} }}\ndiscovery: {{ url: \"http://127.0.0.1:8500/mesh\", poll_interval: 100ms }}\n");
+    let yaml = format!(
+        "admin: {{ address: {ADMIN} }}\ndiscovery: {{ url: \"http://127.0.0.1:8500/mesh\", poll_interval: 100ms }}\n"
+    );
     let mut mesh = Mesh::start("pxd", &yaml);
     let xds = mesh.dir.0.join("xds");
     let v1dir = xds.join("mesh").join("v1");
@@ -523,7 +538,12 @@ fn proxy_passthrough_inbound_dead_backend_registry_only() {
     assert_eq!(inbound6.unwrap(), (200, "pod-app".to_string()));
     mesh.net.pod.run(|| {
         let stats = admin("/stats/prometheus");
-        assert!(stats.contains("mesh_proxy_tcp_connections_total{route=\"inbound\",cluster=\"InboundPassthroughCluster\"} 2"), "{stats}");
+        assert!(
+            stats.contains(
+                "mesh_proxy_tcp_connections_total{route=\"inbound\",cluster=\"InboundPassthroughCluster\"} 2"
+            ),
+            "{stats}"
+        );
 
         // registry_only: the unknown destination is refused; routed traffic still flows.
         mesh.write_config(&file_config(ALL_V2).replace("allow_any", "registry_only"));

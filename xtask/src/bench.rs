@@ -78,7 +78,8 @@ pub struct Settings {
 impl Settings {
     fn from(args: &BenchArgs) -> Settings {
         let repeats = args.repeats.unwrap_or(3).max(1);
-        let duration = args.duration.unwrap_or(if args.quick { Duration::from_secs(1) } else { Duration::from_secs(10) });
+        let duration =
+            args.duration.unwrap_or(if args.quick { Duration::from_secs(1) } else { Duration::from_secs(10) });
         Settings {
             repeats,
             duration,
@@ -168,7 +169,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         paths::which(tool)?;
     }
     // Before anything of ours (the build included) runs: how busy the machine is with other work.
-    let load_before = std::fs::read_to_string("/proc/loadavg")?.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    let load_before =
+        std::fs::read_to_string("/proc/loadavg")?.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     let fd_limit = raise_nofile_limit()?;
     let mut settings = Settings::from(&args);
     let mut notes = args.note.clone();
@@ -190,7 +192,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     for b in [&bins.mesh_init, &bins.mesh_proxy] {
         if !b.is_file() {
-            bail!("{} is missing: build it (`cargo build --release -p mesh-init -p mesh-proxy`) or drop --bin-dir", b.display());
+            bail!(
+                "{} is missing: build it (`cargo build --release -p mesh-init -p mesh-proxy`) or drop --bin-dir",
+                b.display()
+            );
         }
     }
     let wanted: Vec<PathKind> = if args.paths.is_empty() { PathKind::ALL.to_vec() } else { args.paths.clone() };
@@ -302,7 +307,8 @@ fn measure(path: &mut BenchPath, workload: Workload, s: &Settings, out: &mut Pat
     let kind = path.kind;
     let mode = if workload == Workload::Passthrough { SidecarMode::Tcp } else { SidecarMode::Http };
     path.ensure_mode(mode)?;
-    let cpu = |path: &BenchPath| -> Result<Option<Duration>> { path.sidecar.as_ref().map(|s| s.proc.cpu()).transpose() };
+    let cpu =
+        |path: &BenchPath| -> Result<Option<Duration>> { path.sidecar.as_ref().map(|s| s.proc.cpu()).transpose() };
     let per_1k = |before: Option<Duration>, after: Option<Duration>, requests: u64| -> Option<f64> {
         Some((after? - before?).as_secs_f64() * 1000.0 / requests.max(1) as f64)
     };
@@ -315,7 +321,12 @@ fn measure(path: &mut BenchPath, workload: Workload, s: &Settings, out: &mut Pat
                 "bench: {workload:?} {kind}: {:.0} req/s, p50 {:.0} us, p99 {:.0} us, {} errors",
                 w.rps, w.latency.p50, w.latency.p99, w.errors
             );
-            let sample = WrkSample { rps: w.rps, latency: w.latency, errors: w.errors, cpu_per_1k: per_1k(before, after, w.requests) };
+            let sample = WrkSample {
+                rps: w.rps,
+                latency: w.latency,
+                errors: w.errors,
+                cpu_per_1k: per_1k(before, after, w.requests),
+            };
             if workload == Workload::KeepAlive { &mut out.keep_alive } else { &mut out.close }.push(sample);
         }
         Workload::Rate => {
@@ -326,7 +337,12 @@ fn measure(path: &mut BenchPath, workload: Workload, s: &Settings, out: &mut Pat
                 "bench: Rate {kind}: p50 {:.0} us, p90 {:.0} us, p99 {:.0} us, {} errors",
                 r.latency.p50, r.latency.p90, r.latency.p99, r.errors
             );
-            out.rate.push(RateSample { latency: r.latency, sent: r.sent, errors: r.errors, cpu_per_1k: per_1k(before, after, r.sent) });
+            out.rate.push(RateSample {
+                latency: r.latency,
+                sent: r.sent,
+                errors: r.errors,
+                cpu_per_1k: per_1k(before, after, r.sent),
+            });
         }
         Workload::Passthrough => {
             let bps = load::iperf3(&path.pod, s.duration)?;

@@ -242,7 +242,10 @@ impl Proc {
     pub fn memory(&self) -> Result<(u64, u64)> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
         let field = |name: &str| -> Result<u64> {
-            let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name} in /proc/PID/status"))?;
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .with_context(|| format!("no {name} in /proc/PID/status"))?;
             Ok(line.split_whitespace().nth(1).context("malformed status")?.parse()?)
         };
         Ok((field("VmRSS:")?, field("VmHWM:")?))
@@ -380,8 +383,9 @@ impl Pod {
     /// (a sidecar behind the interception) accepted it. A direct path gets "connection refused".
     pub fn intercepted(&self) -> Result<bool> {
         let probe = format!("exec 3<>/dev/tcp/{}/9", self.backend);
-        let out = Bounded::spawn(self.command("bash").args(["-c", &probe]).stdout(Stdio::piped()).stderr(Stdio::piped()))?
-            .wait(Duration::from_secs(5))?;
+        let out =
+            Bounded::spawn(self.command("bash").args(["-c", &probe]).stdout(Stdio::piped()).stderr(Stdio::piped()))?
+                .wait(Duration::from_secs(5))?;
         Ok(out.status.success())
     }
 }
@@ -420,7 +424,11 @@ impl Backend {
             ns.command("nginx").arg("-c").arg(&conf).args(["-g", "daemon off;"]),
             dir.path().join("nginx.log"),
         )?;
-        let mut iperf = Proc::spawn("iperf3 server", ns.command("iperf3").args(["-s", "-p", "5201"]), dir.path().join("iperf3.log"))?;
+        let mut iperf = Proc::spawn(
+            "iperf3 server",
+            ns.command("iperf3").args(["-s", "-p", "5201"]),
+            dir.path().join("iperf3.log"),
+        )?;
         ns.wait_listening("127.0.0.1:80".parse()?, Duration::from_secs(10), &mut nginx)?;
         ns.wait_listening("127.0.0.1:5201".parse()?, Duration::from_secs(10), &mut iperf)?;
         Ok(Backend { _nginx: nginx, _iperf: iperf, ns, _dir: dir, next_subnet: 1 })

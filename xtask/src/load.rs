@@ -38,12 +38,20 @@ pub struct WrkResult {
 /// `Connection: close`, so every request opens a new connection.
 pub fn wrk(pod: &Pod, conns: u32, duration: Duration, close: bool) -> Result<WrkResult> {
     let mut cmd = pod.command("wrk");
-    cmd.args(["-t1", &format!("-c{conns}"), &format!("-d{}s", duration.as_secs().max(1)), "--latency", "--timeout", "5s"]);
+    cmd.args([
+        "-t1",
+        &format!("-c{conns}"),
+        &format!("-d{}s", duration.as_secs().max(1)),
+        "--latency",
+        "--timeout",
+        "5s",
+    ]);
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
     cmd.arg(format!("http://{}/", pod.backend));
-    let out = Bounded::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?.wait(duration + Duration::from_secs(30))?;
+    let out =
+        Bounded::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?.wait(duration + Duration::from_secs(30))?;
     if !out.status.success() {
         bail!("wrk failed ({}): {}", out.status, out.stderr.trim());
     }
@@ -95,12 +103,16 @@ fn wrk_duration_us(v: &str) -> Result<f64> {
 pub fn iperf3(pod: &Pod, duration: Duration) -> Result<f64> {
     let mut cmd = pod.command("iperf3");
     cmd.args(["-c", &pod.backend.to_string(), "-p", "5201", "-J", "-t", &duration.as_secs().max(1).to_string()]);
-    let out = Bounded::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?.wait(duration + Duration::from_secs(30))?;
-    let json: serde_json::Value = serde_json::from_str(&out.stdout).with_context(|| format!("iperf3 output: {}", out.stderr.trim()))?;
+    let out =
+        Bounded::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?.wait(duration + Duration::from_secs(30))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&out.stdout).with_context(|| format!("iperf3 output: {}", out.stderr.trim()))?;
     if let Some(err) = json.get("error") {
         bail!("iperf3: {err}");
     }
-    json["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 JSON without end.sum_received.bits_per_second")
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON without end.sum_received.bits_per_second")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -189,7 +201,11 @@ pub fn rate_client(args: &RateArgs) -> Result<RateResult> {
         }
         all[((all.len() as f64 * q).ceil() as usize).clamp(1, all.len()) - 1] as f64
     };
-    Ok(RateResult { sent: all.len() as u64 + errors, errors, latency: Percentiles { p50: pct(0.50), p90: pct(0.90), p99: pct(0.99) } })
+    Ok(RateResult {
+        sent: all.len() as u64 + errors,
+        errors,
+        latency: Percentiles { p50: pct(0.50), p90: pct(0.90), p99: pct(0.99) },
+    })
 }
 
 /// A keep-alive HTTP/1.1 connection for `GET /` with small responses.
@@ -200,7 +216,8 @@ struct HttpConn {
 
 impl HttpConn {
     fn connect(addr: SocketAddr) -> Result<HttpConn> {
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connect {addr}"))?;
+        let stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connect {addr}"))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", addr.ip()).into_bytes();
@@ -240,7 +257,8 @@ pub fn rate(pod: &Pod, rate: u32, duration: Duration) -> Result<RateResult> {
     let mut cmd = pod.command(std::env::current_exe()?);
     cmd.args(["load-rate", "--addr", &format!("{}:80", pod.backend), "--rate", &rate.to_string()])
         .args(["--duration", &format!("{}", duration.as_secs_f64())]);
-    let out = Bounded::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?.wait(duration + Duration::from_secs(30))?;
+    let out =
+        Bounded::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?.wait(duration + Duration::from_secs(30))?;
     if !out.status.success() {
         bail!("load-rate failed ({}): {}", out.status, out.stderr.trim());
     }
@@ -324,7 +342,8 @@ pub struct Held {
 pub fn idle<T>(pod: &Pod, count: u32, sample: impl FnOnce() -> Result<T>) -> Result<(Held, T)> {
     let mut cmd: Command = pod.command(std::env::current_exe()?);
     cmd.args(["load-idle", "--addr", &format!("{}:80", pod.backend), "--count", &count.to_string()]);
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("start load-idle")?;
+    let mut child =
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("start load-idle")?;
     let result = (|| {
         let mut line = String::new();
         BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;

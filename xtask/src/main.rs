@@ -37,7 +37,12 @@ enum Cli {
 
 /// Seconds, fractions allowed (`1.5`), for duration flags.
 fn parse_secs(s: &str) -> Result<Duration, String> {
-    s.trim_end_matches('s').parse::<f64>().ok().filter(|v| *v > 0.0).map(Duration::from_secs_f64).ok_or_else(|| format!("expected seconds such as 10 or 1.5, got {s:?}"))
+    s.trim_end_matches('s')
+        .parse::<f64>()
+        .ok()
+        .filter(|v| *v > 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("expected seconds such as 10 or 1.5, got {s:?}"))
 }
 
 fn main() -> ExitCode {

@@ -4,12 +4,7 @@
 //! runs its sidecar as UID 1337 with one data-plane thread; only the interception mechanism and
 //! the proxy differ.
 
-use std::{
-    fmt,
-    path::PathBuf,
-    process::Command,
-    time::Duration,
-};
+use std::{fmt, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -35,7 +30,8 @@ pub enum PathKind {
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 5] = [PathKind::Direct, PathKind::Haproxy, PathKind::MeshProxy, PathKind::Ebpf, PathKind::EbpfAccel];
+    pub const ALL: [PathKind; 5] =
+        [PathKind::Direct, PathKind::Haproxy, PathKind::MeshProxy, PathKind::Ebpf, PathKind::EbpfAccel];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -125,7 +121,13 @@ impl BenchPath {
             PathKind::Direct => {}
             PathKind::Haproxy | PathKind::MeshProxy => {
                 run(
-                    Command::new(&bins.mesh_init).args(["iptables", "--netns", path.pod.ns.name(), "-p", &PROXY_PORT.to_string()]),
+                    Command::new(&bins.mesh_init).args([
+                        "iptables",
+                        "--netns",
+                        path.pod.ns.name(),
+                        "-p",
+                        &PROXY_PORT.to_string(),
+                    ]),
                     Duration::from_secs(20),
                 )?;
             }
@@ -137,7 +139,8 @@ impl BenchPath {
                     netns: path.pod.ns.name().to_string(),
                 });
                 let mut cmd = Command::new(&bins.mesh_init);
-                cmd.args(["ebpf", "--netns", path.pod.ns.name(), "-p", &PROXY_PORT.to_string(), "--cgroup"]).arg(&cgroup);
+                cmd.args(["ebpf", "--netns", path.pod.ns.name(), "-p", &PROXY_PORT.to_string(), "--cgroup"])
+                    .arg(&cgroup);
                 if kind == PathKind::EbpfAccel {
                     cmd.arg("--accelerate");
                 }
@@ -164,7 +167,9 @@ impl BenchPath {
         let mut proc = match self.kind {
             PathKind::Direct => bail!("the direct path has no sidecar"),
             PathKind::Haproxy => {
-                let conf = self.dir.write("haproxy.cfg", &haproxy_conf(mode, &self.pod.backend.to_string(), self.max_conns + 40))?;
+                let conf = self
+                    .dir
+                    .write("haproxy.cfg", &haproxy_conf(mode, &self.pod.backend.to_string(), self.max_conns + 40))?;
                 // -db: foreground, no daemon; -f: our file only.
                 Proc::spawn("haproxy", self.pod.command_as(PROXY_UID, "haproxy").args(["-db", "-f"]).arg(&conf), log)?
             }

@@ -37,7 +37,11 @@ struct Figures {
 fn figures(s: &PathSamples) -> Figures {
     let m = |v: Vec<f64>| median(v);
     let pcts = |l: Vec<crate::load::Percentiles>| {
-        [m(l.iter().map(|p| p.p50).collect()), m(l.iter().map(|p| p.p90).collect()), m(l.iter().map(|p| p.p99).collect())]
+        [
+            m(l.iter().map(|p| p.p50).collect()),
+            m(l.iter().map(|p| p.p90).collect()),
+            m(l.iter().map(|p| p.p99).collect()),
+        ]
     };
     Figures {
         ka_rps: m(s.keep_alive.iter().map(|w| w.rps).collect()),
@@ -87,13 +91,22 @@ fn ratio(value: Option<f64>, base: Option<f64>) -> String {
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd).args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -104,7 +117,8 @@ fn first_line(s: String) -> String {
 fn tool_versions() -> String {
     let v = |cmd: &str, arg: &str| {
         let out = Command::new(cmd).arg(arg).output();
-        out.map(|o| first_line(format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))).unwrap_or_default()
+        out.map(|o| first_line(format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))))
+            .unwrap_or_default()
     };
     format!(
         "{}; {}; {}; {}",
@@ -131,14 +145,26 @@ pub fn markdown(run: &Run) -> Result<String> {
     let direct = get(PathKind::Direct);
     let haproxy = get(PathKind::Haproxy);
     let mut o = String::new();
-    let commit = sh("git", &["-C", &crate::bench::workspace_root().display().to_string(), "rev-parse", "--short", "HEAD"]);
-    let dirty = !sh("git", &["-C", &crate::bench::workspace_root().display().to_string(), "status", "--porcelain", "--untracked-files=no"]).is_empty();
+    let commit =
+        sh("git", &["-C", &crate::bench::workspace_root().display().to_string(), "rev-parse", "--short", "HEAD"]);
+    let dirty = !sh(
+        "git",
+        &["-C", &crate::bench::workspace_root().display().to_string(), "status", "--porcelain", "--untracked-files=no"],
+    )
+    .is_empty();
 
     writeln!(o, "# Benchmark results\n")?;
     writeln!(o, "Produced by `{}` — do not edit by hand; rerun it.\n", run.command)?;
     writeln!(o, "| | |\n|---|---|")?;
     writeln!(o, "| date | {} |", sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]))?;
-    writeln!(o, "| machine | {} cores (`nproc`), {}, kernel {}, {} |", sh("nproc", &[]), cpu_model(), sh("uname", &["-r"]), mem_total())?;
+    writeln!(
+        o,
+        "| machine | {} cores (`nproc`), {}, kernel {}, {} |",
+        sh("nproc", &[]),
+        cpu_model(),
+        sh("uname", &["-r"]),
+        mem_total()
+    )?;
     writeln!(o, "| load before the run | {} (1/5/15 min) |", run.load_before)?;
     writeln!(o, "| commit | {commit}{} |", if dirty { " with uncommitted changes in the work tree" } else { "" })?;
     writeln!(o, "| binaries | {}, {} |", run.bins.mesh_init.display(), run.bins.mesh_proxy.display())?;
@@ -272,7 +298,13 @@ pub fn markdown(run: &Run) -> Result<String> {
     writeln!(o, "\n## TCP bulk throughput through passthrough (iperf3, one stream, pod → backend)\n")?;
     writeln!(o, "| path | Gbit/s | × direct | × HAProxy |\n|---|---:|---:|---:|")?;
     for (k, f) in &fig {
-        writeln!(o, "| {k} | {} | {} | {} |", or_failed(run, *k, Workload::Passthrough, num(f.gbps, 2)), ratio(f.gbps, direct.and_then(|d| d.gbps)), ratio(f.gbps, haproxy.and_then(|h| h.gbps)))?;
+        writeln!(
+            o,
+            "| {k} | {} | {} | {} |",
+            or_failed(run, *k, Workload::Passthrough, num(f.gbps, 2)),
+            ratio(f.gbps, direct.and_then(|d| d.gbps)),
+            ratio(f.gbps, haproxy.and_then(|h| h.gbps))
+        )?;
     }
 
     writeln!(o, "\n## Memory: {} idle connections held (established, nothing sent)\n", s.idle_conns)?;
@@ -333,9 +365,19 @@ pub fn markdown(run: &Run) -> Result<String> {
     let mp = get(PathKind::MeshProxy);
     let v = |f: Option<Figures>, g: fn(&Figures) -> Option<f64>| f.as_ref().and_then(g);
     let rps_ratio = v(mp, |f| f.ka_rps).zip(v(haproxy, |h| h.ka_rps)).map(|(a, b)| a / b);
-    writeln!(o, "| mesh-proxy keep-alive req/s ≥ HAProxy's | {} of HAProxy's | {} |", ratio_text(rps_ratio), met(rps_ratio.map(|r| r >= 1.0)))?;
+    writeln!(
+        o,
+        "| mesh-proxy keep-alive req/s ≥ HAProxy's | {} of HAProxy's | {} |",
+        ratio_text(rps_ratio),
+        met(rps_ratio.map(|r| r >= 1.0))
+    )?;
     let p99_ratio = v(mp, |f| f.ka[2]).zip(v(haproxy, |h| h.ka[2])).map(|(a, b)| a / b);
-    writeln!(o, "| mesh-proxy keep-alive p99 ≤ HAProxy's | {} of HAProxy's | {} |", ratio_text(p99_ratio), met(p99_ratio.map(|r| r <= 1.0)))?;
+    writeln!(
+        o,
+        "| mesh-proxy keep-alive p99 ≤ HAProxy's | {} of HAProxy's | {} |",
+        ratio_text(p99_ratio),
+        met(p99_ratio.map(|r| r <= 1.0))
+    )?;
     let added = v(mp, |f| f.rate[2]).zip(v(direct, |d| d.rate[2])).map(|(a, b)| a - b);
     writeln!(
         o,
@@ -354,19 +396,40 @@ pub fn markdown(run: &Run) -> Result<String> {
         met(fresh.map(|k| k < 10.0 * 1024.0))
     )?;
     let tp = v(mp, |f| f.gbps).zip(v(direct, |d| d.gbps)).map(|(a, b)| a / b);
-    writeln!(o, "| mesh-proxy TCP passthrough ≥ 80% of direct | {} | {} |", tp.map_or("—".into(), |t| format!("{:.0}%", t * 100.0)), met(tp.map(|t| t >= 0.8)))?;
+    writeln!(
+        o,
+        "| mesh-proxy TCP passthrough ≥ 80% of direct | {} | {} |",
+        tp.map_or("—".into(), |t| format!("{:.0}%", t * 100.0)),
+        met(tp.map(|t| t >= 0.8))
+    )?;
     for (k, label) in [(PathKind::Ebpf, "eBPF"), (PathKind::EbpfAccel, "eBPF + accelerate")] {
         let e = get(k);
         let cmp = v(e, |f| f.rate[2]).zip(v(mp, |f| f.rate[2]));
         let measured = match (e, cmp) {
-            (Some(e), Some((a, b))) => format!("p50 {} vs {}, p99 {} vs {} (iptables)", us(e.rate[0]), us(mp.and_then(|m| m.rate[0])), us(Some(a)), us(Some(b))),
-            _ => run.not_measured.iter().find(|(p, _)| *p == k).map_or("—".into(), |(_, w)| format!("not measured: {}", w.replace('\n', " "))),
+            (Some(e), Some((a, b))) => format!(
+                "p50 {} vs {}, p99 {} vs {} (iptables)",
+                us(e.rate[0]),
+                us(mp.and_then(|m| m.rate[0])),
+                us(Some(a)),
+                us(Some(b))
+            ),
+            _ => run
+                .not_measured
+                .iter()
+                .find(|(p, _)| *p == k)
+                .map_or("—".into(), |(_, w)| format!("not measured: {}", w.replace('\n', " "))),
         };
         let ok = match (e, mp) {
-            (Some(e), Some(m)) => e.rate[0].zip(m.rate[0]).zip(e.rate[2].zip(m.rate[2])).map(|((a, b), (c, d))| a < b && c < d),
+            (Some(e), Some(m)) => {
+                e.rate[0].zip(m.rate[0]).zip(e.rate[2].zip(m.rate[2])).map(|((a, b), (c, d))| a < b && c < d)
+            }
             _ => None,
         };
-        writeln!(o, "| {label} mode lower latency than iptables mode (fixed rate p50 and p99) | {measured} | {} |", met(ok))?;
+        writeln!(
+            o,
+            "| {label} mode lower latency than iptables mode (fixed rate p50 and p99) | {measured} | {} |",
+            met(ok)
+        )?;
     }
 
     writeln!(o, "\n![latency percentiles per path](latency.svg)\n")?;
@@ -411,20 +474,34 @@ pub fn svg(run: &Run) -> String {
     // (title, per path: p50, p90, p99)
     type Panel = (String, Vec<(PathKind, [Option<f64>; 3])>);
     let panels: [Panel; 2] = [
-        (format!("Fixed rate {} req/s: latency (µs, log scale)", run.settings.rate), fig.iter().map(|(k, f)| (*k, f.rate)).collect()),
-        (format!("Keep-alive, {} connections, wrk: latency (µs, log scale)", run.settings.conns), fig.iter().map(|(k, f)| (*k, f.ka)).collect()),
+        (
+            format!("Fixed rate {} req/s: latency (µs, log scale)", run.settings.rate),
+            fig.iter().map(|(k, f)| (*k, f.rate)).collect(),
+        ),
+        (
+            format!("Keep-alive, {} connections, wrk: latency (µs, log scale)", run.settings.conns),
+            fig.iter().map(|(k, f)| (*k, f.ka)).collect(),
+        ),
     ];
     let (pw, ph, top, left, bottom) = (460.0, 300.0, 60.0, 60.0, 40.0);
     let width = left + 2.0 * (pw + left);
     let height = top + ph + bottom + 24.0 * fig.len().max(1) as f64;
     let mut o = String::new();
-    let _ = writeln!(o, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(o, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(o, r#"<text x="{left}" y="22" font-size="15" font-weight="bold">mesh-init benchmark: latency percentiles per path (medians of {} repeats)</text>"#, run.settings.repeats);
+    let _ = writeln!(
+        o,
+        r#"<text x="{left}" y="22" font-size="15" font-weight="bold">mesh-init benchmark: latency percentiles per path (medians of {} repeats)</text>"#,
+        run.settings.repeats
+    );
     for (pi, (title, data)) in panels.iter().enumerate() {
         let x0 = left + pi as f64 * (pw + left);
         // Logarithmic: p50 and p99 differ by an order of magnitude or more.
-        let values: Vec<f64> = data.iter().flat_map(|(_, v)| v.iter().flatten().copied()).filter(|v| *v > 0.0).collect();
+        let values: Vec<f64> =
+            data.iter().flat_map(|(_, v)| v.iter().flatten().copied()).filter(|v| *v > 0.0).collect();
         let lo = 10f64.powf(values.iter().fold(f64::MAX, |a, &b| a.min(b)).log10().floor()).min(100.0);
         let hi = 10f64.powf(values.iter().fold(1.0f64, |a, &b| a.max(b)).log10().ceil()).max(lo * 10.0);
         let y_of = |v: f64| top + ph - ph * (v.max(lo).log10() - lo.log10()) / (hi.log10() - lo.log10());
@@ -439,7 +516,12 @@ pub fn svg(run: &Run) -> String {
                 let y = y_of(v);
                 let stroke = if m == 1.0 { "#bbb" } else { "#eee" };
                 let _ = writeln!(o, r#"<line x1="{x0}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="{stroke}"/>"#, x0 + pw);
-                let _ = writeln!(o, r#"<text x="{}" y="{:.1}" text-anchor="end" font-size="10">{v:.0}</text>"#, x0 - 4.0, y + 4.0);
+                let _ = writeln!(
+                    o,
+                    r#"<text x="{}" y="{:.1}" text-anchor="end" font-size="10">{v:.0}</text>"#,
+                    x0 - 4.0,
+                    y + 4.0
+                );
             }
             tick *= 10.0;
         }
@@ -454,15 +536,36 @@ pub fn svg(run: &Run) -> String {
                 let Some(v) = vals[gi] else { continue };
                 let h = top + ph - y_of(v);
                 let x = gx + bi as f64 * bw;
-                let _ = writeln!(o, r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{}"><title>{v:.0} µs</title></rect>"#, top + ph - h, bw * 0.9, COLORS[bi % COLORS.len()]);
-                let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9">{v:.0}</text>"#, x + bw * 0.45, top + ph - h - 3.0);
+                let _ = writeln!(
+                    o,
+                    r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{}"><title>{v:.0} µs</title></rect>"#,
+                    top + ph - h,
+                    bw * 0.9,
+                    COLORS[bi % COLORS.len()]
+                );
+                let _ = writeln!(
+                    o,
+                    r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9">{v:.0}</text>"#,
+                    x + bw * 0.45,
+                    top + ph - h - 3.0
+                );
             }
-            let _ = writeln!(o, r#"<text x="{:.1}" y="{}" text-anchor="middle">{g}</text>"#, x0 + gi as f64 * gw + gw / 2.0, top + ph + 16.0);
+            let _ = writeln!(
+                o,
+                r#"<text x="{:.1}" y="{}" text-anchor="middle">{g}</text>"#,
+                x0 + gi as f64 * gw + gw / 2.0,
+                top + ph + 16.0
+            );
         }
     }
     for (i, (k, _)) in fig.iter().enumerate() {
         let y = top + ph + bottom + 24.0 * i as f64;
-        let _ = writeln!(o, r#"<rect x="{left}" y="{}" width="14" height="14" fill="{}"/>"#, y - 11.0, COLORS[i % COLORS.len()]);
+        let _ = writeln!(
+            o,
+            r#"<rect x="{left}" y="{}" width="14" height="14" fill="{}"/>"#,
+            y - 11.0,
+            COLORS[i % COLORS.len()]
+        );
         let _ = writeln!(o, r#"<text x="{}" y="{y}">{}</text>"#, left + 20.0, esc(k.label()));
     }
     o.push_str("</svg>\n");

@@ -54,14 +54,20 @@ pub fn measure(mesh_init: &Path, case: &RuleCase, per_rule: bool) -> Result<Rule
     // Batch: wall time of the whole command, process start and backend detection included.
     let ns = Netns::new("rules")?;
     let t = Instant::now();
-    let summary = run(Command::new(mesh_init).args(["iptables", "--netns", ns.name()]).args(&case.args), Duration::from_secs(60))?;
+    let summary = run(
+        Command::new(mesh_init).args(["iptables", "--netns", ns.name()]).args(&case.args),
+        Duration::from_secs(60),
+    )?;
     let batch = t.elapsed();
     let backend = if summary.contains("(legacy)") { "legacy" } else { "nft" }.to_string();
     let rules = count_rules(&ns, &backend)?;
 
     // Rendered for a namespace like the one it is replayed in (no IPv6 address: IPv4 only).
     let fresh = Netns::new("rules")?;
-    let dry = run(Command::new(mesh_init).args(["iptables", "--dry-run", "--netns", fresh.name()]).args(&case.args), Duration::from_secs(60))?;
+    let dry = run(
+        Command::new(mesh_init).args(["iptables", "--dry-run", "--netns", fresh.name()]).args(&case.args),
+        Duration::from_secs(60),
+    )?;
     let (script, calls) = per_rule_script(&dry, &format!("iptables-{backend}"))?;
     let script = dir.write("per-rule.sh", &script)?;
     let per_rule = if per_rule {
@@ -118,6 +124,9 @@ mod tests {
         let dry = "# IPv4: iptables-restore --noflush\n*nat\n:ISTIO_OUTPUT - [0:0]\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -p tcp -j ISTIO_OUTPUT\nCOMMIT\n# IPv6: ip6tables-restore --noflush\n*nat\n-A OUTPUT -j X\n";
         let (script, calls) = per_rule_script(dry, "iptables-nft").unwrap();
         assert_eq!(calls, 2);
-        assert_eq!(script, "set -e\niptables-nft -w -t nat -N ISTIO_OUTPUT\niptables-nft -w -t nat -A OUTPUT -p tcp -j ISTIO_OUTPUT\n");
+        assert_eq!(
+            script,
+            "set -e\niptables-nft -w -t nat -N ISTIO_OUTPUT\niptables-nft -w -t nat -A OUTPUT -p tcp -j ISTIO_OUTPUT\n"
+        );
     }
 }

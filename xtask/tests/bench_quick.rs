@@ -44,7 +44,15 @@ fn quick_mode_on_a_tiny_load_writes_every_table() {
     let _ = std::fs::remove_dir_all(&out);
     assert!(status.success(), "xtask bench failed ({status}); results.md:\n{}", md.as_deref().unwrap_or("(none)"));
     let md = md.expect("results.md");
-    for heading in ["## HTTP/1.1 keep-alive", "## A new connection per request", "## Fixed rate", "## TCP bulk throughput", "## Memory", "## Rule installation", "## Goals"] {
+    for heading in [
+        "## HTTP/1.1 keep-alive",
+        "## A new connection per request",
+        "## Fixed rate",
+        "## TCP bulk throughput",
+        "## Memory",
+        "## Rule installation",
+        "## Goals",
+    ] {
         assert!(md.contains(heading), "results.md lacks {heading:?}:\n{md}");
     }
     // A row per path in each load table (4 of them; memory has no direct row), with numbers.
@@ -57,5 +65,8 @@ fn quick_mode_on_a_tiny_load_writes_every_table() {
         assert!(line.chars().any(|c| c.is_ascii_digit()), "a row without figures: {line}");
     }
     let svg = svg.expect("latency.svg");
-    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.contains("haproxy (iptables)"), "latency.svg:\n{svg}");
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.contains("haproxy (iptables)"),
+        "latency.svg:\n{svg}"
+    );
 }

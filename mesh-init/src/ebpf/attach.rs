@@ -22,7 +22,8 @@ use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
-        loaded_programs, CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, ProgramInfo, SkLookup, SkMsg, SockOps,
+        loaded_programs, CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, ProgramInfo,
+        SkLookup, SkMsg, SockOps,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -82,7 +83,11 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
     macro_rules! load {
         ($ty:ty, $name:literal) => {{
             let prog: &mut $ty = program(&mut ebpf, $name)?;
-            prog.load().map_err(|cause| AttachError::Program { name: $name, action: "loading (verifier)", cause: cause.into() })?;
+            prog.load().map_err(|cause| AttachError::Program {
+                name: $name,
+                action: "loading (verifier)",
+                cause: cause.into(),
+            })?;
         }};
     }
     load!(CgroupSockAddr, "connect4");
@@ -122,15 +127,22 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
     }
     {
         let prog: &mut CgroupSockopt = program(&mut ebpf, "getsockopt")?;
-        let fd = prog.fd().map_err(|cause| AttachError::Program { name: "getsockopt", action: "getting its fd", cause: cause.into() })?;
+        let fd = prog.fd().map_err(|cause| AttachError::Program {
+            name: "getsockopt",
+            action: "getting its fd",
+            cause: cause.into(),
+        })?;
         let link = raw_link::link_create(fd.as_fd(), cgroup.file.as_fd(), raw_link::BPF_CGROUP_GETSOCKOPT)
             .map_err(|cause| AttachError::Io { path: cgroup.path.clone(), action: "attaching getsockopt", cause })?;
         replace_pin(|path| raw_link::pin(&link, path).map_err(|e| e.to_string()), &dir.join(GETSOCKOPT_LINK))?;
     }
     if plan.inbound {
         let netns_path = Path::new("/proc/thread-self/ns/net");
-        let netns = File::open(netns_path)
-            .map_err(|cause| AttachError::Io { path: netns_path.into(), action: "opening", cause })?;
+        let netns = File::open(netns_path).map_err(|cause| AttachError::Io {
+            path: netns_path.into(),
+            action: "opening",
+            cause,
+        })?;
         let link = attach!(SkLookup, "steer_inbound", &netns);
         replace_pin(|path| link.pin(path).map(drop).map_err(|e| e.to_string()), &dir.join(SK_LOOKUP_LINK))?;
     } else {
@@ -141,19 +153,27 @@ pub fn install(dir: &Path, cgroup: &Cgroup, plan: &MapPlan, log: bool) -> Result
     // is pinned); a re-run's attach replaces the previous program. It only ever runs for
     // sockets `sock_ops` put in the map, which it does only with --accelerate.
     let sockhash = ebpf.map(names::LOCAL_SOCKS).expect("the object defines LOCAL_SOCKS");
-    let sockhash: SockHash<&MapData, SockPair> = SockHash::try_from(sockhash)
-        .map_err(|cause| AttachError::Map { name: names::LOCAL_SOCKS, action: "opening", cause: cause.into() })?;
-    let fd = sockhash
-        .fd()
-        .try_clone()
-        .map_err(|cause| AttachError::Io { path: dir.join(names::LOCAL_SOCKS), action: "duplicating", cause })?;
+    let sockhash: SockHash<&MapData, SockPair> = SockHash::try_from(sockhash).map_err(|cause| AttachError::Map {
+        name: names::LOCAL_SOCKS,
+        action: "opening",
+        cause: cause.into(),
+    })?;
+    let fd = sockhash.fd().try_clone().map_err(|cause| AttachError::Io {
+        path: dir.join(names::LOCAL_SOCKS),
+        action: "duplicating",
+        cause,
+    })?;
     let prog: &mut SkMsg = program(&mut ebpf, "redirect_local")?;
-    let id = prog
-        .attach(&fd)
-        .map_err(|cause| AttachError::Program { name: "redirect_local", action: "attaching", cause: cause.into() })?;
-    let link = prog
-        .take_link(id)
-        .map_err(|cause| AttachError::Program { name: "redirect_local", action: "taking the link", cause: cause.into() })?;
+    let id = prog.attach(&fd).map_err(|cause| AttachError::Program {
+        name: "redirect_local",
+        action: "attaching",
+        cause: cause.into(),
+    })?;
+    let link = prog.take_link(id).map_err(|cause| AttachError::Program {
+        name: "redirect_local",
+        action: "taking the link",
+        cause: cause.into(),
+    })?;
     // Dropping this link would detach the program from the map: the attachment must outlive us.
     std::mem::forget(link);
 
@@ -232,8 +252,11 @@ fn replace_pin(pin: impl FnOnce(&Path) -> Result<(), String>, path: &Path) -> Re
     let fresh = PathBuf::from(fresh);
     remove_file(&fresh)?;
     pin(&fresh).map_err(|reason| AttachError::Pin { path: fresh.clone(), reason })?;
-    std::fs::rename(&fresh, path)
-        .map_err(|cause| AttachError::Io { path: path.into(), action: "renaming the new link over the old", cause })
+    std::fs::rename(&fresh, path).map_err(|cause| AttachError::Io {
+        path: path.into(),
+        action: "renaming the new link over the old",
+        cause,
+    })
 }
 
 fn remove_file(path: &Path) -> Result<(), AttachError> {
@@ -270,11 +293,8 @@ fn write_config(ebpf: &mut Ebpf, plan: &MapPlan, log: bool) -> Result<(), Attach
         for (len, addr) in &wanted {
             trie.insert(&Key::new(*len, *addr), 1, 0).map_err(err(name, "inserting"))?;
         }
-        let stale: Vec<Key<Addr>> = trie
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
-            .collect();
+        let stale: Vec<Key<Addr>> =
+            trie.keys().filter_map(Result::ok).filter(|k| !wanted.contains(&(k.prefix_len(), k.data()))).collect();
         for key in stale {
             trie.remove(&key).map_err(err(name, "removing"))?;
         }

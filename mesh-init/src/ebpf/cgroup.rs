@@ -111,14 +111,12 @@ fn relative_to_mount(real: &Path) -> Result<PathBuf, CgroupError> {
 }
 
 fn relative_to(real: &Path, mounts: &[PathBuf]) -> Result<PathBuf, CgroupError> {
-    let mount = mounts
-        .iter()
-        .filter(|m| real.starts_with(m))
-        .max_by_key(|m| m.components().count())
-        .ok_or_else(|| match mounts.first() {
+    let mount = mounts.iter().filter(|m| real.starts_with(m)).max_by_key(|m| m.components().count()).ok_or_else(
+        || match mounts.first() {
             Some(m) => CgroupError::Outside { path: real.into(), mount: m.clone() },
             None => CgroupError::NoCgroup2,
-        })?;
+        },
+    )?;
     let relative = real.strip_prefix(mount).expect("starts_with checked").to_path_buf();
     if relative.components().all(|c| matches!(c, Component::CurDir)) {
         return Err(CgroupError::Root { path: real.into() });
@@ -196,7 +194,12 @@ mod tests {
     fn a_missing_cgroup_names_ip_netns_exec() {
         let e = Cgroup::open(Path::new("/nonexistent/mesh-test-cgroup")).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("--cgroup /nonexistent/mesh-test-cgroup") && msg.contains("ip netns exec") && msg.contains("--netns"), "{msg}");
+        assert!(
+            msg.contains("--cgroup /nonexistent/mesh-test-cgroup")
+                && msg.contains("ip netns exec")
+                && msg.contains("--netns"),
+            "{msg}"
+        );
     }
 
     #[test]

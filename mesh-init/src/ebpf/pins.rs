@@ -61,8 +61,11 @@ impl Bpffs {
 
     pub fn create_dir_for(&self, name: &str) -> Result<PathBuf, PinsError> {
         let dir = self.dir_for(name);
-        std::fs::create_dir_all(&dir)
-            .map_err(|cause| PinsError::Io { path: dir.clone(), action: "creating the pin directory", cause })?;
+        std::fs::create_dir_all(&dir).map_err(|cause| PinsError::Io {
+            path: dir.clone(),
+            action: "creating the pin directory",
+            cause,
+        })?;
         Ok(dir)
     }
 

@@ -73,7 +73,10 @@ impl MapPlan {
         let cidrs = |flag: &'static str, nets: &mut dyn Iterator<Item = &IpNet>| {
             let keys: Vec<_> = nets.map(lpm_key).collect();
             if keys.len() > CIDR_ENTRIES as usize {
-                Err(Unsupported { flag, reason: format!("at most {CIDR_ENTRIES} CIDRs fit the map, not {}", keys.len()) })
+                Err(Unsupported {
+                    flag,
+                    reason: format!("at most {CIDR_ENTRIES} CIDRs fit the map, not {}", keys.len()),
+                })
             } else {
                 Ok(keys)
             }
@@ -184,10 +187,7 @@ mod tests {
     fn defaults_capture_everything_with_the_ports_given() {
         let p = MapPlan::new(&base(), false).unwrap();
         assert_eq!((p.config.outbound_port, p.config.inbound_port), (15001, 15006));
-        assert_eq!(
-            p.config.flags,
-            CFG_INCLUDE_ALL_CIDRS | CFG_INCLUDE_ALL_INBOUND_PORTS | CFG_INBOUND
-        );
+        assert_eq!(p.config.flags, CFG_INCLUDE_ALL_CIDRS | CFG_INCLUDE_ALL_INBOUND_PORTS | CFG_INBOUND);
         assert!(p.port_sets.iter().all(|w| *w == 0));
         assert!(p.inbound);
     }

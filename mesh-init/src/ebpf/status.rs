@@ -5,7 +5,10 @@ use std::{io::Write, path::Path};
 
 use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, SockHash},
-    programs::{links::{FdLink, PinnedLink}, loaded_programs},
+    programs::{
+        links::{FdLink, PinnedLink},
+        loaded_programs,
+    },
 };
 use mesh_ebpf_common::{
     maps as names, Addr, Config, OrigDst, PortSet, SockPair, CFG_ACCELERATE, CFG_INBOUND, CFG_INCLUDE_ALL_CIDRS,
@@ -66,16 +69,18 @@ fn write_maps(out: &mut dyn Write, dir: &Path) -> Result<(), Error> {
     if let Some(Ok(config)) = open(names::CONFIG).map(|m| Array::<_, Config>::try_from(Map::Array(m))) {
         if let Ok(c) = config.get(&0, 0) {
             flags = c.flags;
-            let named: Vec<&str> = [
-                (CFG_INBOUND, "inbound"),
-                (CFG_ACCELERATE, "accelerate"),
-                (CFG_LOG, "log"),
-            ]
-            .iter()
-            .filter(|(bit, _)| c.flags & bit != 0)
-            .map(|(_, name)| *name)
-            .collect();
-            writeln!(out, "  config: outbound port {}, inbound port {}, [{}]", c.outbound_port, c.inbound_port, named.join(", "))?;
+            let named: Vec<&str> = [(CFG_INBOUND, "inbound"), (CFG_ACCELERATE, "accelerate"), (CFG_LOG, "log")]
+                .iter()
+                .filter(|(bit, _)| c.flags & bit != 0)
+                .map(|(_, name)| *name)
+                .collect();
+            writeln!(
+                out,
+                "  config: outbound port {}, inbound port {}, [{}]",
+                c.outbound_port,
+                c.inbound_port,
+                named.join(", ")
+            )?;
         }
     }
     let ids = |name: &str| -> String {
@@ -102,7 +107,8 @@ fn write_maps(out: &mut dyn Write, dir: &Path) -> Result<(), Error> {
         .map(|a| a.iter().filter_map(Result::ok).collect())
         .unwrap_or_default();
     let ports = |set: PortSet| show_ports(&words, set);
-    let inbound = if flags & CFG_INCLUDE_ALL_INBOUND_PORTS != 0 { "*".to_string() } else { ports(PortSet::IncludeInbound) };
+    let inbound =
+        if flags & CFG_INCLUDE_ALL_INBOUND_PORTS != 0 { "*".to_string() } else { ports(PortSet::IncludeInbound) };
     writeln!(
         out,
         "  ports: outbound include {:?} exclude {:?}, inbound include {inbound:?} exclude {:?}",
@@ -111,10 +117,27 @@ fn write_maps(out: &mut dyn Write, dir: &Path) -> Result<(), Error> {
         ports(PortSet::ExcludeInbound)
     )?;
     let mut counts = Vec::new();
-    let mut count = |name: &'static str, n: Option<usize>| counts.push(format!("{name} {}", n.map_or("?".into(), |n| n.to_string())));
-    count(names::ORIG_BY_COOKIE, open(names::ORIG_BY_COOKIE).and_then(|m| HashMap::<_, u64, OrigDst>::try_from(Map::LruHashMap(m)).ok()).map(|m| m.keys().count()));
-    count(names::ORIG_BY_PAIR, open(names::ORIG_BY_PAIR).and_then(|m| HashMap::<_, SockPair, OrigDst>::try_from(Map::LruHashMap(m)).ok()).map(|m| m.keys().count()));
-    count(names::LOCAL_SOCKS, open(names::LOCAL_SOCKS).and_then(|m| SockHash::<_, SockPair>::try_from(Map::SockHash(m)).ok()).map(|m| m.keys().count()));
+    let mut count = |name: &'static str, n: Option<usize>| {
+        counts.push(format!("{name} {}", n.map_or("?".into(), |n| n.to_string())))
+    };
+    count(
+        names::ORIG_BY_COOKIE,
+        open(names::ORIG_BY_COOKIE)
+            .and_then(|m| HashMap::<_, u64, OrigDst>::try_from(Map::LruHashMap(m)).ok())
+            .map(|m| m.keys().count()),
+    );
+    count(
+        names::ORIG_BY_PAIR,
+        open(names::ORIG_BY_PAIR)
+            .and_then(|m| HashMap::<_, SockPair, OrigDst>::try_from(Map::LruHashMap(m)).ok())
+            .map(|m| m.keys().count()),
+    );
+    count(
+        names::LOCAL_SOCKS,
+        open(names::LOCAL_SOCKS)
+            .and_then(|m| SockHash::<_, SockPair>::try_from(Map::SockHash(m)).ok())
+            .map(|m| m.keys().count()),
+    );
     writeln!(out, "  map entries: {}", counts.join(", "))?;
     if let Some(Ok(counters)) = open(names::COUNTERS).map(|m| PerCpuArray::<_, u64>::try_from(Map::PerCpuArray(m))) {
         let shown: Vec<String> = COUNTER_NAMES

@@ -71,7 +71,8 @@ impl Annotations {
                         })
                     }
                 };
-                let known = [INJECT, STATUS, MODE, CONFIG_MAP].contains(&name) || CAPTURE.iter().any(|(a, ..)| *a == name);
+                let known =
+                    [INJECT, STATUS, MODE, CONFIG_MAP].contains(&name) || CAPTURE.iter().any(|(a, ..)| *a == name);
                 if !known {
                     let mut names: Vec<&str> = vec![INJECT, MODE, CONFIG_MAP];
                     names.extend(CAPTURE.iter().map(|(a, ..)| *a));
@@ -95,7 +96,9 @@ impl Annotations {
         match self.get(INJECT).map(str::trim) {
             None | Some("true") => Ok(true),
             Some("false") => Ok(false),
-            Some(v) => Err(BadAnnotation { name: INJECT.into(), reason: format!("{v:?}: expected \"true\" or \"false\"") }),
+            Some(v) => {
+                Err(BadAnnotation { name: INJECT.into(), reason: format!("{v:?}: expected \"true\" or \"false\"") })
+            }
         }
     }
 

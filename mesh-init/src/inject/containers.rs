@@ -288,7 +288,11 @@ impl Sidecar {
         } else {
             (vec![INIT_NAME.into()], vec![PROXY_NAME.into()])
         };
-        Status { init_containers: init, containers, volumes: self.volumes().iter().map(|v| v.name.to_string()).collect() }
+        Status {
+            init_containers: init,
+            containers,
+            volumes: self.volumes().iter().map(|v| v.name.to_string()).collect(),
+        }
     }
 }
 

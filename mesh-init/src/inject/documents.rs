@@ -73,7 +73,8 @@ impl Document<'_> {
         serde_yaml::from_str(self.body).map_err(|e| {
             let (line, column) = e.location().map_or((self.line, 1), |l| (self.line + l.line() - 1, l.column()));
             // The location leads the error's own text; it is shown once, by the caller.
-            let message = shift_lines(&e.to_string(), self.line - 1).replacen(&format!(" at line {line} column {column}"), "", 1);
+            let message =
+                shift_lines(&e.to_string(), self.line - 1).replacen(&format!(" at line {line} column {column}"), "", 1);
             ParseError { document: self.number, line, column, message }
         })
     }

@@ -71,7 +71,9 @@ pub fn strip(template: &mut Value, previous: Option<&str>) -> Result<(), String>
     };
     let status: Status = serde_json::from_str(previous)
         .map_err(|e| format!("annotation {STATUS}: {previous:?} is not what `mesh-init inject` writes ({e})"))?;
-    for (list, gone) in [("initContainers", &status.init_containers), ("containers", &status.containers), ("volumes", &status.volumes)] {
+    for (list, gone) in
+        [("initContainers", &status.init_containers), ("containers", &status.containers), ("volumes", &status.volumes)]
+    {
         if let Some(Value::Sequence(items)) = spec.get_mut(list) {
             items.retain(|item| !item.get("name").and_then(Value::as_str).is_some_and(|n| gone.iter().any(|g| g == n)));
             if items.is_empty() && list != "containers" {

@@ -85,7 +85,9 @@ impl Backend {
                 } else if have(Backend::Plain) {
                     Ok(Backend::Plain)
                 } else {
-                    Err(Error::NotInstalled { tried: "iptables-legacy-restore, iptables-nft-restore, iptables-restore".into() })
+                    Err(Error::NotInstalled {
+                        tried: "iptables-legacy-restore, iptables-nft-restore, iptables-restore".into(),
+                    })
                 }
             }
         }
@@ -94,9 +96,9 @@ impl Backend {
 
 /// True when the backend's tables hold any rule (not just empty built-in chains).
 fn has_rules(b: Backend) -> bool {
-    [Family::V4, Family::V6].into_iter().any(|f| {
-        super::run(&b.save_binary(f), &[]).is_ok_and(|out| out.lines().any(|l| l.starts_with("-A ")))
-    })
+    [Family::V4, Family::V6]
+        .into_iter()
+        .any(|f| super::run(&b.save_binary(f), &[]).is_ok_and(|out| out.lines().any(|l| l.starts_with("-A "))))
 }
 
 /// Where a binary is: `PATH`, then the sbin directories a non-login root shell may lack.

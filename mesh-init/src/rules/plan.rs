@@ -17,9 +17,7 @@
 
 use ipnet::IpNet;
 
-use super::{
-    Chain, Family, Match, Owned, Owner, Plan, Protocol, Rule, Table, TablePlan, Target, TproxyRoute,
-};
+use super::{Chain, Family, Match, Owned, Owner, Plan, Protocol, Rule, Table, TablePlan, Target, TproxyRoute};
 use crate::capture::{CaptureConfig, InboundMode, Selection};
 
 /// iptables' `multiport` accepts at most 15 ports, a range counting as two.
@@ -109,9 +107,9 @@ impl Builder<'_> {
         let self_call_ports: Option<Vec<PortRanges>> = match &cfg.include_inbound_ports {
             _ if !self.inbound_captured() => None,
             Selection::All => Some(vec![]),
-            Selection::Only(ports) => Some(pack_ports(
-                ports.iter().copied().filter(|p| !cfg.exclude_inbound_ports.contains(p)),
-            )),
+            Selection::Only(ports) => {
+                Some(pack_ports(ports.iter().copied().filter(|p| !cfg.exclude_inbound_ports.contains(p))))
+            }
         };
         let owners: Vec<Owner> = self.owners().collect();
         for owner in owners {
@@ -119,12 +117,21 @@ impl Builder<'_> {
             let is_owner = Match::Owner { owner, negate: false };
             match &self_call_ports {
                 None => {}
-                Some(lists) if lists.is_empty() => {
-                    self.rule(Table::Nat, out, vec![lo(), not_loopback, is_owner.clone()], Target::Jump(Owned::InRedirect))
-                }
+                Some(lists) if lists.is_empty() => self.rule(
+                    Table::Nat,
+                    out,
+                    vec![lo(), not_loopback, is_owner.clone()],
+                    Target::Jump(Owned::InRedirect),
+                ),
                 Some(lists) => {
                     for ports in lists {
-                        let m = vec![lo(), not_loopback.clone(), tcp(), Match::DestinationPorts(ports.clone()), is_owner.clone()];
+                        let m = vec![
+                            lo(),
+                            not_loopback.clone(),
+                            tcp(),
+                            Match::DestinationPorts(ports.clone()),
+                            is_owner.clone(),
+                        ];
                         self.rule(Table::Nat, out, m, Target::Jump(Owned::InRedirect));
                     }
                 }
@@ -143,7 +150,12 @@ impl Builder<'_> {
             Selection::All => self.rule(Table::Nat, out, vec![], Target::Jump(Owned::Redirect)),
             Selection::Only(nets) => {
                 for net in family_nets(fam, nets.iter()) {
-                    self.rule(Table::Nat, out, vec![Match::Destination { net, negate: false }], Target::Jump(Owned::Redirect));
+                    self.rule(
+                        Table::Nat,
+                        out,
+                        vec![Match::Destination { net, negate: false }],
+                        Target::Jump(Owned::Redirect),
+                    );
                 }
             }
         }
@@ -201,7 +213,12 @@ impl Builder<'_> {
         self.rule(Table::Mangle, divert, vec![], Target::Mark(TPROXY_MARK));
         self.rule(Table::Mangle, divert, vec![], Target::Accept);
         let not_loopback = Match::Destination { net: fam.loopback(), negate: true };
-        self.rule(Table::Mangle, Chain::Owned(Owned::Tproxy), vec![not_loopback, tcp()], Target::Tproxy { port, mark: TPROXY_MARK });
+        self.rule(
+            Table::Mangle,
+            Chain::Owned(Owned::Tproxy),
+            vec![not_loopback, tcp()],
+            Target::Tproxy { port, mark: TPROXY_MARK },
+        );
         // Loopback traffic never comes from outside the pod; the proxy's own hops use it.
         self.rule(Table::Mangle, Chain::Owned(Owned::Inbound), vec![Match::InInterface("lo".into())], Target::Return);
         self.inbound_body(Table::Mangle, |m| {
@@ -244,10 +261,25 @@ impl Builder<'_> {
         let raw_dns = Chain::Owned(Owned::OutputDns);
         for &owner in &owners {
             let is_owner = Match::Owner { owner, negate: false };
-            self.rule(Table::Raw, raw_dns, vec![udp(), dport53(), is_owner.clone()], Target::ConntrackZone(DNS_ZONE_UPSTREAM));
-            self.rule(Table::Raw, raw_dns, vec![udp(), Match::SourcePort(dns_port), is_owner], Target::ConntrackZone(DNS_ZONE_PROXY_REPLIES));
+            self.rule(
+                Table::Raw,
+                raw_dns,
+                vec![udp(), dport53(), is_owner.clone()],
+                Target::ConntrackZone(DNS_ZONE_UPSTREAM),
+            );
+            self.rule(
+                Table::Raw,
+                raw_dns,
+                vec![udp(), Match::SourcePort(dns_port), is_owner],
+                Target::ConntrackZone(DNS_ZONE_PROXY_REPLIES),
+            );
         }
-        self.rule(Table::Raw, Chain::Owned(Owned::PreroutingDns), vec![udp(), Match::SourcePort(53)], Target::ConntrackZone(DNS_ZONE_UPSTREAM));
+        self.rule(
+            Table::Raw,
+            Chain::Owned(Owned::PreroutingDns),
+            vec![udp(), Match::SourcePort(53)],
+            Target::ConntrackZone(DNS_ZONE_UPSTREAM),
+        );
     }
 }
 

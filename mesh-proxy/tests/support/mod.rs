@@ -175,9 +175,8 @@ pub struct HttpClient {
 impl HttpClient {
     pub async fn connect(addr: SocketAddr) -> std::io::Result<Self> {
         let stream = tokio::net::TcpStream::connect(addr).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(std::io::Error::other)?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
         tokio::spawn(conn);
         Ok(Self { sender, addr })
     }
@@ -236,9 +235,8 @@ impl Backend {
                             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(name.as_bytes()))))
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
         });
