@@ -26,8 +26,19 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 /// A port that was free a moment ago (bound then released).
+/// A port nothing listens on now, and not handed out before in this test process: the kernel may
+/// give the same ephemeral port to two `bind(:0)` calls in a row once the first socket is closed,
+/// which made a listener and the admin API collide now and then.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub fn free_addr() -> SocketAddr {
