@@ -14,14 +14,8 @@ use crate::{
 /// Medians of one path's samples.
 #[derive(Debug, Default, Clone, Copy)]
 struct Figures {
-    ka_rps: Option<f64>,
-    ka: [Option<f64>; 3],
-    ka_cpu: Option<f64>,
-    ka_errors: u64,
-    close_rps: Option<f64>,
-    close: [Option<f64>; 3],
-    close_cpu: Option<f64>,
-    close_errors: u64,
+    ka: Wrk,
+    close: Wrk,
     rate: [Option<f64>; 3],
     rate_cpu: Option<f64>,
     rate_errors: u64,
@@ -34,24 +28,39 @@ struct Figures {
     failed: u32,
 }
 
+/// Medians of one wrk workload's repeats on one path.
+#[derive(Debug, Default, Clone, Copy)]
+struct Wrk {
+    rps: Option<f64>,
+    /// p50, p90, p99 in µs.
+    lat: [Option<f64>; 3],
+    cpu: Option<f64>,
+    errors: u64,
+}
+
+fn percentiles(l: Vec<crate::load::Percentiles>) -> [Option<f64>; 3] {
+    [
+        median(l.iter().map(|p| p.p50).collect()),
+        median(l.iter().map(|p| p.p90).collect()),
+        median(l.iter().map(|p| p.p99).collect()),
+    ]
+}
+
+fn wrk(samples: &[crate::bench::WrkSample]) -> Wrk {
+    Wrk {
+        rps: median(samples.iter().map(|w| w.rps).collect()),
+        lat: percentiles(samples.iter().map(|w| w.latency).collect()),
+        cpu: median(samples.iter().filter_map(|w| w.cpu_per_1k).collect()),
+        errors: samples.iter().map(|w| w.errors).sum(),
+    }
+}
+
 fn figures(s: &PathSamples) -> Figures {
     let m = |v: Vec<f64>| median(v);
-    let pcts = |l: Vec<crate::load::Percentiles>| {
-        [
-            m(l.iter().map(|p| p.p50).collect()),
-            m(l.iter().map(|p| p.p90).collect()),
-            m(l.iter().map(|p| p.p99).collect()),
-        ]
-    };
+    let pcts = percentiles;
     Figures {
-        ka_rps: m(s.keep_alive.iter().map(|w| w.rps).collect()),
-        ka: pcts(s.keep_alive.iter().map(|w| w.latency).collect()),
-        ka_cpu: m(s.keep_alive.iter().filter_map(|w| w.cpu_per_1k).collect()),
-        ka_errors: s.keep_alive.iter().map(|w| w.errors).sum(),
-        close_rps: m(s.close.iter().map(|w| w.rps).collect()),
-        close: pcts(s.close.iter().map(|w| w.latency).collect()),
-        close_cpu: m(s.close.iter().filter_map(|w| w.cpu_per_1k).collect()),
-        close_errors: s.close.iter().map(|w| w.errors).sum(),
+        ka: wrk(&s.keep_alive),
+        close: wrk(&s.close),
         rate: pcts(s.rate.iter().map(|r| r.latency).collect()),
         rate_cpu: m(s.rate.iter().filter_map(|r| r.cpu_per_1k).collect()),
         rate_errors: s.rate.iter().map(|r| r.errors).sum(),
@@ -63,6 +72,42 @@ fn figures(s: &PathSamples) -> Figures {
         held: m(s.idle.iter().map(|i| i.held as f64).collect()),
         failed: s.idle.iter().map(|i| i.failed).sum(),
     }
+}
+
+/// One wrk workload's table: a row per path, ratios to direct and to HAProxy.
+#[allow(clippy::too_many_arguments)]
+fn wrk_table(
+    o: &mut String,
+    title: &str,
+    run: &Run,
+    workload: Workload,
+    fig: &[(PathKind, Figures)],
+    direct: Option<Figures>,
+    haproxy: Option<Figures>,
+    pick: fn(&Figures) -> Wrk,
+) -> std::fmt::Result {
+    let (direct, haproxy) = (direct.as_ref().map(pick), haproxy.as_ref().map(pick));
+    writeln!(o, "{title}\n")?;
+    writeln!(o, "| path | req/s | × direct | × HAProxy | p50 | p90 | p99 | p99 × HAProxy | proxy CPU s / 1k req | CPU × HAProxy | errors (all repeats) |")?;
+    writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    for (k, f) in fig {
+        let w = pick(f);
+        writeln!(
+            o,
+            "| {k} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            or_failed(run, *k, workload, num(w.rps, 0)),
+            ratio(w.rps, direct.and_then(|d| d.rps)),
+            ratio(w.rps, haproxy.and_then(|h| h.rps)),
+            us(w.lat[0]),
+            us(w.lat[1]),
+            us(w.lat[2]),
+            ratio(w.lat[2], haproxy.and_then(|h| h.lat[2])),
+            num(w.cpu, 4),
+            ratio(w.cpu, haproxy.and_then(|h| h.cpu)),
+            w.errors
+        )?;
+    }
+    Ok(())
 }
 
 fn num(v: Option<f64>, decimals: usize) -> String {
@@ -219,45 +264,10 @@ pub fn markdown(run: &Run) -> Result<String> {
         writeln!(o)?;
     }
 
-    writeln!(o, "## HTTP/1.1 keep-alive, {} connections (wrk -t1 -c{})\n", s.conns, s.conns)?;
-    writeln!(o, "| path | req/s | × direct | × HAProxy | p50 | p90 | p99 | p99 × HAProxy | proxy CPU s / 1k req | CPU × HAProxy | errors (all repeats) |")?;
-    writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
-    for (k, f) in &fig {
-        writeln!(
-            o,
-            "| {k} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            or_failed(run, *k, Workload::KeepAlive, num(f.ka_rps, 0)),
-            ratio(f.ka_rps, direct.and_then(|d| d.ka_rps)),
-            ratio(f.ka_rps, haproxy.and_then(|h| h.ka_rps)),
-            us(f.ka[0]),
-            us(f.ka[1]),
-            us(f.ka[2]),
-            ratio(f.ka[2], haproxy.and_then(|h| h.ka[2])),
-            num(f.ka_cpu, 4),
-            ratio(f.ka_cpu, haproxy.and_then(|h| h.ka_cpu)),
-            f.ka_errors
-        )?;
-    }
-
-    writeln!(o, "\n## A new connection per request (wrk -c{} -H 'Connection: close')\n", s.conns)?;
-    writeln!(o, "| path | req/s | × direct | × HAProxy | p50 | p90 | p99 | p99 × HAProxy | proxy CPU s / 1k req | CPU × HAProxy | errors (all repeats) |")?;
-    writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
-    for (k, f) in &fig {
-        writeln!(
-            o,
-            "| {k} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            or_failed(run, *k, Workload::Close, num(f.close_rps, 0)),
-            ratio(f.close_rps, direct.and_then(|d| d.close_rps)),
-            ratio(f.close_rps, haproxy.and_then(|h| h.close_rps)),
-            us(f.close[0]),
-            us(f.close[1]),
-            us(f.close[2]),
-            ratio(f.close[2], haproxy.and_then(|h| h.close[2])),
-            num(f.close_cpu, 4),
-            ratio(f.close_cpu, haproxy.and_then(|h| h.close_cpu)),
-            f.close_errors
-        )?;
-    }
+    let title = format!("## HTTP/1.1 keep-alive, {} connections (wrk -t1 -c{})", s.conns, s.conns);
+    wrk_table(&mut o, &title, run, Workload::KeepAlive, &fig, direct, haproxy, |f| f.ka)?;
+    let title = format!("\n## A new connection per request (wrk -c{} -H 'Connection: close')", s.conns);
+    wrk_table(&mut o, &title, run, Workload::Close, &fig, direct, haproxy, |f| f.close)?;
 
     writeln!(
         o,
@@ -364,14 +374,14 @@ pub fn markdown(run: &Run) -> Result<String> {
     writeln!(o, "| goal | measured | met |\n|---|---|---|")?;
     let mp = get(PathKind::MeshProxy);
     let v = |f: Option<Figures>, g: fn(&Figures) -> Option<f64>| f.as_ref().and_then(g);
-    let rps_ratio = v(mp, |f| f.ka_rps).zip(v(haproxy, |h| h.ka_rps)).map(|(a, b)| a / b);
+    let rps_ratio = v(mp, |f| f.ka.rps).zip(v(haproxy, |h| h.ka.rps)).map(|(a, b)| a / b);
     writeln!(
         o,
         "| mesh-proxy keep-alive req/s ≥ HAProxy's | {} of HAProxy's | {} |",
         ratio_text(rps_ratio),
         met(rps_ratio.map(|r| r >= 1.0))
     )?;
-    let p99_ratio = v(mp, |f| f.ka[2]).zip(v(haproxy, |h| h.ka[2])).map(|(a, b)| a / b);
+    let p99_ratio = v(mp, |f| f.ka.lat[2]).zip(v(haproxy, |h| h.ka.lat[2])).map(|(a, b)| a / b);
     writeln!(
         o,
         "| mesh-proxy keep-alive p99 ≤ HAProxy's | {} of HAProxy's | {} |",
@@ -480,7 +490,7 @@ pub fn svg(run: &Run) -> String {
         ),
         (
             format!("Keep-alive, {} connections, wrk: latency (µs, log scale)", run.settings.conns),
-            fig.iter().map(|(k, f)| (*k, f.ka)).collect(),
+            fig.iter().map(|(k, f)| (*k, f.ka.lat)).collect(),
         ),
     ];
     let (pw, ph, top, left, bottom) = (460.0, 300.0, 60.0, 60.0, 40.0);
