@@ -17,7 +17,34 @@ use std::{
 pub use backend::{Backend, BackendChoice};
 pub use state::Installed;
 
-use crate::rules::{self, Family, Plan, TproxyRoute};
+use crate::{
+    capture::CaptureConfig,
+    rules::{self, Family, Plan, TproxyRoute},
+};
+
+/// Flags of `mesh-init iptables` besides the shared capture flags and `--netns` (main.rs handles
+/// those, and has entered the namespace before [`run`] is called).
+#[derive(Debug, Clone, clap::Args)]
+pub struct IptablesArgs {
+    /// Print the iptables-restore input that would be applied (per family) and change nothing.
+    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN")]
+    pub dry_run: bool,
+    /// Remove every chain and jump mesh-init owns, and nothing else.
+    #[arg(long = "cleanup-only", env = "CLEANUP_ONLY")]
+    pub cleanup_only: bool,
+    /// Also program ip6tables (automatic when the namespace has a global IPv6 address).
+    #[arg(long = "dual-stack", env = "DUAL_STACK")]
+    pub dual_stack: bool,
+    /// Which iptables to use; `auto` follows the rules already present, as kube-proxy does.
+    #[arg(
+        long = "iptables-backend",
+        visible_alias = "force-iptables-binary",
+        env = "IPTABLES_BACKEND",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub backend: BackendChoice,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -41,6 +68,52 @@ pub struct Outcome {
     /// Rules of a previous run that this transaction replaced or removed.
     pub removed: usize,
     pub added: usize,
+}
+
+/// Installs `capture` (or prints it with `--dry-run`, or removes everything with
+/// `--cleanup-only`) in the current network namespace.
+pub fn run(args: &IptablesArgs, capture: &CaptureConfig) -> Result<(), Error> {
+    let mut families = vec![Family::V4];
+    if args.dual_stack || crate::has_global_ipv6() {
+        families.push(Family::V6);
+    }
+    if args.dry_run {
+        let mut text = String::new();
+        for family in families {
+            let restore = if family == Family::V4 { "iptables-restore" } else { "ip6tables-restore" };
+            text += &format!("# {family}: {restore} --noflush\n");
+            text += &rules::render(&rules::plan(capture, family));
+        }
+        // A reader that stops early (`| head`) is not an error.
+        let _ = std::io::stdout().write_all(text.as_bytes());
+        return Ok(());
+    }
+    let backend = Backend::select(args.backend)?;
+    tracing::info!(%backend, "iptables backend");
+    if args.cleanup_only {
+        for family in [Family::V4, Family::V6] {
+            let done = cleanup(backend, family)?;
+            println!("{family}: removed {} mesh-init rules ({backend})", done.removed);
+        }
+        crate::loopback::remove_passthrough_v6()?;
+        return Ok(());
+    }
+    for family in [Family::V4, Family::V6] {
+        if families.contains(&family) {
+            let done = apply(backend, &rules::plan(capture, family))?;
+            if family == Family::V6 {
+                crate::loopback::add_passthrough_v6()?;
+            }
+            println!("{family}: {} rules in place, {} replaced ({backend})", done.added, done.removed);
+        } else {
+            // A previous dual-stack run may have left IPv6 rules that this run no longer wants.
+            let done = cleanup(backend, family)?;
+            if done.removed > 0 {
+                println!("{family}: removed {} rules of a previous run ({backend})", done.removed);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Replaces whatever mesh-init installed for `plan.family` with `plan`, in one transaction.
@@ -101,7 +174,7 @@ fn restore(backend: Backend, family: Family, text: &str) -> Result<(), Error> {
     Ok(())
 }
 
-pub(crate) fn run(bin: &str, args: &[&str]) -> Result<String, Error> {
+pub(crate) fn command(bin: &str, args: &[&str]) -> Result<String, Error> {
     let cmd = format!("{bin} {}", args.join(" "));
     let out = Command::new(bin)
         .args(args)
@@ -127,7 +200,7 @@ impl Route {
     fn ip(&self, args: &[&str]) -> Result<String, Error> {
         let mut full = vec![if self.family == Family::V4 { "-4" } else { "-6" }];
         full.extend_from_slice(args);
-        run("ip", &full)
+        command("ip", &full)
     }
 
     /// Makes the policy route of the TPROXY mode exist exactly once when `want` is set, and not at

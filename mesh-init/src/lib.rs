@@ -5,8 +5,9 @@
 //!   a [`capture::CaptureConfig`];
 //! - [`rules`]: the iptables rules that config means, as a typed plan, and its rendering to
 //!   `iptables-restore` input;
-//! - [`iptables`]: applying a plan atomically (one transaction per IP family), re-runs, cleanup,
-//!   and the choice between the legacy and nf_tables backends;
+//! - [`iptables`]: the `mesh-init iptables` run ([`iptables::run`]): applying a plan atomically
+//!   (one transaction per IP family), re-runs, cleanup, and the choice between the legacy and
+//!   nf_tables backends;
 //! - `ebpf` (feature `ebpf`): the same interception with eBPF programs attached to a cgroup;
 //! - [`inject`]: adding the init container and the sidecar to Kubernetes workloads;
 //! - [`validate`]: proving from inside the namespace that interception works;

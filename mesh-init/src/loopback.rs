@@ -12,14 +12,14 @@ const ADDR: &str = "::6/128";
 
 /// Puts ::6 on `lo` (a no-op when it is there). Only called when IPv6 is being captured.
 pub fn add_passthrough_v6() -> Result<(), Error> {
-    iptables::run("ip", &["-6", "addr", "replace", ADDR, "dev", "lo"]).map(drop)
+    iptables::command("ip", &["-6", "addr", "replace", ADDR, "dev", "lo"]).map(drop)
 }
 
 /// Removes ::6 from `lo` if it is there (cleanup).
 pub fn remove_passthrough_v6() -> Result<(), Error> {
-    let shown = iptables::run("ip", &["-6", "addr", "show", "dev", "lo"])?;
+    let shown = iptables::command("ip", &["-6", "addr", "show", "dev", "lo"])?;
     if shown.lines().any(|l| l.trim_start().starts_with("inet6 ::6/128")) {
-        iptables::run("ip", &["-6", "addr", "del", ADDR, "dev", "lo"])?;
+        iptables::command("ip", &["-6", "addr", "del", ADDR, "dev", "lo"])?;
     }
     Ok(())
 }

@@ -7,9 +7,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mesh_init::{
     capture::CaptureArgs,
-    iptables::{self, Backend, BackendChoice, Installed},
+    iptables::{self, Backend, BackendChoice, Installed, IptablesArgs},
     netns,
-    rules::{self, Family},
+    rules::Family,
     validate,
 };
 
@@ -65,24 +65,8 @@ struct IptablesCmd {
     capture: CaptureArgs,
     #[command(flatten)]
     netns: NetnsArg,
-    /// Print the iptables-restore input that would be applied (per family) and change nothing.
-    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN")]
-    dry_run: bool,
-    /// Remove every chain and jump mesh-init owns, and nothing else.
-    #[arg(long = "cleanup-only", env = "CLEANUP_ONLY")]
-    cleanup_only: bool,
-    /// Also program ip6tables (automatic when the namespace has a global IPv6 address).
-    #[arg(long = "dual-stack", env = "DUAL_STACK")]
-    dual_stack: bool,
-    /// Which iptables to use; `auto` follows the rules already present, as kube-proxy does.
-    #[arg(
-        long = "iptables-backend",
-        visible_alias = "force-iptables-binary",
-        env = "IPTABLES_BACKEND",
-        value_enum,
-        default_value = "auto"
-    )]
-    backend: BackendChoice,
+    #[command(flatten)]
+    iptables: IptablesArgs,
 }
 
 #[derive(clap::Args)]
@@ -168,47 +152,7 @@ fn run_iptables(cmd: IptablesCmd) -> Result<()> {
     // Every flag is checked before anything, the namespace included, is touched.
     let capture = cmd.capture.validate()?;
     cmd.netns.enter()?;
-    let mut families = vec![Family::V4];
-    if cmd.dual_stack || mesh_init::has_global_ipv6() {
-        families.push(Family::V6);
-    }
-    if cmd.dry_run {
-        let mut text = String::new();
-        for family in families {
-            let restore = if family == Family::V4 { "iptables-restore" } else { "ip6tables-restore" };
-            text += &format!("# {family}: {restore} --noflush\n");
-            text += &rules::render(&rules::plan(&capture, family));
-        }
-        // A reader that stops early (`| head`) is not an error.
-        let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
-        return Ok(());
-    }
-    let backend = Backend::select(cmd.backend)?;
-    tracing::info!(%backend, "iptables backend");
-    if cmd.cleanup_only {
-        for family in [Family::V4, Family::V6] {
-            let done = iptables::cleanup(backend, family)?;
-            println!("{family}: removed {} mesh-init rules ({backend})", done.removed);
-        }
-        mesh_init::loopback::remove_passthrough_v6()?;
-        return Ok(());
-    }
-    for family in [Family::V4, Family::V6] {
-        if families.contains(&family) {
-            let done = iptables::apply(backend, &rules::plan(&capture, family))?;
-            if family == Family::V6 {
-                mesh_init::loopback::add_passthrough_v6()?;
-            }
-            println!("{family}: {} rules in place, {} replaced ({backend})", done.added, done.removed);
-        } else {
-            // A previous dual-stack run may have left IPv6 rules that this run no longer wants.
-            let done = iptables::cleanup(backend, family)?;
-            if done.removed > 0 {
-                println!("{family}: removed {} rules of a previous run ({backend})", done.removed);
-            }
-        }
-    }
-    Ok(())
+    Ok(iptables::run(&cmd.iptables, &capture)?)
 }
 
 #[cfg(feature = "ebpf")]

@@ -80,7 +80,7 @@ impl Backend {
             BackendChoice::Auto => {
                 if have(Backend::Legacy) && has_rules(Backend::Legacy) {
                     Ok(Backend::Legacy)
-                } else if have(Backend::Nft) && super::run(&Backend::Nft.save_binary(Family::V4), &[]).is_ok() {
+                } else if have(Backend::Nft) && super::command(&Backend::Nft.save_binary(Family::V4), &[]).is_ok() {
                     Ok(Backend::Nft)
                 } else if have(Backend::Plain) {
                     Ok(Backend::Plain)
@@ -98,7 +98,7 @@ impl Backend {
 fn has_rules(b: Backend) -> bool {
     [Family::V4, Family::V6]
         .into_iter()
-        .any(|f| super::run(&b.save_binary(f), &[]).is_ok_and(|out| out.lines().any(|l| l.starts_with("-A "))))
+        .any(|f| super::command(&b.save_binary(f), &[]).is_ok_and(|out| out.lines().any(|l| l.starts_with("-A "))))
 }
 
 /// Where a binary is: `PATH`, then the sbin directories a non-login root shell may lack.

@@ -25,7 +25,7 @@ pub struct Installed {
 
 impl Installed {
     pub fn read(backend: Backend, family: Family) -> Result<Installed, Error> {
-        let saved = super::run(&backend.save_binary(family), &[])?;
+        let saved = super::command(&backend.save_binary(family), &[])?;
         Ok(Installed::parse(&saved))
     }
 
