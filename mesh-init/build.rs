@@ -19,6 +19,7 @@ mod ebpf {
         // aya-build watches the programs' crate; the shared types matter too. (Not PATH: a
         // different PATH under sudo or nsenter would rebuild the object for nothing.)
         println!("cargo:rerun-if-changed={}", root.join("mesh-ebpf-common").display());
+        println!("cargo:rerun-if-changed={}", root.join("mesh-common").display());
         let package = aya_build::Package {
             name: "mesh-ebpf",
             root_dir: programs.to_str().expect("workspace path is UTF-8"),

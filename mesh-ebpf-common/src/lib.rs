@@ -210,13 +210,18 @@ pub const fn is_loopback(a: &Addr) -> bool {
         || (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == u32::to_be(1))
 }
 
-/// 127.0.0.6 (mapped) or ::6: the source the proxy binds when it hands an inbound connection to
-/// the local application (mesh-init's iptables rules let it through for the same reason). Such a
-/// connection must not be steered back to the proxy.
+/// 127.0.0.6 (mapped) or ::6 ([`mesh_common::INBOUND_PASSTHROUGH_V4`] and `_V6`): the source the
+/// proxy binds when it hands an inbound connection to the local application (mesh-init's iptables
+/// rules let it through for the same reason). Such a connection must not be steered back to the
+/// proxy.
 #[inline(always)]
 pub const fn is_inbound_passthrough_source(a: &Addr) -> bool {
-    (is_mapped_v4(a) && u32::from_be(a[3]) == 0x7f00_0006)
-        || (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == u32::to_be(6))
+    const V6: u128 = mesh_common::INBOUND_PASSTHROUGH_V6.to_bits();
+    (is_mapped_v4(a) && u32::from_be(a[3]) == mesh_common::INBOUND_PASSTHROUGH_V4.to_bits())
+        || (u32::from_be(a[0]) == (V6 >> 96) as u32
+            && u32::from_be(a[1]) == (V6 >> 64) as u32
+            && u32::from_be(a[2]) == (V6 >> 32) as u32
+            && u32::from_be(a[3]) == V6 as u32)
 }
 
 #[cfg(feature = "user")]
