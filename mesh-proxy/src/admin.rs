@@ -4,6 +4,10 @@
 //!
 //! `/clusters` and `/listeners` answer Envoy's text format (`name::address::stat::value`) by
 //! default and JSON with `?format=json`.
+//!
+//! [`readiness`]: the second port with `GET /ready` alone, for the kubelet.
+
+pub mod readiness;
 
 use std::{convert::Infallible, fmt::Write, sync::atomic::Ordering, sync::Arc};
 
@@ -15,7 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::Notify};
 
-use crate::{drain, logging::LogHandle, reload::Control};
+use crate::{control::Control, drain, logging::LogHandle};
 
 pub struct Admin {
     pub control: Arc<Control>,
@@ -127,7 +131,7 @@ impl Admin {
                     version: &'a str,
                     source: &'a str,
                     config: Effective<'a>,
-                    last_rejected: Option<crate::reload::Rejection>,
+                    last_rejected: Option<crate::control::Rejection>,
                 }
                 let config = &snapshot.config;
                 json(&Dump {
@@ -205,7 +209,7 @@ impl Admin {
                 );
                 r
             }
-            (&Method::GET, "/ready") => crate::readiness::answer(&self.drain),
+            (&Method::GET, "/ready") => readiness::answer(&self.drain),
             (&Method::POST, "/logging") => {
                 let Some(level) = query_param(query, "level") else {
                     return text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=debug (an EnvFilter string)\n");

@@ -5,17 +5,13 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use anyhow::Context;
 use clap::Parser;
 use mesh_proxy::{
-    admin::{self, Admin},
-    cluster::EndpointRegistry,
+    admin::{self, readiness, Admin},
     config::RawConfig,
-    discovery, drain,
-    inbound::LocalAddrs,
-    listener::Listeners,
+    control::{self, discovery, Control},
+    data::{accept::Listeners, cluster::EndpointRegistry, inbound::LocalAddrs, Proxy},
+    drain,
     logging::{self, LogFormat},
     metrics::Metrics,
-    proxy::Proxy,
-    readiness,
-    reload::{self, Control},
 };
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -65,7 +61,7 @@ fn run(args: Args, log: logging::LogHandle) -> anyhow::Result<()> {
     let path = args.config;
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading --config {}", path.display()))?;
     let raw = RawConfig::from_yaml(&path.display().to_string(), &text)?;
-    let version = reload::content_version(&text);
+    let version = control::content_version(&text);
     let metrics = Arc::new(Metrics::new());
     let registry = EndpointRegistry::default();
     let snapshot = Control::first_snapshot(&path, &raw, version.clone(), &registry, &metrics)?;
@@ -108,14 +104,14 @@ fn run(args: Args, log: logging::LogHandle) -> anyhow::Result<()> {
         }
 
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let _watcher = match reload::watch_file(&path, tx) {
+        let _watcher = match control::file::watch_file(&path, tx) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
                 None
             }
         };
-        tokio::spawn(reload::reload_loop(control.clone(), rx, RELOAD_DEBOUNCE));
+        tokio::spawn(control::file::reload_loop(control.clone(), rx, RELOAD_DEBOUNCE));
         tokio::spawn(discovery::poll_loop(control.clone()));
         let refresher = proxy.clone();
         tokio::spawn(async move {

@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_proxy::detect::{classify, Detected};
+use mesh_proxy::data::detect::{classify, Detected};
 
 fuzz_target!(|data: &[u8]| {
     let whole = classify(data);

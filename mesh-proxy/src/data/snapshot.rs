@@ -9,10 +9,12 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::{
-    cluster::{Cluster, EndpointRegistry},
     config::Config,
+    data::{
+        cluster::{Cluster, EndpointRegistry},
+        route::RouteTable,
+    },
     metrics::Metrics,
-    route::RouteTable,
 };
 
 /// Where a config came from and which version it is, for `/config_dump`.

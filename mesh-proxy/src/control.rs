@@ -4,24 +4,30 @@
 //! new listener, build a snapshot, swap it in. A failure at any step rejects the update (Envoy's
 //! NACK): the last good config keeps serving, and the rejection is recorded for `/config_dump` and
 //! counted in `mesh_proxy_config_updates_total{result="rejected"}`.
+//!
+//! The sources: [`file`] (inotify, SIGHUP) and [`discovery`] (polling).
+
+pub mod discovery;
+pub mod file;
 
 use std::{
     hash::{Hash, Hasher},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use tokio::sync::mpsc;
 
 use crate::{
-    cluster::EndpointRegistry,
     config::{self, Config, RawCluster, RawConfig, RawEndpoints, RawListener, RawRoute},
-    listener::Listeners,
+    data::{
+        accept::Listeners,
+        cluster::EndpointRegistry,
+        snapshot::{Origin, SharedSnapshot, Snapshot},
+    },
     metrics::Metrics,
-    snapshot::{Origin, SharedSnapshot, Snapshot},
 };
 
 /// The latest answer of each discovery type; `None` until the server has answered for that type
@@ -50,7 +56,7 @@ pub enum UpdateError {
     #[error(transparent)]
     Config(#[from] config::Error),
     #[error(transparent)]
-    Bind(#[from] crate::listener::BindError),
+    Bind(#[from] crate::data::accept::BindError),
     #[error("admin.address cannot change while running ({running} → {wanted}); restart to move it")]
     AdminMoved { running: std::net::SocketAddr, wanted: std::net::SocketAddr },
     #[error("readiness.address cannot change while running ({running} → {wanted}); restart to change it")]
@@ -283,58 +289,4 @@ pub fn content_version(text: &str) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);
     format!("{:016x}", h.finish())
-}
-
-/// Turns file-system events on the config file into reload requests (debounced by the caller).
-/// The parent directory is watched, so editors that replace the file by renaming are seen too.
-pub fn watch_file(path: &Path, tx: mpsc::UnboundedSender<()>) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::{RecursiveMode, Watcher};
-    let name = path.file_name().map(|n| n.to_os_string());
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
-            let ours = event.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == name);
-            let relevant = !matches!(event.kind, notify::EventKind::Access(_));
-            if ours && relevant {
-                let _ = tx.send(());
-            }
-        }
-    })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-    Ok(watcher)
-}
-
-/// Reloads on file events (after `debounce` of quiet, so a file written in several steps is read
-/// once complete) and on SIGHUP, until the channel closes.
-pub async fn reload_loop(control: Arc<Control>, mut events: mpsc::UnboundedReceiver<()>, debounce: Duration) {
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading on file changes only");
-            None
-        }
-    };
-    loop {
-        tokio::select! {
-            ev = events.recv() => {
-                if ev.is_none() { return; }
-                // Let a burst of events settle.
-                loop {
-                    match tokio::time::timeout(debounce, events.recv()).await {
-                        Ok(Some(())) => continue,
-                        Ok(None) => return,
-                        Err(_) => break,
-                    }
-                }
-                tracing::debug!("config file changed");
-            }
-            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
-                tracing::info!("SIGHUP: reloading the config file");
-            }
-        }
-        control.reload_file();
-    }
 }

@@ -22,10 +22,16 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use crate::{balance, config, config::LbPolicy, metrics::Metrics, tcp};
+use crate::{
+    config::{self, LbPolicy},
+    data::{balance, tcp},
+    metrics::Metrics,
+};
 
 /// The name metrics and logs give traffic forwarded to its original destination.
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+/// Connect timeout for passthrough traffic, which has no cluster settings.
+pub const PASSTHROUGH_CONNECT_TIMEOUT: Duration = config::DEFAULT_CONNECT_TIMEOUT;
 
 /// Idle upstream connections kept per endpoint; more are closed when they come back.
 const MAX_IDLE_PER_ENDPOINT: usize = 256;

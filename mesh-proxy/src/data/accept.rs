@@ -20,7 +20,7 @@ use serde::Serialize;
 use socket2::{Domain, Socket, Type};
 use tokio::{net::TcpListener, runtime::Handle, sync::oneshot};
 
-use crate::{config, drain, metrics::ListenerLabels, proxy::Proxy};
+use crate::{config, data::Proxy, drain, metrics::ListenerLabels};
 
 /// Pending connections the kernel queues per listener.
 const BACKLOG: i32 = 1024;

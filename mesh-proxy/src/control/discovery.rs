@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::{
     config::{self, DiscoveryResponse},
-    reload::{Control, Discovered},
+    control::{Control, Discovered},
 };
 
 /// Answers larger than this are refused (a config is kilobytes; this bounds a broken server).

@@ -1,59 +1,24 @@
-//! The data plane's shared state and what happens to each accepted connection.
+//! What happens to each accepted connection: its plan carried out to the end.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use arc_swap::ArcSwap;
-use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
 use crate::{
-    cluster::{Cluster, PASSTHROUGH_CLUSTER},
     config::Protocol,
-    detect::{self, Detected},
-    dispatch::{self, Fallback, Plan},
+    data::{
+        cluster::{PASSTHROUGH_CLUSTER, PASSTHROUGH_CONNECT_TIMEOUT},
+        detect::{self, Detected},
+        dispatch::{self, Fallback, Plan},
+        http::{self, ConnCtx},
+        inbound, orig_dst,
+        snapshot::Snapshot,
+        tcp, Proxy,
+    },
     drain,
-    http::{self, ConnCtx},
-    inbound::{self, LocalAddrs},
-    metrics::{Metrics, RequestCounters},
-    orig_dst,
-    snapshot::{SharedSnapshot, Snapshot},
-    tcp,
 };
 
-/// Everything a data-plane task needs; one per process, shared by all workers.
-pub struct Proxy {
-    /// The config in force; loaded (an atomic pointer read) per connection and per request.
-    pub snapshot: SharedSnapshot,
-    pub metrics: Arc<Metrics>,
-    /// This namespace's addresses, to tell inbound from outbound; refreshed by the control plane.
-    pub local_addrs: ArcSwap<LocalAddrs>,
-    /// Requests forwarded to their original destination.
-    pub passthrough_counters: RequestCounters,
-    /// The route name access logs give those requests, made once rather than per request.
-    pub passthrough_route: Arc<str>,
-    passthrough_connect_failures: Counter,
-    passthrough_tcp: Counter,
-    inbound_tcp: Counter,
-}
-
 impl Proxy {
-    pub fn new(snapshot: SharedSnapshot, metrics: Arc<Metrics>, local_addrs: LocalAddrs) -> Self {
-        Self {
-            passthrough_counters: metrics.request_counters("passthrough", PASSTHROUGH_CLUSTER),
-            passthrough_route: Arc::from("passthrough"),
-            passthrough_connect_failures: metrics.connect_failures(PASSTHROUGH_CLUSTER),
-            passthrough_tcp: metrics.tcp_counter("passthrough", PASSTHROUGH_CLUSTER),
-            inbound_tcp: metrics.tcp_counter("inbound", "InboundPassthroughCluster"),
-            snapshot,
-            metrics,
-            local_addrs: ArcSwap::from_pointee(local_addrs),
-        }
-    }
-
-    pub fn passthrough_cluster(&self, dst: SocketAddr) -> Cluster {
-        Cluster::passthrough(dst, http::PASSTHROUGH_CONNECT_TIMEOUT, self.passthrough_connect_failures.clone())
-    }
-
     /// Handles one accepted connection to its end.
     pub async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, drain: drain::Watch) {
         let dst = match orig_dst::original_dst(&stream) {
@@ -107,7 +72,7 @@ impl Proxy {
         match fallback {
             Fallback::Passthrough(dst) => {
                 self.passthrough_tcp.inc();
-                let upstream = tcp::connect(dst, None, http::PASSTHROUGH_CONNECT_TIMEOUT).await;
+                let upstream = tcp::connect(dst, None, PASSTHROUGH_CONNECT_TIMEOUT).await;
                 if upstream.is_err() {
                     self.passthrough_connect_failures.inc();
                 }

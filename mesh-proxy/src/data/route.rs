@@ -16,9 +16,8 @@ use http::HeaderMap;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::{
-    balance,
-    cluster::Cluster,
     config::{self, Destination, PathMatch, Protocol},
+    data::{balance, cluster::Cluster},
     metrics::{Metrics, RequestCounters},
 };
 
@@ -220,8 +219,7 @@ pub fn split_authority(authority: &str, default_port: u16) -> Option<(&str, u16)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::EndpointRegistry;
-    use crate::config::RawConfig;
+    use crate::{config::RawConfig, data::cluster::EndpointRegistry};
 
     fn table(yaml: &str) -> RouteTable {
         let cfg = RawConfig::from_yaml("t", yaml).unwrap().validate().unwrap();

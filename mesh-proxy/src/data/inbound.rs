@@ -16,7 +16,7 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use crate::tcp;
+use crate::data::tcp;
 
 pub const INBOUND_SOURCE_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
 pub const INBOUND_SOURCE_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));

@@ -9,9 +9,7 @@ use std::net::SocketAddr;
 
 use crate::{
     config::{OutboundPolicy, Protocol},
-    inbound::LocalAddrs,
-    orig_dst::OriginalDst,
-    snapshot::Snapshot,
+    data::{inbound::LocalAddrs, orig_dst::OriginalDst, snapshot::Snapshot},
 };
 
 /// What to do with traffic no route claims.
@@ -96,7 +94,11 @@ pub fn plan(snapshot: &Snapshot, dst: OriginalDst, local: &LocalAddrs) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cluster::EndpointRegistry, config::RawConfig, metrics::Metrics, snapshot::Origin};
+    use crate::{
+        config::RawConfig,
+        data::{cluster::EndpointRegistry, snapshot::Origin},
+        metrics::Metrics,
+    };
 
     fn snapshot(yaml: &str) -> Snapshot {
         let cfg = RawConfig::from_yaml("t", yaml).unwrap().validate().unwrap();

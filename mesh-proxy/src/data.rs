@@ -1,0 +1,75 @@
+//! The data plane: every accepted connection, from the listening socket to the upstream.
+//!
+//! In the order a connection meets it:
+//! - [`accept`]: listening sockets and accept loops, kept across reloads when unchanged;
+//! - [`orig_dst`]: where a redirected connection was going (`SO_ORIGINAL_DST`);
+//! - [`dispatch`]: the decision per connection (inbound, routed, detect, passthrough, refused), as data;
+//! - [`connection`]: carries that decision out, with [`detect`] (HTTP/1 or opaque, from the first
+//!   bytes, with a bounded wait) where the plan asks for it;
+//! - [`http`]: a hyper server per downstream connection, a route per request, the request forwarded;
+//! - [`tcp`]: connecting and copying bytes with half-close; [`inbound`]: to the local application
+//!   from 127.0.0.6;
+//! - [`snapshot`]: the routing state the control side builds and swaps: the [`route`] table and the
+//!   [`cluster`]s with their endpoints; [`balance`]: the load-balancing choices.
+
+pub mod accept;
+pub mod balance;
+pub mod cluster;
+pub mod connection;
+pub mod detect;
+pub mod dispatch;
+pub mod http;
+pub mod inbound;
+pub mod orig_dst;
+pub mod route;
+pub mod snapshot;
+pub mod tcp;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use arc_swap::ArcSwap;
+use prometheus_client::metrics::counter::Counter;
+
+use crate::{
+    data::{
+        cluster::{Cluster, PASSTHROUGH_CLUSTER, PASSTHROUGH_CONNECT_TIMEOUT},
+        inbound::LocalAddrs,
+        snapshot::SharedSnapshot,
+    },
+    metrics::{Metrics, RequestCounters},
+};
+
+/// Everything a data-plane task needs; one per process, shared by all workers.
+pub struct Proxy {
+    /// The config in force; loaded (an atomic pointer read) per connection and per request.
+    pub snapshot: SharedSnapshot,
+    pub metrics: Arc<Metrics>,
+    /// This namespace's addresses, to tell inbound from outbound; refreshed by the control plane.
+    pub local_addrs: ArcSwap<LocalAddrs>,
+    /// Requests forwarded to their original destination.
+    pub passthrough_counters: RequestCounters,
+    /// The route name access logs give those requests, made once rather than per request.
+    pub passthrough_route: Arc<str>,
+    pub(crate) passthrough_connect_failures: Counter,
+    pub(crate) passthrough_tcp: Counter,
+    pub(crate) inbound_tcp: Counter,
+}
+
+impl Proxy {
+    pub fn new(snapshot: SharedSnapshot, metrics: Arc<Metrics>, local_addrs: LocalAddrs) -> Self {
+        Self {
+            passthrough_counters: metrics.request_counters("passthrough", PASSTHROUGH_CLUSTER),
+            passthrough_route: Arc::from("passthrough"),
+            passthrough_connect_failures: metrics.connect_failures(PASSTHROUGH_CLUSTER),
+            passthrough_tcp: metrics.tcp_counter("passthrough", PASSTHROUGH_CLUSTER),
+            inbound_tcp: metrics.tcp_counter("inbound", "InboundPassthroughCluster"),
+            snapshot,
+            metrics,
+            local_addrs: ArcSwap::from_pointee(local_addrs),
+        }
+    }
+
+    pub fn passthrough_cluster(&self, dst: SocketAddr) -> Cluster {
+        Cluster::passthrough(dst, PASSTHROUGH_CONNECT_TIMEOUT, self.passthrough_connect_failures.clone())
+    }
+}

@@ -1,0 +1,111 @@
+//! The access-log line of one HTTP request (target `access`), filled in as the request makes its
+//! way; nothing is copied when access logging is off.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use http::{Method, Request, StatusCode, Uri};
+use hyper::body::Incoming;
+
+/// The access-log line of one request, filled in as the request makes its way.
+pub(super) struct AccessLog {
+    /// None when access logging is off: then nothing is copied per request.
+    fields: Option<Box<LogFields>>,
+}
+
+pub(super) struct LogFields {
+    start: Instant,
+    /// The downstream client.
+    peer: SocketAddr,
+    method: Method,
+    uri: Uri,
+    route: Option<Arc<str>>,
+    cluster: Option<Arc<str>>,
+    endpoint: Option<SocketAddr>,
+    status: u16,
+}
+
+impl AccessLog {
+    pub(super) fn start(req: &Request<Incoming>, peer: SocketAddr, start: Instant) -> Self {
+        let on = tracing::enabled!(target: "access", tracing::Level::INFO);
+        Self {
+            fields: on.then(|| {
+                Box::new(LogFields {
+                    start,
+                    peer,
+                    method: req.method().clone(),
+                    uri: req.uri().clone(),
+                    route: None,
+                    cluster: None,
+                    endpoint: None,
+                    status: 0,
+                })
+            }),
+        }
+    }
+
+    fn with(mut self, f: impl FnOnce(&mut LogFields)) -> Self {
+        if let Some(fields) = self.fields.as_deref_mut() {
+            f(fields);
+        }
+        self
+    }
+
+    pub(super) fn with_route(self, r: &Arc<str>) -> Self {
+        self.with(|f| f.route = Some(r.clone()))
+    }
+
+    pub(super) fn with_cluster(self, c: &Arc<str>) -> Self {
+        self.with(|f| f.cluster = Some(c.clone()))
+    }
+
+    pub(super) fn with_endpoint(&self, e: SocketAddr) -> Self {
+        AccessLog { fields: self.fields.as_ref().map(|f| Box::new(LogFields { endpoint: Some(e), ..clone_fields(f) })) }
+    }
+
+    pub(super) fn with_status(self, s: StatusCode) -> Self {
+        self.with(|f| f.status = s.as_u16())
+    }
+
+    /// A response the proxy made itself; `body` is what the client gets.
+    pub(super) fn local(self, status: StatusCode, reason: &str, body: &str) {
+        if let Some(f) = self.fields {
+            emit(&f, status.as_u16(), body.len() as u64, Some(reason));
+        }
+    }
+
+    pub(super) fn finish(self, bytes: u64, complete: bool) {
+        if let Some(f) = self.fields {
+            emit(&f, f.status, bytes, (!complete).then_some("response body not completed"));
+        }
+    }
+}
+
+fn clone_fields(f: &LogFields) -> LogFields {
+    LogFields {
+        start: f.start,
+        peer: f.peer,
+        method: f.method.clone(),
+        uri: f.uri.clone(),
+        route: f.route.clone(),
+        cluster: f.cluster.clone(),
+        endpoint: f.endpoint,
+        status: f.status,
+    }
+}
+
+fn emit(f: &LogFields, status: u16, bytes: u64, reason: Option<&str>) {
+    tracing::info!(
+        target: "access",
+        kind = "http",
+        peer = %f.peer,
+        method = %f.method,
+        path = %f.uri,
+        route = f.route.as_deref().unwrap_or("-"),
+        cluster = f.cluster.as_deref().unwrap_or("-"),
+        endpoint = %f.endpoint.map_or_else(|| "-".to_string(), |e| e.to_string()),
+        status,
+        bytes,
+        duration_ms = f.start.elapsed().as_secs_f64() * 1000.0,
+        reason = reason.unwrap_or("-"),
+    );
+}

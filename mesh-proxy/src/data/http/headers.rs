@@ -1,0 +1,136 @@
+//! What changes between the downstream and the upstream hop: hop-by-hop headers are dropped, the
+//! request goes upstream in origin form as HTTP/1.1, the response comes back as HTTP/1.1.
+
+use http::{header, HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [header::HeaderName; 6] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// The two hop-by-hop names `http` has no constant for, after those of [`HOP_BY_HOP`].
+const HOP_BY_HOP_OTHER: [&str; 2] = ["keep-alive", "proxy-connection"];
+
+/// Which hop-by-hop name `name` is: an index into [`HOP_BY_HOP`] then [`HOP_BY_HOP_OTHER`].
+fn hop_by_hop_index(name: &header::HeaderName) -> Option<usize> {
+    HOP_BY_HOP
+        .iter()
+        .position(|h| h == name)
+        .or_else(|| HOP_BY_HOP_OTHER.iter().position(|h| name == h).map(|i| HOP_BY_HOP.len() + i))
+}
+
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names finds the hop-by-hop headers present (usually none, or Connection
+    // alone), so only those are removed: no hashed removal of absent names per message, no
+    // name parsing, no allocation.
+    let mut found = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            found |= 1 << i;
+        }
+    }
+    if found == 0 {
+        return;
+    }
+    // Headers named in Connection are hop-by-hop too; only those present need a removal.
+    let named: Vec<header::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        // keep-alive is in `found` already; skipping it spares parsing the common token.
+        .filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case("keep-alive") && headers.contains_key(*n))
+        .filter_map(|n| header::HeaderName::from_bytes(n.as_bytes()).ok())
+        .filter(|n| hop_by_hop_index(n).is_none())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if found & (1 << i) != 0 {
+            headers.remove(n);
+        }
+    }
+    for (i, n) in HOP_BY_HOP_OTHER.iter().enumerate() {
+        if found & (1 << (HOP_BY_HOP.len() + i)) != 0 {
+            headers.remove(*n);
+        }
+    }
+}
+
+pub(super) fn prepare_upstream_request(req: &mut Request<Incoming>) {
+    strip_hop_by_hop(req.headers_mut());
+    *req.version_mut() = Version::HTTP_11;
+    if let Some(a) = req.uri().authority() {
+        // Absolute-form from a client that thinks it talks to a forward proxy: origin-form
+        // upstream, the authority in Host.
+        if !req.headers().contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        if let Ok(uri) = pq.parse::<Uri>() {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+pub(super) fn prepare_downstream_response(resp: &mut Response<Incoming>) {
+    // The upstream's connection management (close, HTTP/1.0) is its hop's business; the downstream
+    // connection stays keep-alive.
+    let chunked = resp.headers().get(header::TRANSFER_ENCODING).is_some();
+    strip_hop_by_hop(resp.headers_mut());
+    if chunked {
+        resp.headers_mut().insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
+    *resp.version_mut() = Version::HTTP_11;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_stripped() {
+        let mut h = map(&[
+            ("host", "a"),
+            ("connection", "keep-alive, X-Trace , close"),
+            ("x-trace", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("trailer", "x"),
+            ("proxy-authorization", "basic x"),
+            ("end-user", "jason"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["host", "end-user"]);
+        // A header named `close` is removed when Connection names it.
+        let mut h = map(&[("connection", "close"), ("close", "1"), ("via", "x")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["via"]);
+        // Nothing hop-by-hop: nothing changes.
+        let mut h = map(&[("host", "a"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+    }
+}

@@ -1,0 +1,193 @@
+//! The downstream side: one hyper HTTP/1.1 server per connection, the drain watched cheaply, and
+//! the route decision per request (route, rule, weighted cluster, or the connection's fallback).
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    task::{Context, Poll, Wake, Waker},
+    time::{Duration, Instant},
+};
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::{
+    access_log::AccessLog,
+    body::{local_response, ProxyBody},
+    forward::forward,
+};
+use crate::{
+    data::{
+        cluster::Cluster,
+        dispatch::{Fallback, Refusal},
+        Proxy,
+    },
+    drain,
+};
+
+/// Envoy's `max_request_headers_kb` default.
+pub const MAX_HEADER_BYTES: usize = 60 * 1024;
+/// A client must send a request's headers within this long (slowloris bound).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every request on one downstream connection shares.
+pub struct ConnCtx {
+    pub proxy: Arc<Proxy>,
+    pub orig_dst: SocketAddr,
+    pub peer: SocketAddr,
+    /// For requests no route claims.
+    pub fallback: Fallback,
+    /// The original destination as a one-endpoint cluster, made on the first passthrough request
+    /// and kept for the connection so its upstream connection is reused.
+    passthrough: OnceLock<Arc<Cluster>>,
+}
+
+impl ConnCtx {
+    pub fn new(proxy: Arc<Proxy>, orig_dst: SocketAddr, peer: SocketAddr, fallback: Fallback) -> Self {
+        Self { proxy, orig_dst, peer, fallback, passthrough: OnceLock::new() }
+    }
+}
+
+/// Serves HTTP/1.1 on a downstream connection until it closes or the drain starts (then the
+/// request in flight finishes and the connection closes).
+pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: drain::Watch) {
+    // Until the client sends its first bytes, the connection costs only its socket and this
+    // task: hyper allocates its read and write buffers (about 11 KiB) as soon as it is polled,
+    // which 10,000 idle keep-alive clients would multiply. `readable()` is no use here: tokio
+    // reports a fresh socket readable before any data arrived; a one-byte peek waits for data.
+    // The wait is bounded like hyper's own wait for a request head.
+    let mut first = [0u8; 1];
+    tokio::select! {
+        peeked = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)) => {
+            if !matches!(peeked, Ok(Ok(n)) if n > 0) {
+                return; // closed, failed or silent for HEADER_READ_TIMEOUT before sending anything
+            }
+        }
+        _ = drain.signaled() => return,
+    }
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // hyper refuses (431) a head that does not fit its buffer; the exact 60 KiB limit on
+        // header bytes is checked per request in `handle`, which sees them parsed.
+        .max_buf_size(MAX_HEADER_BYTES + 16 * 1024)
+        // At most 100 headers (Envoy's `max_headers_count`) is hyper's default; set explicitly,
+        // hyper would initialise its header arrays on every request.
+        // Small responses: one flattened buffer and one write() beat writev's bookkeeping.
+        .writev(false);
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    // The drain signal is polled only when its own waker fired, not on every wake-up of the
+    // connection (a `select!` would poll it, and lock its `Notify`, twice per request).
+    let signaled = drain.signaled();
+    tokio::pin!(signaled);
+    let gate = Arc::new(DrainGate { woken: AtomicBool::new(true), task: Mutex::new(None) });
+    let gate_waker = Waker::from(gate.clone());
+    let served = std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if gate.woken.swap(false, Ordering::AcqRel) {
+            *gate.task.lock().expect("drain gate lock poisoned") = Some(cx.waker().clone());
+            if signaled.as_mut().poll(&mut Context::from_waker(&gate_waker)).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    let result = match served {
+        Some(r) => r,
+        None => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "downstream connection ended with an error");
+    }
+}
+
+/// The waker the drain signal of one connection is polled with: it marks the signal as worth
+/// polling and wakes the connection's task (recorded each time the signal is polled; a task's
+/// waker does not change).
+struct DrainGate {
+    woken: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl Wake for DrainGate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        if let Some(w) = self.task.lock().expect("drain gate lock poisoned").as_ref() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let snapshot = ctx.proxy.snapshot.load_full();
+    let log = AccessLog::start(&req, ctx.peer, start);
+    let header_bytes: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        let why = "request headers exceed 60 KiB";
+        log.local(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, why, why);
+        let mut resp = local_response(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, why);
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
+    let Some(route) = snapshot.routes.for_request(ctx.orig_dst, authority(&req)) else {
+        return match ctx.fallback {
+            Fallback::Passthrough(dst) => {
+                let cluster = ctx.passthrough.get_or_init(|| Arc::new(ctx.proxy.passthrough_cluster(dst)));
+                let counters = &ctx.proxy.passthrough_counters;
+                forward(
+                    cluster,
+                    counters,
+                    &ctx.proxy.passthrough_route,
+                    req,
+                    crate::config::DEFAULT_REQUEST_TIMEOUT,
+                    log,
+                )
+                .await
+            }
+            Fallback::Refuse(why) => {
+                let status = match why {
+                    Refusal::OwnListener => StatusCode::NOT_FOUND,
+                    Refusal::RegistryOnly => StatusCode::BAD_GATEWAY,
+                };
+                log.local(status, why.reason(), why.reason());
+                local_response(status, why.reason())
+            }
+        };
+    };
+    let Some(rule) = route.rule_for(req.uri().path(), req.headers()) else {
+        let why = "no rule of the route matches the request";
+        log.with_route(&route.name).local(StatusCode::NOT_FOUND, why, why);
+        return local_response(StatusCode::NOT_FOUND, why);
+    };
+    let target = rule.pick();
+    forward(&target.cluster, &target.requests, &route.name, req, rule.timeout, log).await
+}
+
+/// The request's authority: the absolute URI's, else the Host header.
+fn authority(req: &Request<Incoming>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+}
