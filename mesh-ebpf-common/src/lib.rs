@@ -74,8 +74,12 @@ pub mod maps {
 pub const ORIG_BY_COOKIE_ENTRIES: u32 = 16384;
 pub const ORIG_BY_PAIR_ENTRIES: u32 = 32768;
 pub const LOCAL_SOCKS_ENTRIES: u32 = 32768;
-pub const ID_ENTRIES: u32 = 64;
-pub const CIDR_ENTRIES: u32 = 1024;
+/// How many proxy UIDs (and, apart, GIDs) and CIDRs (per flag) the configuration maps hold;
+/// `mesh-init`'s `ebpf_limits` refuses more, naming the flag.
+pub const MAX_IDS: u32 = 64;
+pub const MAX_CIDRS: u32 = 1024;
+pub const ID_ENTRIES: u32 = MAX_IDS;
+pub const CIDR_ENTRIES: u32 = MAX_CIDRS;
 
 /// Slots of `INBOUND_LISTENERS`: one per family, because an IPv6-only listener cannot take IPv4
 /// connections and a second `listen()` on `::` would otherwise replace the IPv4 socket.

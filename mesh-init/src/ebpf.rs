@@ -3,7 +3,7 @@
 //!
 //! Deciding, then doing, as in the iptables mode:
 //! - [`plan`]: a [`CaptureConfig`] turned into the values of the configuration maps, or the flag
-//!   this mode cannot honour;
+//!   this mode cannot honour (`crate::ebpf_limits`, shared with `inject`);
 //! - [`cgroup`]: finding the cgroup2 mount and checking `--cgroup` (never its root);
 //! - [`pins`]: bpffs (mounted when absent) and the per-cgroup pin directory;
 //! - [`attach`]: loading the object built from `mesh-ebpf`, filling the maps, attaching and
@@ -70,7 +70,7 @@ pub struct EbpfArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Unsupported(#[from] plan::Unsupported),
+    Unsupported(#[from] crate::ebpf_limits::Unsupported),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
     #[error(transparent)]

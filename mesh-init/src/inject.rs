@@ -53,7 +53,7 @@ use serde_yaml::Value;
 pub use annotations::{CAPTURE as CAPTURE_ANNOTATIONS, CONFIG_MAP, INJECT, MODE, PREFIX, STATUS};
 pub use containers::{INIT_NAME, PROXY_NAME};
 
-use crate::capture::{CaptureArgs, InboundMode, InvalidFlag};
+use crate::capture::{CaptureArgs, InvalidFlag};
 use annotations::{Annotations, BadAnnotation};
 use containers::Sidecar;
 
@@ -296,22 +296,7 @@ fn decide(args: &InjectArgs, annotations: &Annotations, name: Option<&str>) -> R
         blame(e.flag, reason)
     })?;
     if mode == Mode::Ebpf {
-        // What `mesh-init ebpf` refuses (ebpf/plan.rs), checked here so that a build without
-        // the `ebpf` feature injects the same.
-        if config.inbound_mode == InboundMode::Tproxy {
-            let reason =
-                "TPROXY is a netfilter target; the eBPF mode keeps the client's address without it: use REDIRECT";
-            return Err(blame("--istio-inbound-interception-mode", reason.into()));
-        }
-        if config.dns_port.is_some() {
-            return Err(Decision::Flag("--redirect-dns: DNS capture is not implemented in the eBPF mode".into()));
-        }
-        if !config.exclude_interfaces.is_empty() {
-            let reason = "the eBPF mode cannot exclude interfaces; exclude their CIDRs with excludeOutboundIPRanges";
-            return Err(blame("--istio-exclude-interfaces", reason.into()));
-        }
-        #[cfg(feature = "ebpf")]
-        crate::ebpf::MapPlan::new(&config, false).map_err(|e| blame(e.flag, e.reason.clone()))?;
+        crate::ebpf_limits::check(&config).map_err(|e| blame(e.flag, e.reason))?;
     }
     let (proxy_uid, proxy_gid) = (config.proxy_uids[0], config.proxy_gids[0]);
     if proxy_uid == 0 {

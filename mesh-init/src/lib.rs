@@ -9,6 +9,8 @@
 //!   (one transaction per IP family), re-runs, cleanup, and the choice between the legacy and
 //!   nf_tables backends;
 //! - `ebpf` (feature `ebpf`): the same interception with eBPF programs attached to a cgroup;
+//! - [`ebpf_limits`]: what the eBPF mode cannot do, for `ebpf` and `inject` alike (no feature
+//!   needed);
 //! - [`inject`]: adding the init container and the sidecar to Kubernetes workloads;
 //! - [`validate`]: proving from inside the namespace that interception works;
 //! - [`loopback`]: the proxy's IPv6 inbound passthrough source (::6 on `lo`);
@@ -18,6 +20,7 @@
 pub mod capture;
 #[cfg(feature = "ebpf")]
 pub mod ebpf;
+pub mod ebpf_limits;
 pub mod inject;
 pub mod iptables;
 pub mod loopback;

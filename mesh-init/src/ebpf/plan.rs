@@ -1,23 +1,19 @@
 //! What the configuration maps must hold for a [`CaptureConfig`]: plain data, built and checked
-//! before anything is loaded, so a flag this mode cannot honour is refused with nothing changed.
+//! (by `ebpf_limits`) before anything is loaded, so a flag this mode cannot honour is refused
+//! with nothing changed.
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use mesh_ebpf_common::{
     mapped_v4, Addr, Config, PortSet, CFG_ACCELERATE, CFG_HAS_INCLUDE_OUTBOUND_PORTS, CFG_INBOUND,
-    CFG_INCLUDE_ALL_CIDRS, CFG_INCLUDE_ALL_INBOUND_PORTS, CIDR_ENTRIES, ID_ENTRIES, PORT_SETS_ENTRIES,
+    CFG_INCLUDE_ALL_CIDRS, CFG_INCLUDE_ALL_INBOUND_PORTS, PORT_SETS_ENTRIES,
 };
 
-use crate::capture::{CaptureConfig, InboundMode, Selection};
-
-/// A capture flag the eBPF mode cannot honour, with what to do instead.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("mesh-init ebpf cannot honour {flag}: {reason}")]
-pub struct Unsupported {
-    pub flag: &'static str,
-    pub reason: String,
-}
+use crate::{
+    capture::{CaptureConfig, Selection},
+    ebpf_limits::Unsupported,
+};
 
 /// The contents of every configuration map.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,49 +34,8 @@ pub struct MapPlan {
 
 impl MapPlan {
     pub fn new(c: &CaptureConfig, accelerate: bool) -> Result<Self, Unsupported> {
-        if c.inbound_mode == InboundMode::Tproxy {
-            return Err(Unsupported {
-                flag: "--istio-inbound-interception-mode",
-                reason: "TPROXY is a netfilter target; the eBPF mode hands inbound connections to the proxy \
-                         unchanged (sk_lookup), which keeps the client's address as TPROXY does: use REDIRECT \
-                         (the default) with `mesh-init ebpf`"
-                    .into(),
-            });
-        }
-        if c.dns_port.is_some() {
-            return Err(Unsupported {
-                flag: "--redirect-dns",
-                reason: "DNS (UDP) capture is not implemented in the eBPF mode; use `mesh-init iptables`".into(),
-            });
-        }
-        if !c.exclude_interfaces.is_empty() {
-            return Err(Unsupported {
-                flag: "--istio-exclude-interfaces",
-                reason: format!(
-                    "the connect hook runs before routing and cannot know the interface of {:?}; exclude the \
-                     interface's CIDRs with --istio-service-exclude-cidr instead",
-                    c.exclude_interfaces
-                ),
-            });
-        }
-        let ids = |flag: &'static str, ids: &[u32]| {
-            if ids.len() > ID_ENTRIES as usize {
-                Err(Unsupported { flag, reason: format!("at most {ID_ENTRIES} IDs fit the map, not {}", ids.len()) })
-            } else {
-                Ok(ids.to_vec())
-            }
-        };
-        let cidrs = |flag: &'static str, nets: &mut dyn Iterator<Item = &IpNet>| {
-            let keys: Vec<_> = nets.map(lpm_key).collect();
-            if keys.len() > CIDR_ENTRIES as usize {
-                Err(Unsupported {
-                    flag,
-                    reason: format!("at most {CIDR_ENTRIES} CIDRs fit the map, not {}", keys.len()),
-                })
-            } else {
-                Ok(keys)
-            }
-        };
+        crate::ebpf_limits::check(c)?;
+        let cidrs = |nets: &mut dyn Iterator<Item = &IpNet>| nets.map(lpm_key).collect::<Vec<_>>();
 
         let mut flags = 0;
         let include_cidrs = match &c.include_cidrs {
@@ -88,9 +43,9 @@ impl MapPlan {
                 flags |= CFG_INCLUDE_ALL_CIDRS;
                 Vec::new()
             }
-            Selection::Only(nets) => cidrs("--istio-service-cidr", &mut nets.iter())?,
+            Selection::Only(nets) => cidrs(&mut nets.iter()),
         };
-        let exclude_cidrs = cidrs("--istio-service-exclude-cidr", &mut c.exclude_cidrs.iter())?;
+        let exclude_cidrs = cidrs(&mut c.exclude_cidrs.iter());
         let mut port_sets = vec![0u64; PORT_SETS_ENTRIES as usize];
         let mut add = |set: PortSet, ports: &mut dyn Iterator<Item = &u16>| {
             for &p in ports {
@@ -118,8 +73,8 @@ impl MapPlan {
         Ok(Self {
             config: Config { outbound_port: c.outbound_port, inbound_port: c.inbound_port, flags },
             inbound,
-            proxy_uids: ids("--proxy-uid", &c.proxy_uids)?,
-            proxy_gids: ids("--proxy-gid", &c.proxy_gids)?,
+            proxy_uids: c.proxy_uids.clone(),
+            proxy_gids: c.proxy_gids.clone(),
             include_cidrs,
             exclude_cidrs,
             port_sets,
@@ -149,6 +104,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+    use crate::capture::InboundMode;
 
     /// The reverse of [`common_addr`]; IPv4-mapped addresses come back as IPv4.
     pub fn ip_of(a: &Addr) -> IpAddr {
@@ -237,20 +193,5 @@ mod tests {
         let bytes: Vec<u8> = addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
         assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 0]);
         assert_eq!(p.include_cidrs, vec![(128, common_addr("192.168.1.1".parse().unwrap()))]);
-    }
-
-    #[test]
-    fn what_the_mode_cannot_do_is_refused_by_flag() {
-        let mut c = base();
-        c.inbound_mode = InboundMode::Tproxy;
-        assert_eq!(MapPlan::new(&c, false).unwrap_err().flag, "--istio-inbound-interception-mode");
-        let mut c = base();
-        c.dns_port = Some(15053);
-        assert_eq!(MapPlan::new(&c, false).unwrap_err().flag, "--redirect-dns");
-        let mut c = base();
-        c.exclude_interfaces = vec!["eth1".into()];
-        let e = MapPlan::new(&c, false).unwrap_err();
-        assert_eq!(e.flag, "--istio-exclude-interfaces");
-        assert!(e.to_string().contains("eth1"), "{e}");
     }
 }
