@@ -10,7 +10,8 @@
 //! - [`Cgroup`] (`cgroup.rs`): a cgroup v2 directory under the cgroup2 mount, and commands in it.
 //! - [`Proc`], [`run`], [`check`], [`output`] (`process.rs`): long-running children killed on
 //!   drop, with line waits on stdout; commands run to completion within a time limit.
-//! - [`TempDir`] (`tempdir.rs`): a scratch directory the proxy's user can read.
+//! - [`TempDir`], [`write_atomic`] (`tempdir.rs`): a scratch directory the proxy's user can read,
+//!   and files replaced the way config tools replace them.
 //! - [`free_port`] (`ports.rs`): loopback ports never handed out twice, outside the kernel's
 //!   ephemeral range.
 //! - [`wait_until`], [`try_wait_until`], `wait_until_async` (`wait.rs`): eventually-style waits
@@ -35,7 +36,7 @@ pub use cgroup::{cgroup2_mount, Cgroup};
 pub use netns::Netns;
 pub use ports::free_port;
 pub use process::{check, output, run, Proc, CHECK_LIMIT, LINE_LIMIT};
-pub use tempdir::TempDir;
+pub use tempdir::{write_atomic, TempDir};
 #[cfg(feature = "tokio")]
 pub use wait::wait_until_async;
 pub use wait::{try_wait_until, wait_until};

@@ -6,7 +6,10 @@ use std::{
     io::{BufRead, BufReader, Read, Seek, SeekFrom},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
-    sync::mpsc::{self, Receiver, RecvTimeoutError},
+    sync::{
+        mpsc::{self, Receiver, RecvTimeoutError},
+        Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -98,8 +101,9 @@ pub struct Proc {
     child: Child,
     /// What it is, for messages: a name given by the caller, or the command line.
     pub name: String,
-    /// Its stdout lines, read on a thread as they come ([`Proc::spawn`]).
-    lines: Option<Receiver<String>>,
+    /// Its stdout lines, read on a thread as they come ([`Proc::spawn`]). In a mutex only so that
+    /// a `Proc` can be shared with the threads a test runs in a namespace.
+    lines: Option<Mutex<Receiver<String>>>,
     /// The file its stdout and stderr go to ([`Proc::spawn_logged`]), quoted when it exits early.
     log: Option<PathBuf>,
 }
@@ -126,7 +130,7 @@ impl Proc {
                 line.clear();
             }
         });
-        Proc { child, name: format!("{cmd:?}"), lines: Some(rx), log: None }
+        Proc { child, name: format!("{cmd:?}"), lines: Some(Mutex::new(rx)), log: None }
     }
 
     /// Starts `cmd` with stdin null and stdout and stderr appended to `log` (a server that
@@ -153,7 +157,8 @@ impl Proc {
     /// out. Only for [`Proc::spawn`]ed processes.
     #[track_caller]
     pub fn wait_for_line(&mut self, marker: &str) -> String {
-        let lines = self.lines.as_ref().expect("wait_for_line needs a Proc::spawn'ed process");
+        let lines = self.lines.as_mut().expect("wait_for_line needs a Proc::spawn'ed process");
+        let lines = lines.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
         let deadline = Instant::now() + LINE_LIMIT;
         loop {
             match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {

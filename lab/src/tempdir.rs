@@ -40,6 +40,17 @@ impl TempDir {
     }
 }
 
+/// Replaces `path`'s content the way config management tools do (a sibling written, then renamed
+/// over the old file), world-readable: a watcher sees the old file or the new one, never half of
+/// one. Panics when it cannot.
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", tmp.display()));
+    fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename {} to {}: {e}", tmp.display(), path.display()));
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.path);

@@ -3,7 +3,8 @@
 
 use std::process::Command;
 
-use mesh_e2e::{bin, privileged};
+use mesh_e2e::bin;
+use mesh_lab::privileged;
 
 fn demo(mode: &str) {
     let dir = bin("mesh-init").parent().unwrap().to_path_buf();

@@ -12,9 +12,8 @@ use std::{
     time::Duration,
 };
 
-use mesh_e2e::{
-    bin, check, ebpf_status_of, eventually, origdst_server, privileged, script, Cgroup, PodNet, Proc, REMOTE_V4,
-};
+use mesh_e2e::{bin, ebpf_status_of, origdst_server, script, PodNet, REMOTE_V4};
+use mesh_lab::{check, privileged, wait_until, Cgroup, Proc};
 
 const PROXY_UID: u32 = 1337;
 
@@ -156,7 +155,7 @@ fn cleanup_leaves_nothing_attached_pinned_or_loaded() {
     assert!(!bpftool(&["link", "show"]).contains(&ours), "no link on the pod namespace");
     assert!(!pod.pin_dir().exists(), "pin directory removed");
     // Programs are freed once their last reference goes, after an RCU grace period.
-    eventually(Duration::from_secs(5), "the programs to be unloaded", || {
+    wait_until(Duration::from_secs(5), "the programs to be unloaded", || {
         let loaded = bpftool(&["prog", "show"]);
         prog_ids.iter().all(|id| !loaded.lines().any(|l| l.starts_with(&format!("{id}: ")))).then_some(())
     });
@@ -185,7 +184,7 @@ fn connection_maps_are_emptied_as_connections_close() {
     );
     let mut cmd = pod.in_pod(0, "python3");
     check(cmd.args(["-c", &client]));
-    eventually(Duration::from_secs(5), "the connection maps to empty", || {
+    wait_until(Duration::from_secs(5), "the connection maps to empty", || {
         (pod.entries("ORIG_BY_COOKIE") == 0 && pod.entries("ORIG_BY_PAIR") == 0).then_some(())
     });
     let status = pod.status();

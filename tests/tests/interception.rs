@@ -9,9 +9,8 @@
 
 use std::process::{Command, Output};
 
-use mesh_e2e::{
-    bin, check, ebpf_status_of, origdst_server, script, Cgroup, PodNet, Proc, POD_V4, REMOTE_V4, REMOTE_V6,
-};
+use mesh_e2e::{bin, ebpf_status_of, origdst_server, script, PodNet, POD_V4, REMOTE_V4, REMOTE_V6};
+use mesh_lab::{check, Cgroup, Proc};
 
 const PROXY_UID: u32 = 1337;
 const APP_UID: u32 = 0;
@@ -337,7 +336,7 @@ macro_rules! suite {
         $(
             #[test]
             fn $test() {
-                if !mesh_e2e::privileged(stringify!($test)) {
+                if !mesh_lab::privileged(stringify!($test)) {
                     return;
                 }
                 super::$test(super::Mode::$mode);

@@ -8,7 +8,8 @@ use std::{
     process::{Command, Stdio},
 };
 
-use mesh_e2e::{bin, check, privileged, script, Netns, PodNet, Proc, POD_V4, REMOTE_V4};
+use mesh_e2e::{bin, script, PodNet, POD_V4, REMOTE_V4};
+use mesh_lab::{check, privileged, Netns, Proc};
 
 /// Feeds `text` to `<restore> --test` inside `ns`; returns stderr on failure.
 fn restore_test(ns: &Netns, restore: &str, text: &str) -> Result<(), String> {

@@ -9,7 +9,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -19,7 +19,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_e2e::{bin, check, eventually, privileged, PodNet, Proc, POD_V4, POD_V6, REMOTE_V4, REMOTE_V6};
+use mesh_e2e::{bin, PodNet, POD_V4, POD_V6, REMOTE_V4, REMOTE_V6};
+use mesh_lab::{check, privileged, try_wait_until, wait_until, write_atomic, Proc, TempDir};
 
 /// What the application dials: a service address with no host behind it.
 const SERVICE: &str = "10.200.100.1:9080";
@@ -75,39 +76,10 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
-/// A scratch directory the proxy (UID 1337) can read, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("mesh-proxy-e2e-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Dir(p)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Writes a file the way config tools do: a sibling, then a rename over the old one.
-fn write_atomic(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// The mesh: namespaces, backends, rules, the proxy.
 struct Mesh {
     net: PodNet,
-    dir: Dir,
+    dir: TempDir,
     config: PathBuf,
     log: PathBuf,
     procs: Vec<Proc>,
@@ -122,9 +94,14 @@ impl Mesh {
             let ip = addr.split(':').next().unwrap();
             net.add_remote_addr(&format!("{ip}/32"));
         }
-        let dir = Dir::new(tag);
-        let mut mesh =
-            Mesh { config: dir.0.join("proxy.yaml"), log: dir.0.join("proxy.log"), net, dir, procs: Vec::new() };
+        let dir = TempDir::new(&format!("e2e-{tag}"));
+        let mut mesh = Mesh {
+            config: dir.path().join("proxy.yaml"),
+            log: dir.path().join("proxy.log"),
+            net,
+            dir,
+            procs: Vec::new(),
+        };
         for (name, addr) in [("v1", V1), ("v2", V2), ("v3", V3)] {
             mesh.backend_remote(name, addr);
         }
@@ -143,36 +120,29 @@ impl Mesh {
         let mut cmd = mesh.net.pod.command_as(1337, 1337, bin("mesh-proxy"));
         cmd.arg("--config").arg(&mesh.config).args(["--workers", "1"]);
         cmd.stderr(std::fs::File::create(&mesh.log).unwrap());
-        let proxy = mesh.net.pod.spawn(cmd);
+        let proxy = Proc::spawn(&mut cmd);
         mesh.procs.push(proxy);
         let ready = mesh.net.pod.run(|| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok((200, _)) = Http::connect(ADMIN).and_then(|mut c| c.get("/ready", &[])) {
-                    return true;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-            false
+            try_wait_until(Duration::from_secs(10), "mesh-proxy's /ready", || {
+                Ok(matches!(Http::connect(ADMIN).and_then(|mut c| c.get("/ready", &[])), Ok((200, _))).then_some(()))
+            })
         });
-        assert!(ready, "mesh-proxy not ready; log:\n{}", mesh.log_text());
+        if let Err(e) = ready {
+            panic!("{e:#}; log:\n{}", mesh.log_text());
+        }
         mesh
     }
 
     fn backend_remote(&mut self, name: &str, addr: &str) {
         let (ip, port) = addr.rsplit_once(':').unwrap();
         let ip = ip.trim_start_matches('[').trim_end_matches(']');
-        let mut p = self.net.remote.spawn({
-            let mut c = self.net.remote.command("python3");
-            c.args(["-c", BACKEND_PY, name, ip, port]);
-            c
-        });
+        let mut p = Proc::spawn(self.net.remote.command("python3").args(["-c", BACKEND_PY, name, ip, port]));
         p.wait_for_line("ready");
         self.procs.push(p);
     }
 
     fn write_config(&self, text: &str) {
-        write_atomic(&self.config, &text.replace("{dir}", &self.dir.0.display().to_string()));
+        write_atomic(&self.config, &text.replace("{dir}", &self.dir.path().display().to_string()));
     }
 
     fn log_text(&self) -> String {
@@ -388,7 +358,7 @@ fn proxy_split_header_route_file_reload_and_rejection() {
 
         // An invalid update: rejected, visible, and v2 keeps answering.
         mesh.write_config(&file_config(ALL_V2).replace("protocol: http", "protocl: http"));
-        let dump = eventually(Duration::from_secs(5), "the rejection in /config_dump", || {
+        let dump = wait_until(Duration::from_secs(5), "the rejection in /config_dump", || {
             let d = admin("/config_dump");
             d.contains("unknown field `protocl`").then_some(d)
         });
@@ -418,7 +388,7 @@ fn proxy_discovery_switch_and_nack() {
         "admin: {{ address: {ADMIN} }}\ndiscovery: {{ url: \"http://127.0.0.1:8500/mesh\", poll_interval: 100ms }}\n"
     );
     let mut mesh = Mesh::start("pxd", &yaml);
-    let xds = mesh.dir.0.join("xds");
+    let xds = mesh.dir.path().join("xds");
     let v1dir = xds.join("mesh").join("v1");
     std::fs::create_dir_all(&v1dir).unwrap();
     let res = |version: &str, body: &str| format!("{{\"version_info\": \"{version}\", \"resources\": {body}}}");
@@ -434,11 +404,11 @@ fn proxy_discovery_switch_and_nack() {
     write_atomic(&v1dir.join("routes"), &routes("1", "v1"));
     let mut server = mesh.net.pod.command("python3");
     server.args(["-u", "-m", "http.server", "8500", "--bind", "127.0.0.1"]).current_dir(&xds).stderr(Stdio::null());
-    let server = mesh.net.pod.spawn(server);
+    let server = Proc::spawn(&mut server);
     mesh.procs.push(server);
 
     mesh.net.pod.run(|| {
-        eventually(Duration::from_secs(10), "the discovered config serving v1", || {
+        wait_until(Duration::from_secs(10), "the discovered config serving v1", || {
             Http::connect(SERVICE).and_then(|mut c| c.get("/", &[])).ok().filter(|r| r.1 == "v1")
         });
         assert!(admin("/config_dump").contains("rds=1"));
@@ -453,7 +423,7 @@ fn proxy_discovery_switch_and_nack() {
 
         // A NACK: a route naming a cluster that does not exist.
         write_atomic(&v1dir.join("routes"), &routes("3", "nope"));
-        let dump = eventually(Duration::from_secs(5), "the discovery rejection", || {
+        let dump = wait_until(Duration::from_secs(5), "the discovery rejection", || {
             let d = admin("/config_dump");
             d.contains("rds=3").then_some(d)
         });
@@ -476,19 +446,11 @@ fn proxy_passthrough_inbound_dead_backend_registry_only() {
     mesh.backend_remote("remote-http", &remote_http);
     let remote_http_v6 = format!("[{REMOTE_V6}]:8082");
     mesh.backend_remote("remote-http-v6", &remote_http_v6);
-    let mut greeter = mesh.net.remote.spawn({
-        let mut c = mesh.net.remote.command("python3");
-        c.args(["-c", GREETER_PY, REMOTE_V4, "2525"]);
-        c
-    });
+    let mut greeter = Proc::spawn(mesh.net.remote.command("python3").args(["-c", GREETER_PY, REMOTE_V4, "2525"]));
     greeter.wait_for_line("ready");
     mesh.procs.push(greeter);
     // The pod's own application, for inbound traffic (dual-stack: `::`).
-    let mut app = mesh.net.pod.spawn({
-        let mut c = mesh.net.pod.command("python3");
-        c.args(["-c", BACKEND_PY, "pod-app", "::", "9999"]);
-        c
-    });
+    let mut app = Proc::spawn(mesh.net.pod.command("python3").args(["-c", BACKEND_PY, "pod-app", "::", "9999"]));
     app.wait_for_line("ready");
     mesh.procs.push(app);
 
@@ -547,7 +509,7 @@ fn proxy_passthrough_inbound_dead_backend_registry_only() {
 
         // registry_only: the unknown destination is refused; routed traffic still flows.
         mesh.write_config(&file_config(ALL_V2).replace("allow_any", "registry_only"));
-        eventually(Duration::from_secs(5), "registry_only applied", || {
+        wait_until(Duration::from_secs(5), "registry_only applied", || {
             admin("/config_dump").contains("\"registry_only\"").then_some(())
         });
         let refused = Http::connect(&remote_http).and_then(|mut c| c.get("/", &[]));
