@@ -19,20 +19,29 @@ mesh_reap_stale() {
     [ -d "$cg" ] || continue
     pid=$(basename "$cg" | awk -F- '{print $(NF-1)}')
     if [[ "$pid" =~ ^[0-9]+$ ]] && [ ! -d "/proc/$pid" ]; then
-      for p in $(cat "$cg/cgroup.procs" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
-      rmdir "$cg" 2>/dev/null && echo "[cleanup] removed stale cgroup $cg" >&2
+      # Tests may nest pod-like cgroups inside their own (kubepods.slice/...): leaves first.
+      for p in $(find "$cg" -name cgroup.procs -exec cat {} + 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+      find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null && echo "[cleanup] removed stale cgroup $cg" >&2
     fi
   done
-  # mesh-init ebpf pins under <bpffs>/mesh-init/<cgroup path, '/' as %2F>; a top-level test
-  # cgroup's pins are named like the cgroup. Unpinning releases the programs and links.
+  # mesh-init ebpf pins under <bpffs>/mesh-init/<cgroup path, escaped>/ (mesh_pin_cgroup); a
+  # test's cgroup path starts with its own top-level cgroup, named like the other objects.
+  # Unpinning releases the programs and links.
   for pin in /sys/fs/bpf/mesh-init/mesh-*; do
     [ -e "$pin" ] || continue
-    pid=$(basename "$pin" | awk -F- '{print $(NF-1)}')
+    cg=$(mesh_pin_cgroup "$(basename "$pin")")
+    pid=$(echo "${cg%%/*}" | awk -F- '{print $(NF-1)}')
     if [[ "$pid" =~ ^[0-9]+$ ]] && [ ! -d "/proc/$pid" ]; then
       rm -rf "$pin" && echo "[cleanup] removed stale pins $pin" >&2
     fi
   done
   rmdir /sys/fs/bpf/mesh-init 2>/dev/null || true
+}
+
+# The cgroup path (below the cgroup2 mount) of a mesh-init pin directory's name: '/', '.' and '%'
+# are written %2F, %2E and %25 there (bpffs refuses '.'), as mesh-init/src/ebpf/cgroup.rs does.
+mesh_pin_cgroup() {
+  printf '%s\n' "$1" | sed -e 's|%2F|/|g' -e 's|%2E|.|g' -e 's|%25|%|g'
 }
 
 # Unmounts bpffs when it was not mounted before this run (argument: 1 if it was) and nothing of

@@ -7,30 +7,48 @@
 //! on failure); programs are attached only to that cgroup and that pod namespace.
 
 use std::{
-    path::PathBuf,
+    ffi::CString,
+    os::unix::{ffi::OsStringExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
     process::{Command, Output},
     time::Duration,
 };
 
-use mesh_e2e::{bin, ebpf_status_of, origdst_server, script, PodNet, REMOTE_V4};
-use mesh_lab::{check, privileged, wait_until, Cgroup, Proc};
+use mesh_e2e::{bin, origdst_server, script, PodNet, REMOTE_V4};
+use mesh_lab::{cgroup2_mount, check, privileged, wait_until, Cgroup, Proc};
 
 const PROXY_UID: u32 = 1337;
 
+/// Fields drop in this order: the nested cgroups before their parent.
 struct Pod {
-    net: PodNet,
+    /// A pod-like cgroup inside `cgroup`, named as a kubelet names it, when the test needs one:
+    /// then everything attaches there and the pod's processes run there.
+    leaf: Option<Nested>,
     cgroup: Cgroup,
+    net: PodNet,
     procs: Vec<Proc>,
 }
 
 impl Pod {
     fn new(tag: &str) -> Pod {
-        Pod { net: PodNet::new(tag), cgroup: Cgroup::new(tag), procs: Vec::new() }
+        Pod { net: PodNet::new(tag), cgroup: Cgroup::new(tag), leaf: None, procs: Vec::new() }
+    }
+
+    /// A pod whose cgroup is `components` below the test's own cgroup.
+    fn nested(tag: &str, components: &[&str]) -> Pod {
+        let mut pod = Pod::new(tag);
+        pod.leaf = Some(Nested::new(pod.cgroup.path(), components));
+        pod
+    }
+
+    /// The cgroup mesh-init attaches to.
+    fn cgroup_path(&self) -> &Path {
+        self.leaf.as_ref().map_or(self.cgroup.path(), Nested::leaf)
     }
 
     fn mesh_init(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(bin("mesh-init"));
-        cmd.arg("ebpf").arg("--cgroup").arg(self.cgroup.path()).args(["--netns", self.net.pod.name()]).args(args);
+        cmd.arg("ebpf").arg("--cgroup").arg(self.cgroup_path()).args(["--netns", self.net.pod.name()]).args(args);
         cmd.output().expect("run mesh-init")
     }
 
@@ -42,7 +60,10 @@ impl Pod {
     /// A command in the pod's namespace and cgroup.
     fn in_pod(&self, uid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = self.net.pod.command_as(uid, uid, program);
-        self.cgroup.enter(&mut cmd);
+        match &self.leaf {
+            Some(leaf) => leaf.enter(&mut cmd),
+            None => self.cgroup.enter(&mut cmd),
+        }
         cmd
     }
 
@@ -72,14 +93,38 @@ impl Pod {
             .unwrap_or_else(|| panic!("no port= in {line:?}"))
     }
 
+    /// The pin directory: the cgroup's path below the cgroup2 mount, escaped.
     fn pin_dir(&self) -> PathBuf {
-        let name = self.cgroup.path().file_name().expect("cgroup dir name").to_owned();
+        let relative = self.cgroup_path().strip_prefix(cgroup2_mount()).expect("below the cgroup2 mount");
+        let name: String = relative
+            .to_string_lossy()
+            .chars()
+            .map(|c| match c {
+                '/' => "%2F".to_string(),
+                '.' => "%2E".to_string(),
+                '%' => "%25".to_string(),
+                c => c.to_string(),
+            })
+            .collect();
         PathBuf::from("/sys/fs/bpf/mesh-init").join(name)
     }
 
     /// This cgroup's block of `mesh-init status`.
     fn status(&self) -> String {
-        ebpf_status_of(&self.net.pod, &self.cgroup, &[])
+        let out = check(Command::new(bin("mesh-init")).args(["status", "--netns", self.net.pod.name()]));
+        let ours = format!("cgroup {} ", self.cgroup_path().display());
+        let mut in_block = false;
+        let mut block = String::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if !line.starts_with(' ') {
+                in_block = line.contains(&ours);
+            }
+            if in_block {
+                block += line;
+                block.push('\n');
+            }
+        }
+        block
     }
 
     /// Entry count of `map` in the status's "map entries" line.
@@ -98,6 +143,72 @@ impl Drop for Pod {
     fn drop(&mut self) {
         self.procs.clear();
         let _ = self.mesh_init(&["--cleanup-only"]);
+    }
+}
+
+/// Cgroups nested inside a test's own, as a kubelet nests a pod's (`kubepods.slice/...`). On
+/// drop their processes are killed and the directories removed, leaves first (the test's own
+/// cgroup, their parent, goes after them).
+struct Nested {
+    /// Outermost first.
+    dirs: Vec<PathBuf>,
+}
+
+impl Nested {
+    fn new(parent: &Path, components: &[&str]) -> Nested {
+        let mut dirs = Vec::new();
+        let mut dir = parent.to_path_buf();
+        for c in components {
+            dir.push(c);
+            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            dirs.push(dir.clone());
+        }
+        Nested { dirs }
+    }
+
+    fn leaf(&self) -> &Path {
+        self.dirs.last().expect("at least one component")
+    }
+
+    /// Makes `cmd`'s process join the innermost cgroup before it executes.
+    fn enter(&self, cmd: &mut Command) {
+        let procs = CString::new(self.leaf().join("cgroup.procs").into_os_string().into_vec()).expect("no NUL");
+        // SAFETY: between fork and exec only open, write and close run, on a string built
+        // before the fork: no allocation, no lock.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if written == 1 {
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            });
+        }
+    }
+}
+
+impl Drop for Nested {
+    fn drop(&mut self) {
+        for dir in self.dirs.iter().rev() {
+            for _ in 0..50 {
+                let pids = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                if pids.trim().is_empty() {
+                    break;
+                }
+                for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
@@ -278,4 +389,46 @@ fn a_proxy_listening_before_the_programs_gets_inbound_connections() {
     pod.install(&["--cleanup-only"]);
     pod.install(&[]);
     assert_eq!(from_remote(&pod), 15000, "adopted again into the new map");
+}
+#[test]
+fn pod_cgroups_of_both_kubelet_drivers_install_show_and_clean_up() {
+    if !privileged("pod_cgroups_of_both_kubelet_drivers_install_show_and_clean_up") {
+        return;
+    }
+    // The systemd driver's names have dots, which bpffs refuses in a pin directory's name.
+    let uid = "0e6f3c2a-1b4d-4c5e-9f7a-2b8c4d6e8f01";
+    let systemd = [
+        "kubepods.slice".to_string(),
+        "kubepods-burstable.slice".to_string(),
+        format!("kubepods-burstable-pod{}.slice", uid.replace('-', "_")),
+    ];
+    let cgroupfs = ["kubepods".to_string(), "burstable".to_string(), format!("pod{uid}")];
+    for (tag, components) in [("esysd", systemd), ("ecgfs", cgroupfs)] {
+        let components: Vec<&str> = components.iter().map(String::as_str).collect();
+        let mut pod = Pod::nested(tag, &components);
+        pod.install(&[]);
+        pod.proxy();
+        pod.remote(80);
+        assert_eq!(Pod::answered_by(pod.in_pod(0, "python3"), &format!("{REMOTE_V4}:80")), 15000, "{tag}");
+        let pins = pod.pin_dir();
+        assert!(pins.is_dir(), "{tag}: {} is pinned", pins.display());
+        let status = pod.status();
+        assert!(
+            status.contains("config:") && status.contains("connect4: attached"),
+            "{tag}: shown unescaped:\n{status}"
+        );
+        // The reaper (scripts/lib.sh) maps the directory name back to the same cgroup.
+        let name = pins.file_name().expect("pin dir name").to_string_lossy().into_owned();
+        let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lib.sh");
+        let out = check(Command::new("bash").arg("-c").arg(r#"source "$1"; mesh_pin_cgroup "$2""#).args([
+            "-",
+            lib.to_str().expect("utf-8"),
+            &name,
+        ]));
+        let relative = pod.cgroup_path().strip_prefix(cgroup2_mount()).expect("below the mount");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), relative.to_string_lossy(), "{tag}");
+        pod.install(&["--cleanup-only"]);
+        assert!(!pins.exists(), "{tag}: pins removed");
+        assert_eq!(Pod::answered_by(pod.in_pod(0, "python3"), &format!("{REMOTE_V4}:80")), 80, "{tag}: detached");
+    }
 }

@@ -124,15 +124,41 @@ fn relative_to(real: &Path, mounts: &[PathBuf]) -> Result<PathBuf, CgroupError> 
     Ok(relative)
 }
 
-/// `kubepods/burstable/pod1` -> `kubepods%2Fburstable%2Fpod1`: one directory per cgroup, and a
-/// name that can be read back ([`cgroup_of_pin_name`]).
+/// The pin directory's name for a cgroup path below the mount: one directory per cgroup, named
+/// so that it reads back ([`cgroup_of_pin_name`]). `/` cannot be in a name, and bpffs refuses
+/// names with a `.` (`EPERM`), which every systemd-driver pod cgroup has
+/// (`kubepods-burstable-pod<uid>.slice`); so both are percent-escaped, and `%` itself:
+/// `kubepods.slice/pod1` -> `kubepods%2Eslice%2Fpod1`.
 pub fn pin_name(relative: &Path) -> String {
-    relative.to_string_lossy().replace('%', "%25").replace('/', "%2F")
+    let mut name = String::new();
+    for c in relative.to_string_lossy().chars() {
+        match c {
+            '%' => name.push_str("%25"),
+            '/' => name.push_str("%2F"),
+            '.' => name.push_str("%2E"),
+            c => name.push(c),
+        }
+    }
+    name
 }
 
-/// The cgroup path (below the cgroup2 mount) a pin directory stands for.
+/// The cgroup path (below the cgroup2 mount) a pin directory stands for: [`pin_name`] undone.
 pub fn cgroup_of_pin_name(name: &str) -> String {
-    name.replace("%2F", "/").replace("%25", "%")
+    let mut path = String::new();
+    let mut rest = name;
+    while let Some(at) = rest.find('%') {
+        path.push_str(&rest[..at]);
+        let (c, skip) = match rest.get(at + 1..at + 3) {
+            Some("25") => ('%', 3),
+            Some("2F") => ('/', 3),
+            Some("2E") => ('.', 3),
+            _ => ('%', 1),
+        };
+        path.push(c);
+        rest = &rest[at + skip..];
+    }
+    path.push_str(rest);
+    path
 }
 
 /// Fails when the calling thread is in the machine's own network namespace. Recognised by its
@@ -204,10 +230,16 @@ mod tests {
 
     #[test]
     fn pin_names_read_back() {
-        for p in ["mesh-test-1", "kubepods/burstable/pod1", "odd%2Fname/x"] {
+        for p in [
+            "mesh-test-1",
+            "kubepods/burstable/pod1",
+            "odd%2Fname/x%2E.%25%",
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12_34.slice",
+        ] {
             let name = pin_name(Path::new(p));
-            assert!(!name.contains('/'), "{name}");
+            assert!(!name.contains('/') && !name.contains('.'), "{name}");
             assert_eq!(cgroup_of_pin_name(&name), p);
         }
+        assert_eq!(pin_name(Path::new("kubepods.slice/pod1")), "kubepods%2Eslice%2Fpod1");
     }
 }
