@@ -163,7 +163,7 @@ impl Admin {
                                 address: e.addr,
                                 active_connections: e.stats.active_connections.load(Ordering::Relaxed),
                                 total_connections: e.stats.total_connections.load(Ordering::Relaxed),
-                                idle_connections: e.idle_connections(),
+                                idle_connections: e.pool.idle_connections(),
                                 active_requests: e.stats.active_requests.load(Ordering::Relaxed),
                                 total_requests: e.stats.total_requests.load(Ordering::Relaxed),
                                 errors: e.stats.errors.load(Ordering::Relaxed),

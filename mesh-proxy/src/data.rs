@@ -5,12 +5,17 @@
 //! - [`orig_dst`]: where a redirected connection was going (`SO_ORIGINAL_DST`);
 //! - [`dispatch`]: the decision per connection (inbound, routed, detect, passthrough, refused), as data;
 //! - [`connection`]: carries that decision out, with [`detect`] (HTTP/1 or opaque, from the first
-//!   bytes, with a bounded wait) where the plan asks for it;
-//! - [`http`]: a hyper server per downstream connection, a route per request, the request forwarded;
-//! - [`tcp`]: connecting and copying bytes with half-close; [`inbound`]: to the local application
-//!   from 127.0.0.6;
+//!   bytes, with a bounded wait) where the plan leaves the protocol open;
+//! - [`http`]: a hyper server per downstream connection, a route per request, the request forwarded
+//!   on a connection from the endpoint's [`pool`];
+//! - [`tcp`]: a session per connection (routed or passthrough), bytes copied with half-close;
+//!   [`inbound`]: to the local application from 127.0.0.6;
 //! - [`snapshot`]: the routing state the control side builds and swaps: the [`route`] table and the
-//!   [`cluster`]s with their endpoints; [`balance`]: the load-balancing choices.
+//!   [`cluster`]s with their endpoints (connecting, with one retry on another endpoint);
+//!   [`balance`]: the load-balancing choices.
+//!
+//! [`Proxy`] is what every connection task shares. Nothing here imports the control side: it
+//! only reads the snapshot it is handed.
 
 pub mod accept;
 pub mod balance;
@@ -21,6 +26,7 @@ pub mod dispatch;
 pub mod http;
 pub mod inbound;
 pub mod orig_dst;
+pub mod pool;
 pub mod route;
 pub mod snapshot;
 pub mod tcp;

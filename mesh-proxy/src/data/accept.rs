@@ -20,7 +20,12 @@ use serde::Serialize;
 use socket2::{Domain, Socket, Type};
 use tokio::{net::TcpListener, runtime::Handle, sync::oneshot};
 
-use crate::{config, data::Proxy, drain, metrics::ListenerLabels};
+use crate::{
+    config,
+    data::{connection, Proxy},
+    drain,
+    metrics::ListenerLabels,
+};
 
 /// Pending connections the kernel queues per listener.
 const BACKLOG: i32 = 1024;
@@ -177,7 +182,7 @@ async fn accept_loop(
                 active.inc();
                 let (proxy, drain, active) = (proxy.clone(), drain.clone(), active.clone());
                 tokio::spawn(async move {
-                    proxy.handle(stream, peer, drain).await;
+                    connection::serve(proxy, stream, peer, drain).await;
                     active.dec();
                 });
             }

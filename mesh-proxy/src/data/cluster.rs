@@ -1,5 +1,7 @@
 //! Clusters and their endpoints as the data plane uses them: balancing, connecting with one retry on
-//! another endpoint, per-endpoint counters and the HTTP/1.1 keep-alive pool of each endpoint.
+//! another endpoint, per-endpoint counters; each endpoint's HTTP/1.1 keep-alive pool is [`pool`].
+//!
+//! [`pool`]: crate::data::pool
 //!
 //! Endpoints outlive config snapshots: a reload that keeps `cluster/ip:port` hands the same
 //! [`Endpoint`] (its counters and idle connections) to the new snapshot, through the
@@ -7,6 +9,7 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     io,
     net::SocketAddr,
     sync::{
@@ -16,15 +19,13 @@ use std::{
     time::Duration,
 };
 
-use hyper::{body::Incoming, client::conn::http1::SendRequest};
-use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::{
     config::{self, LbPolicy},
-    data::{balance, tcp},
+    data::{balance, pool::Pool, tcp},
     metrics::Metrics,
 };
 
@@ -32,9 +33,6 @@ use crate::{
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 /// Connect timeout for passthrough traffic, which has no cluster settings.
 pub const PASSTHROUGH_CONNECT_TIMEOUT: Duration = config::DEFAULT_CONNECT_TIMEOUT;
-
-/// Idle upstream connections kept per endpoint; more are closed when they come back.
-const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
 /// Counters shown by `/clusters`.
 #[derive(Debug, Default, Serialize)]
@@ -53,8 +51,8 @@ pub struct EndpointStats {
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub stats: EndpointStats,
-    /// HTTP/1.1 connections ready for another request. A plain mutex: held for a push or a pop.
-    idle: Mutex<Vec<SendRequest<Incoming>>>,
+    /// HTTP/1.1 connections ready for another request.
+    pub pool: Pool,
 }
 
 /// Decrements `active_connections` when the upstream connection it travels with closes.
@@ -77,7 +75,7 @@ impl Drop for RequestGuard {
 
 impl Endpoint {
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, stats: EndpointStats::default(), idle: Mutex::new(Vec::new()) }
+        Self { addr, stats: EndpointStats::default(), pool: Pool::default() }
     }
 
     /// Counts a request (or TCP session) until the guard drops.
@@ -97,51 +95,6 @@ impl Endpoint {
         self.stats.active_connections.fetch_add(1, Ordering::Relaxed);
         self.stats.total_connections.fetch_add(1, Ordering::Relaxed);
         Ok((stream, ConnectionGuard(self.clone())))
-    }
-
-    /// An idle pooled HTTP connection that is still usable, if there is one.
-    pub async fn checkout(&self) -> Option<SendRequest<Incoming>> {
-        loop {
-            let mut sender = self.idle.lock().expect("pool lock poisoned").pop()?;
-            // Waits only for a connection whose previous response is being finished; a closed one
-            // errors at once and is dropped.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
-            }
-        }
-    }
-
-    /// Returns a connection after its response was read to the end.
-    pub fn checkin(&self, sender: SendRequest<Incoming>) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.lock().expect("pool lock poisoned");
-        if idle.len() < MAX_IDLE_PER_ENDPOINT {
-            idle.push(sender);
-        }
-    }
-
-    /// Opens a new HTTP/1.1 connection; its driver task ends when the connection closes.
-    pub async fn connect_http(self: &Arc<Self>, timeout: Duration) -> io::Result<SendRequest<Incoming>> {
-        let (stream, guard) = self.connect(timeout).await?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(io::Error::other)?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
-            }
-            drop(guard);
-        });
-        Ok(sender)
-    }
-
-    pub fn idle_connections(&self) -> usize {
-        self.idle.lock().expect("pool lock poisoned").len()
     }
 }
 
@@ -213,15 +166,21 @@ impl Cluster {
         tracing::warn!(cluster = %self.name, endpoint = %endpoint.addr, %error, "upstream connect failed");
     }
 
-    /// Connects over TCP to an endpoint; a failed connect is retried once on another endpoint.
-    pub async fn connect_tcp(&self) -> Result<(Arc<Endpoint>, TcpStream, ConnectionGuard), ConnectError> {
+    /// Connects to an endpoint picked by the cluster's policy with `connect`; a failed connect is
+    /// counted against its endpoint and retried once on another one. The one place that decides
+    /// which endpoint a connection goes to, for TCP sessions and HTTP requests alike.
+    pub async fn connect<'a, T, F, Fut>(&'a self, mut connect: F) -> Result<(&'a Arc<Endpoint>, T), ConnectError>
+    where
+        F: FnMut(&'a Arc<Endpoint>) -> Fut,
+        Fut: Future<Output = io::Result<T>>,
+    {
         let mut exclude = None;
         let mut last = None;
         for _ in 0..2 {
             let Some(i) = self.pick(exclude) else { break };
             let ep = &self.endpoints[i];
-            match ep.connect(self.connect_timeout).await {
-                Ok((stream, guard)) => return Ok((ep.clone(), stream, guard)),
+            match connect(ep).await {
+                Ok(c) => return Ok((ep, c)),
                 Err(e) => {
                     self.record_connect_failure(ep, &e);
                     exclude = Some(i);

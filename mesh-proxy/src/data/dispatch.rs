@@ -1,4 +1,6 @@
-//! Deciding what to do with an accepted connection, as plain data ([`Plan`]); `proxy.rs` does it.
+//! Deciding what to do with an accepted connection, as plain data ([`Plan`]); [`connection`] does it.
+//!
+//! [`connection`]: crate::data::connection
 //!
 //! The order: the proxy's own address (a connection that was not redirected) can only be routed,
 //! never passed through, or the proxy would connect to itself; a redirected connection to a local

@@ -16,7 +16,10 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use crate::data::tcp;
+use crate::{
+    config::DEFAULT_CONNECT_TIMEOUT,
+    data::{tcp, Proxy},
+};
 
 pub const INBOUND_SOURCE_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
 pub const INBOUND_SOURCE_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
@@ -49,6 +52,13 @@ impl LocalAddrs {
     pub fn contains(&self, ip: IpAddr) -> bool {
         ip.is_loopback() || self.0.contains(&ip)
     }
+}
+
+/// Hands a connection redirected to this namespace's `dst` to the local application listening there.
+pub async fn serve(proxy: &Proxy, stream: TcpStream, peer: SocketAddr, dst: SocketAddr, idle: Duration) {
+    proxy.inbound_tcp.inc();
+    let upstream = connect_local(dst, DEFAULT_CONNECT_TIMEOUT).await;
+    tcp::splice_logged(idle, stream, upstream, peer, dst, "inbound", "InboundPassthroughCluster").await;
 }
 
 /// Connects to the local application at `dst` from the inbound passthrough source.

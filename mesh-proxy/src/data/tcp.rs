@@ -1,17 +1,23 @@
-//! Opaque TCP: connecting upstream and copying bytes both ways.
+//! Opaque TCP: a routed session (a cluster per connection), passthrough to the original
+//! destination, connecting upstream, and the session's access-log line. The bytes are copied by
+//! [`splice`].
+
+pub mod splice;
 
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    pin::Pin,
-    sync::atomic::{AtomicU64, Ordering},
-    task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpSocket, TcpStream},
+use tokio::net::{TcpSocket, TcpStream};
+
+pub use splice::{splice, Transfer};
+
+use crate::data::{
+    cluster::{PASSTHROUGH_CLUSTER, PASSTHROUGH_CONNECT_TIMEOUT},
+    route::RouteEntry,
+    Proxy,
 };
 
 /// Connects to `addr` within `timeout`, optionally from source address `bind` (port chosen by the
@@ -28,132 +34,92 @@ pub async fn connect(addr: SocketAddr, bind: Option<IpAddr>, timeout: Duration) 
     Ok(stream)
 }
 
-/// Per direction. tokio's default (8 KiB) costs one read and one write system call per 8 KiB;
-/// bulk transfers through the proxy were bound by that. Allocated when a session starts, so
-/// idle HTTP connections do not pay for it.
-const COPY_BUFFER: usize = 64 * 1024;
-
-/// What a finished copy moved.
-#[derive(Debug, Clone, Copy)]
-pub struct Transfer {
-    /// Bytes from downstream to upstream.
-    pub sent: u64,
-    /// Bytes from upstream to downstream.
-    pub received: u64,
-}
-
-/// Copies both ways until both sides are done. When one side finishes sending, the other side's
-/// write half is shut down (a FIN, not a reset), and the other direction keeps flowing: protocols
-/// that half-close (`shutdown(SHUT_WR)` then read the answer) work through the proxy. A session in
-/// which neither side sends anything for `idle` ends with a `TimedOut` error (both sides closed).
-pub async fn splice<A, B>(downstream: &mut A, upstream: &mut B, idle: Duration) -> io::Result<Transfer>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    let clock = Activity::new();
-    let mut a = Stamped { inner: downstream, clock: &clock };
-    let mut b = Stamped { inner: upstream, clock: &clock };
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER);
-    tokio::pin!(copy);
-    loop {
-        tokio::select! {
-            r = &mut copy => {
-                let (sent, received) = r?;
-                return Ok(Transfer { sent, received });
-            }
-            _ = tokio::time::sleep_until(clock.last() + idle) => {
-                if clock.last() + idle <= tokio::time::Instant::now() {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}")));
-                }
+/// A TCP route: one cluster per connection by weight, one endpoint by the cluster's policy.
+pub async fn route(entry: &RouteEntry, mut stream: TcpStream, peer: SocketAddr, idle: Duration) {
+    let Some(rule) = entry.tcp_rule() else {
+        tracing::info!(target: "access", kind = "tcp", %peer, route = &*entry.name, reason = "the route has no rule without conditions for TCP", "connection refused");
+        return;
+    };
+    let target = rule.pick();
+    target.tcp_connections.inc();
+    let start = Instant::now();
+    let timeout = target.cluster.connect_timeout;
+    match target.cluster.connect(|ep| ep.connect(timeout)).await {
+        Ok((ep, (mut upstream, _conn_guard))) => {
+            let _req = ep.start_request();
+            let result = splice(&mut stream, &mut upstream, idle).await;
+            log(
+                peer,
+                &entry.name,
+                &target.cluster.name,
+                Some(ep.addr),
+                start,
+                result.as_ref().ok(),
+                result.as_ref().err(),
+            );
+            if result.is_err() {
+                ep.record_error();
             }
         }
-    }
-}
-
-/// When bytes last moved, in milliseconds since `start`; one atomic store per read.
-struct Activity {
-    start: tokio::time::Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self { start: tokio::time::Instant::now(), last_ms: AtomicU64::new(0) }
-    }
-
-    fn stamp(&self) {
-        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> tokio::time::Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-}
-
-/// A stream whose reads stamp the shared [`Activity`].
-struct Stamped<'a, S: ?Sized> {
-    inner: &'a mut S,
-    clock: &'a Activity,
-}
-
-impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Stamped<'_, S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.clock.stamp();
+        Err(e) => {
+            tracing::info!(target: "access", kind = "tcp", %peer, route = &*entry.name, cluster = &*target.cluster.name, reason = %e, "connection closed: no endpoint");
         }
-        r
     }
 }
 
-impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Stamped<'_, S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, data)
+/// Unrouted traffic under `allow_any`: to the destination the application dialled.
+pub async fn passthrough(proxy: &Proxy, stream: TcpStream, peer: SocketAddr, dst: SocketAddr, idle: Duration) {
+    proxy.passthrough_tcp.inc();
+    let upstream = connect(dst, None, PASSTHROUGH_CONNECT_TIMEOUT).await;
+    if upstream.is_err() {
+        proxy.passthrough_connect_failures.inc();
     }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
+    splice_logged(idle, stream, upstream, peer, dst, "passthrough", PASSTHROUGH_CLUSTER).await;
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_session_times_out_and_an_active_one_does_not() {
-        let (mut client, mut proxy_down) = tokio::io::duplex(64);
-        let (mut proxy_up, mut server) = tokio::io::duplex(64);
-        let splice = tokio::spawn(async move { splice(&mut proxy_down, &mut proxy_up, Duration::from_secs(10)).await });
-        // Activity every 6 s keeps it alive past 10 s.
-        for _ in 0..3 {
-            tokio::time::sleep(Duration::from_secs(6)).await;
-            client.write_all(b"x").await.unwrap();
-            let mut b = [0u8; 1];
-            server.read_exact(&mut b).await.unwrap();
+/// Copies between `stream` and a freshly connected `upstream` (or logs why there is none), under
+/// the route and cluster names the access log and metrics give such traffic.
+pub async fn splice_logged(
+    idle: Duration,
+    mut stream: TcpStream,
+    upstream: io::Result<TcpStream>,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    route: &str,
+    cluster: &str,
+) {
+    let start = Instant::now();
+    match upstream {
+        Ok(mut up) => {
+            let result = splice(&mut stream, &mut up, idle).await;
+            log(peer, route, cluster, Some(dst), start, result.as_ref().ok(), result.as_ref().err());
         }
-        assert!(!splice.is_finished());
-        tokio::time::sleep(Duration::from_secs(11)).await;
-        let err = splice.await.unwrap().unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        Err(e) => {
+            tracing::info!(target: "access", kind = "tcp", %peer, route, cluster, endpoint = %dst, reason = %e, "connection closed: connect failed");
+        }
     }
+}
+
+/// The access-log line of a finished TCP session.
+fn log(
+    peer: SocketAddr,
+    route: &str,
+    cluster: &str,
+    endpoint: Option<SocketAddr>,
+    start: Instant,
+    transfer: Option<&Transfer>,
+    error: Option<&io::Error>,
+) {
+    tracing::info!(
+        target: "access",
+        kind = "tcp",
+        %peer,
+        route,
+        cluster,
+        endpoint = %endpoint.map_or_else(|| "-".into(), |e| e.to_string()),
+        sent = transfer.map_or(0, |t| t.sent),
+        received = transfer.map_or(0, |t| t.received),
+        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        error = %error.map_or_else(|| "-".into(), |e| e.to_string()),
+    );
 }

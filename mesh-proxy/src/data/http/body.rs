@@ -77,7 +77,7 @@ impl UpstreamBody {
     fn finish(&mut self, complete: bool) {
         if let Some(done) = self.done.take() {
             if complete {
-                done.endpoint.checkin(done.sender);
+                done.endpoint.pool.checkin(done.sender);
             } else {
                 done.endpoint.record_error();
             }

@@ -1,0 +1,85 @@
+//! Upstream HTTP/1.1 connections: opened per endpoint, kept idle between requests in the
+//! endpoint's [`Pool`], handed out again when still usable.
+//!
+//! A connection is a hyper client connection: a [`SendRequest`] the request path holds and a
+//! driver task that owns the socket and ends when the connection closes.
+
+use std::{io, sync::Arc, sync::Mutex, time::Duration};
+
+use hyper::{body::Incoming, client::conn::http1::SendRequest};
+use hyper_util::rt::TokioIo;
+
+use crate::data::cluster::Endpoint;
+
+/// Idle upstream connections kept per endpoint; more are closed when they come back.
+const MAX_IDLE_PER_ENDPOINT: usize = 256;
+
+/// HTTP/1.1 connections of one endpoint ready for another request. A plain mutex: held for a
+/// push or a pop.
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: Mutex<Vec<SendRequest<Incoming>>>,
+}
+
+/// A connection ready for a request.
+pub struct Upstream {
+    pub sender: SendRequest<Incoming>,
+    /// Taken from the pool rather than opened for this request: the peer may have closed it
+    /// meanwhile, which is only seen when the request is written.
+    pub reused: bool,
+}
+
+impl Pool {
+    /// An idle pooled connection that is still usable, if there is one.
+    pub async fn checkout(&self) -> Option<SendRequest<Incoming>> {
+        loop {
+            let mut sender = self.idle.lock().expect("pool lock poisoned").pop()?;
+            // Waits only for a connection whose previous response is being finished; a closed one
+            // errors at once and is dropped.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    /// Returns a connection after its response was read to the end.
+    pub fn checkin(&self, sender: SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().expect("pool lock poisoned");
+        if idle.len() < MAX_IDLE_PER_ENDPOINT {
+            idle.push(sender);
+        }
+    }
+
+    pub fn idle_connections(&self) -> usize {
+        self.idle.lock().expect("pool lock poisoned").len()
+    }
+}
+
+/// A pooled connection to `endpoint` if one is usable, else a new one.
+pub async fn get(endpoint: &Arc<Endpoint>, connect_timeout: Duration) -> io::Result<Upstream> {
+    match endpoint.pool.checkout().await {
+        Some(sender) => Ok(Upstream { sender, reused: true }),
+        None => Ok(Upstream { sender: connect(endpoint, connect_timeout).await?, reused: false }),
+    }
+}
+
+/// Opens a new HTTP/1.1 connection; its driver task ends when the connection closes.
+pub async fn connect(endpoint: &Arc<Endpoint>, timeout: Duration) -> io::Result<SendRequest<Incoming>> {
+    let (stream, guard) = endpoint.connect(timeout).await?;
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .writev(false)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(io::Error::other)?;
+    let addr = endpoint.addr;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
+        }
+        drop(guard);
+    });
+    Ok(sender)
+}
