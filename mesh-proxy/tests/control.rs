@@ -273,21 +273,13 @@ async fn discovery_from_python_http_server_switches_under_load() {
     write_atomic(&v1dir.join("routes"), &routes("1", "v1"));
 
     let port = free_port();
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _py = KillOnDrop(
+    let log = TempDir::new("xds-log");
+    let _py = Proc::spawn_logged(
+        "python3 -m http.server",
         std::process::Command::new("python3")
             .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
-            .current_dir(dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+            .current_dir(dir.path()),
+        &log.path().join("http.log"),
     );
 
     // The file has only the admin address and the discovery source.

@@ -11,10 +11,11 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+use mesh_lab::{interrupt, Proc};
+
 use crate::{
-    interrupt,
-    lab::Backend,
     load::{self, Percentiles},
+    network::Backend,
     paths::{self, BenchPath, Bins, PathKind, SidecarMode},
     report, rules,
 };
@@ -303,12 +304,35 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// CPU time (user + system, all threads) `p` has used so far.
+fn cpu_time(p: &Proc) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", p.pid()))?;
+    // Fields after the `(comm)`, which may itself contain spaces: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').context("malformed /proc/PID/stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// (VmRSS, VmHWM) of `p` in KiB: resident now, and the peak over the process's life.
+fn memory(p: &Proc) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid()))?;
+    let field = |name: &str| -> Result<u64> {
+        let line =
+            status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name} in /proc/PID/status"))?;
+        Ok(line.split_whitespace().nth(1).context("malformed status")?.parse()?)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
 fn measure(path: &mut BenchPath, workload: Workload, s: &Settings, out: &mut PathSamples) -> Result<()> {
     let kind = path.kind;
     let mode = if workload == Workload::Passthrough { SidecarMode::Tcp } else { SidecarMode::Http };
     path.ensure_mode(mode)?;
     let cpu =
-        |path: &BenchPath| -> Result<Option<Duration>> { path.sidecar.as_ref().map(|s| s.proc.cpu()).transpose() };
+        |path: &BenchPath| -> Result<Option<Duration>> { path.sidecar.as_ref().map(|s| cpu_time(&s.proc)).transpose() };
     let per_1k = |before: Option<Duration>, after: Option<Duration>, requests: u64| -> Option<f64> {
         Some((after? - before?).as_secs_f64() * 1000.0 / requests.max(1) as f64)
     };
@@ -356,8 +380,8 @@ fn measure(path: &mut BenchPath, workload: Workload, s: &Settings, out: &mut Pat
             path.restart_sidecar()?;
             std::thread::sleep(Duration::from_millis(300));
             let proc = &path.sidecar.as_ref().expect("sidecar").proc;
-            let (fresh_kib, _) = proc.memory()?;
-            let (held, (held_kib, peak_kib)) = load::idle(&path.pod, s.idle_conns, || proc.memory())?;
+            let (fresh_kib, _) = memory(proc)?;
+            let (held, (held_kib, peak_kib)) = load::idle(&path.pod, s.idle_conns, || memory(proc))?;
             eprintln!(
                 "bench: Idle {kind}: fresh {fresh_kib} KiB, {} connections held ({} failed): {held_kib} KiB, peak {peak_kib} KiB",
                 held.held, held.failed

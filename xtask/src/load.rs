@@ -14,7 +14,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::lab::{Bounded, Pod};
+use crate::network::Pod;
 
 /// Latency percentiles in microseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -50,12 +50,9 @@ pub fn wrk(pod: &Pod, conns: u32, duration: Duration, close: bool) -> Result<Wrk
         cmd.args(["-H", "Connection: close"]);
     }
     cmd.arg(format!("http://{}/", pod.backend));
-    let out =
-        Bounded::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?.wait(duration + Duration::from_secs(30))?;
-    if !out.status.success() {
-        bail!("wrk failed ({}): {}", out.status, out.stderr.trim());
-    }
-    parse_wrk(&out.stdout).with_context(|| format!("unexpected wrk output:\n{}", out.stdout))
+    let out = mesh_lab::run(&mut cmd, duration + Duration::from_secs(30))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    parse_wrk(&stdout).with_context(|| format!("unexpected wrk output:\n{stdout}"))
 }
 
 fn parse_wrk(text: &str) -> Result<WrkResult> {
@@ -103,10 +100,10 @@ fn wrk_duration_us(v: &str) -> Result<f64> {
 pub fn iperf3(pod: &Pod, duration: Duration) -> Result<f64> {
     let mut cmd = pod.command("iperf3");
     cmd.args(["-c", &pod.backend.to_string(), "-p", "5201", "-J", "-t", &duration.as_secs().max(1).to_string()]);
-    let out =
-        Bounded::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?.wait(duration + Duration::from_secs(30))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&out.stdout).with_context(|| format!("iperf3 output: {}", out.stderr.trim()))?;
+    // Not `run`: iperf3 explains a failure in its JSON, which is more telling than its status.
+    let out = mesh_lab::output(&mut cmd, duration + Duration::from_secs(30))?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr).trim()))?;
     if let Some(err) = json.get("error") {
         bail!("iperf3: {err}");
     }
@@ -257,12 +254,8 @@ pub fn rate(pod: &Pod, rate: u32, duration: Duration) -> Result<RateResult> {
     let mut cmd = pod.command(std::env::current_exe()?);
     cmd.args(["load-rate", "--addr", &format!("{}:80", pod.backend), "--rate", &rate.to_string()])
         .args(["--duration", &format!("{}", duration.as_secs_f64())]);
-    let out =
-        Bounded::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?.wait(duration + Duration::from_secs(30))?;
-    if !out.status.success() {
-        bail!("load-rate failed ({}): {}", out.status, out.stderr.trim());
-    }
-    Ok(serde_json::from_str(&out.stdout)?)
+    let out = mesh_lab::run(&mut cmd, duration + Duration::from_secs(30))?;
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 // ---------------------------------------------------------------------------------------------

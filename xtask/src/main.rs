@@ -6,14 +6,13 @@
 //! - `load-rate`, `load-idle` (hidden, [`load`]): load clients Debian lacks, started by `bench`
 //!   inside a pod's namespace and cgroup.
 //!
-//! Modules: [`lab`] (namespaces, cgroups, processes as guards), [`paths`] (direct, HAProxy,
+//! Modules: [`network`] (the backend and pod namespaces, on mesh-lab's guards), [`paths`] (direct, HAProxy,
 //! mesh-proxy in iptables and eBPF modes), [`load`] (wrk, iperf3, our clients), [`rules`]
-//! (batch vs per-rule install), [`report`] (markdown and SVG), [`interrupt`] (Ctrl-C → cleanup).
+//! (batch vs per-rule install), [`report`] (markdown and SVG).
 
 mod bench;
-mod interrupt;
-mod lab;
 mod load;
+mod network;
 mod paths;
 mod report;
 mod rules;
@@ -47,7 +46,7 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let result = match Cli::parse() {
-        Cli::Bench(args) => interrupt::install().and_then(|()| bench::run(args)),
+        Cli::Bench(args) => mesh_lab::interrupt::install().and_then(|()| bench::run(args)),
         Cli::LoadRate(args) => load::rate_client(&args).and_then(|r| {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())

@@ -8,12 +8,13 @@ use std::{fmt, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::lab::{run, Backend, Pod, Proc, TempDir};
+use mesh_common::{flags, ports, PROXY_GID, PROXY_UID};
+use mesh_lab::{run, Proc, TempDir};
 
-/// The proxy's user: exempt from interception in both modes (mesh-init's default `-u`).
-pub const PROXY_UID: u32 = 1337;
-/// Where intercepted connections arrive.
-pub const PROXY_PORT: u16 = 15000;
+use crate::network::{wait_listening, Backend, Pod};
+
+/// Where intercepted connections arrive (mesh-init's default `-p`, passed explicitly).
+pub const PROXY_PORT: u16 = ports::PROXY;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum PathKind {
@@ -114,8 +115,8 @@ impl BenchPath {
             PathKind::Ebpf => "ebpf",
             PathKind::EbpfAccel => "ebpfaccel",
         };
-        let pod = backend.pod(tag, kind.uses_ebpf())?;
-        let dir = TempDir::new()?;
+        let pod = backend.pod(tag, kind.uses_ebpf());
+        let dir = TempDir::new("bench-tmp");
         let mut path = BenchPath { kind, sidecar: None, ebpf: None, pod, dir, bins: bins.clone(), max_conns };
         match kind {
             PathKind::Direct => {}
@@ -125,7 +126,7 @@ impl BenchPath {
                         "iptables",
                         "--netns",
                         path.pod.ns.name(),
-                        "-p",
+                        &format!("--{}", flags::ENVOY_PORT.long),
                         &PROXY_PORT.to_string(),
                     ]),
                     Duration::from_secs(20),
@@ -139,7 +140,9 @@ impl BenchPath {
                     netns: path.pod.ns.name().to_string(),
                 });
                 let mut cmd = Command::new(&bins.mesh_init);
-                cmd.args(["ebpf", "--netns", path.pod.ns.name(), "-p", &PROXY_PORT.to_string(), "--cgroup"])
+                cmd.args(["ebpf", "--netns", path.pod.ns.name()])
+                    .args([format!("--{}", flags::ENVOY_PORT.long), PROXY_PORT.to_string()])
+                    .arg("--cgroup")
                     .arg(&cgroup);
                 if kind == PathKind::EbpfAccel {
                     cmd.arg("--accelerate");
@@ -169,25 +172,29 @@ impl BenchPath {
             PathKind::Haproxy => {
                 let conf = self
                     .dir
-                    .write("haproxy.cfg", &haproxy_conf(mode, &self.pod.backend.to_string(), self.max_conns + 40))?;
+                    .write("haproxy.cfg", &haproxy_conf(mode, &self.pod.backend.to_string(), self.max_conns + 40));
                 // -db: foreground, no daemon; -f: our file only.
-                Proc::spawn("haproxy", self.pod.command_as(PROXY_UID, "haproxy").args(["-db", "-f"]).arg(&conf), log)?
+                Proc::spawn_logged(
+                    "haproxy",
+                    self.pod.command_as(PROXY_UID, PROXY_GID, "haproxy").args(["-db", "-f"]).arg(&conf),
+                    &log,
+                )
             }
             _ => {
-                let conf = self.dir.write("mesh-proxy.yaml", &mesh_proxy_conf(&self.pod.backend.to_string()))?;
-                Proc::spawn(
+                let conf = self.dir.write("mesh-proxy.yaml", &mesh_proxy_conf(&self.pod.backend.to_string()));
+                Proc::spawn_logged(
                     "mesh-proxy",
                     self.pod
-                        .command_as(PROXY_UID, &self.bins.mesh_proxy)
+                        .command_as(PROXY_UID, PROXY_GID, &self.bins.mesh_proxy)
                         .arg("--config")
                         .arg(&conf)
                         // One data-plane thread, as HAProxy's nbthread 1; access log off, as HAProxy's.
                         .args(["--workers", "1", "--log-level", "warn"]),
-                    log,
-                )?
+                    &log,
+                )
             }
         };
-        self.pod.ns.wait_listening(format!("127.0.0.1:{PROXY_PORT}").parse()?, Duration::from_secs(15), &mut proc)?;
+        wait_listening(&self.pod.ns, format!("127.0.0.1:{PROXY_PORT}").parse()?, Duration::from_secs(15), &mut proc)?;
         self.sidecar = Some(Sidecar { proc, mode });
         Ok(())
     }
@@ -237,11 +244,12 @@ fn haproxy_conf(mode: SidecarMode, backend: &str, maxconn: u32) -> String {
 /// through to its original destination (`outbound_policy: allow_any`).
 fn mesh_proxy_conf(backend: &str) -> String {
     format!(
-        "admin: {{ address: 127.0.0.1:15090 }}\noutbound_policy: allow_any\n\
+        "admin: {{ address: 127.0.0.1:{admin} }}\noutbound_policy: allow_any\n\
          listeners:\n  - name: virtual\n    address: 0.0.0.0:{PROXY_PORT}\n\
          routes:\n  - name: nginx\n    destinations: [\"{backend}:80\"]\n    protocol: http\n    rules:\n      - clusters: [{{ name: nginx, weight: 1 }}]\n\
          clusters:\n  - name: nginx\n    lb_policy: round_robin\n    connect_timeout: 1s\n\
-         endpoints:\n  - cluster: nginx\n    addresses: [\"{backend}:80\"]\n"
+         endpoints:\n  - cluster: nginx\n    addresses: [\"{backend}:80\"]\n",
+        admin = ports::ADMIN
     )
 }
 

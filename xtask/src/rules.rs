@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 
-use crate::lab::{run, Netns, TempDir};
+use mesh_lab::{run, Netns, TempDir};
 
 /// A set of flags to install.
 pub struct RuleCase {
@@ -50,26 +50,21 @@ pub struct RuleSample {
 }
 
 pub fn measure(mesh_init: &Path, case: &RuleCase, per_rule: bool) -> Result<RuleSample> {
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("bench-tmp");
     // Batch: wall time of the whole command, process start and backend detection included.
-    let ns = Netns::new("rules")?;
+    let ns = Netns::new("bench-rules");
     let t = Instant::now();
-    let summary = run(
-        Command::new(mesh_init).args(["iptables", "--netns", ns.name()]).args(&case.args),
-        Duration::from_secs(60),
-    )?;
+    let summary = stdout(Command::new(mesh_init).args(["iptables", "--netns", ns.name()]).args(&case.args))?;
     let batch = t.elapsed();
     let backend = if summary.contains("(legacy)") { "legacy" } else { "nft" }.to_string();
     let rules = count_rules(&ns, &backend)?;
 
     // Rendered for a namespace like the one it is replayed in (no IPv6 address: IPv4 only).
-    let fresh = Netns::new("rules")?;
-    let dry = run(
-        Command::new(mesh_init).args(["iptables", "--dry-run", "--netns", fresh.name()]).args(&case.args),
-        Duration::from_secs(60),
-    )?;
+    let fresh = Netns::new("bench-rules");
+    let dry =
+        stdout(Command::new(mesh_init).args(["iptables", "--dry-run", "--netns", fresh.name()]).args(&case.args))?;
     let (script, calls) = per_rule_script(&dry, &format!("iptables-{backend}"))?;
-    let script = dir.write("per-rule.sh", &script)?;
+    let script = dir.write("per-rule.sh", &script);
     let per_rule = if per_rule {
         let t = Instant::now();
         run(fresh.command("sh").arg(&script), Duration::from_secs(600))?;
@@ -83,8 +78,13 @@ pub fn measure(mesh_init: &Path, case: &RuleCase, per_rule: bool) -> Result<Rule
     Ok(RuleSample { batch, per_rule, rules, calls, backend })
 }
 
+/// What a mesh-init or iptables command printed; it fails with its output when it fails.
+fn stdout(cmd: &mut Command) -> Result<String> {
+    Ok(String::from_utf8_lossy(&run(cmd, Duration::from_secs(60))?.stdout).into_owned())
+}
+
 fn count_rules(ns: &Netns, backend: &str) -> Result<usize> {
-    let save = run(ns.command(format!("iptables-{backend}-save")).args(["-t", "nat"]), Duration::from_secs(30))?;
+    let save = stdout(ns.command(format!("iptables-{backend}-save")).args(["-t", "nat"]))?;
     Ok(save.lines().filter(|l| l.starts_with("-A ")).count())
 }
 

@@ -9,78 +9,31 @@
 
 use std::{
     convert::Infallible,
-    net::{SocketAddr, TcpListener as StdListener},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Command, ExitStatus},
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{body::Incoming, client::conn::http1::SendRequest, Request, Response};
 use hyper_util::rt::TokioIo;
+pub use mesh_lab::{free_port, wait_until_async, write_atomic, Proc, TempDir};
 use tokio::net::TcpListener;
 
-/// A port that was free a moment ago (bound then released).
-/// A port nothing listens on now, and not handed out before in this test process: the kernel may
-/// give the same ephemeral port to two `bind(:0)` calls in a row once the first socket is closed,
-/// which made a listener and the admin API collide now and then.
-pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut given = GIVEN.lock().unwrap();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
-}
-
+/// A free loopback address (mesh-lab's [`free_port`]: never handed out twice).
 pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
-/// A fresh scratch directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "mesh-proxy-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Writes a file atomically (write a sibling, rename over), as config management tools do.
-pub fn write_atomic(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// The mesh-proxy binary running with a config file in a scratch directory; killed on drop.
 pub struct ProxyProcess {
-    pub child: Child,
+    pub proc: Proc,
     pub config: PathBuf,
     pub admin: SocketAddr,
     pub log: PathBuf,
@@ -95,41 +48,30 @@ impl ProxyProcess {
         let config = dir.path().join("proxy.yaml");
         std::fs::write(&config, yaml.replace("{admin}", &admin.to_string())).unwrap();
         let log = dir.path().join("proxy.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-            .arg("--config")
-            .arg(&config)
-            .args(["--workers", "2", "--log-level", "info"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start mesh-proxy");
-        let p = Self { child, config, admin, log, _dir: dir };
-        p.wait_ready().await;
-        p
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok((200, _)) = admin_get(self.admin, "/ready").await {
-                return;
-            }
-            assert!(Instant::now() < deadline, "mesh-proxy not ready in 10s; log:\n{}", self.log_text());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let proc = Proc::spawn_logged(
+            "mesh-proxy",
+            Command::new(env!("CARGO_BIN_EXE_mesh-proxy")).arg("--config").arg(&config).args([
+                "--workers",
+                "2",
+                "--log-level",
+                "info",
+            ]),
+            &log,
+        );
+        let what = format!("mesh-proxy's /ready (its log: {})", log.display());
+        wait_until_async(Duration::from_secs(10), &what, || async {
+            matches!(admin_get(admin, "/ready").await, Ok((200, _))).then_some(())
+        })
+        .await;
+        Self { proc, config, admin, log, _dir: dir }
     }
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(self.child.id() as i32)
-    }
-
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(self.pid(), sig).unwrap();
+        self.proc.signal(sig);
     }
 
     /// Rewrites the config file (`{admin}` substituted as at start).
@@ -148,22 +90,9 @@ impl ProxyProcess {
     }
 
     /// Waits for the exit status, up to `timeout`.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "mesh-proxy did not exit in {timeout:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let proc = &mut self.proc;
+        wait_until_async(timeout, "mesh-proxy to exit", || std::future::ready(proc.exit_status())).await
     }
 }
 
