@@ -1,0 +1,236 @@
+//! DestinationRules → clusters. Every field of a DestinationRule is translated or reported here.
+//!
+//! Several DestinationRules for one host are merged as Istio merges them: the subsets of all (a
+//! subset name defined twice is a conflict, the older definition wins), the traffic policy of the
+//! oldest rule that has one. A setting is taken from the most specific place that sets it: the subset's port-level
+//! settings, the subset's policy, the rule's port-level settings, the rule's policy.
+//! `exportTo` on a DestinationRule is not honoured (every rule applies mesh-wide) and is reported.
+
+use std::collections::{BTreeMap, HashMap};
+
+use mesh_proxy::config::{self as proxy, LbPolicy, RawCluster};
+
+use super::{age_order, cluster_name, resolve_host, ClusterOut, EdsKey, Options};
+use crate::{
+    analysis::{Code, Findings},
+    istio::{ConnectionPool, LoadBalancer, Subset, TrafficPolicy},
+    model::{self, Health, Registry, Store},
+    resource::{Body, Kind, Meta, Object},
+};
+
+/// A subset as merged: its definition and the rule it comes from.
+struct MergedSubset<'a> {
+    subset: &'a Subset,
+    index: usize,
+    rule: &'a Object,
+}
+
+/// One place a setting may come from (a policy, or its port-level settings for the port).
+#[derive(Clone, Copy)]
+struct Layer<'a> {
+    lb: Option<&'a LoadBalancer>,
+    pool: Option<&'a ConnectionPool>,
+}
+
+/// Every service's clusters, and each host's subsets (name → labels).
+#[allow(clippy::type_complexity)]
+pub(super) fn service_clusters(
+    store: &Store,
+    registry: &Registry,
+    opts: &Options,
+    f: &mut Findings,
+) -> (BTreeMap<String, Vec<ClusterOut>>, HashMap<String, BTreeMap<String, BTreeMap<String, String>>>) {
+    let mut rules: Vec<&Object> = store.of_kind(Kind::DestinationRule).map(|o| &**o).collect();
+    rules.sort_by(|a, b| age_order(a, b));
+    let mut by_host: HashMap<String, Vec<&Object>> = HashMap::new();
+    for dr in rules {
+        let Body::DestinationRule(spec) = &dr.body else { continue };
+        report_rule(dr, f);
+        let host = resolve_host(&spec.host, &dr.meta.key.namespace, &opts.domain);
+        if !registry.services.contains_key(&host) {
+            f.add(
+                Code::ReferencedResourceNotFound,
+                &dr.meta,
+                "spec.host",
+                format!("Referenced host not found: {:?}", spec.host),
+            );
+            continue;
+        }
+        by_host.entry(host).or_default().push(dr);
+    }
+
+    let mut clusters = BTreeMap::new();
+    let mut subsets_by_host = HashMap::new();
+    for svc in registry.services.values() {
+        let drs = by_host.get(&svc.hostname).map(Vec::as_slice).unwrap_or_default();
+        let mut subsets: Vec<MergedSubset> = Vec::new();
+        for dr in drs {
+            let Body::DestinationRule(spec) = &dr.body else { continue };
+            for (i, s) in spec.subsets.iter().enumerate() {
+                if let Some(first) = subsets.iter().find(|m| m.subset.name == s.name) {
+                    let msg = format!(
+                        "subset {:?} of {} is also defined by {}; that one applies",
+                        s.name, svc.hostname, first.rule.meta.key
+                    );
+                    f.add(Code::ConflictingSubsets, &dr.meta, format!("spec.subsets[{i}].name"), msg);
+                    continue;
+                }
+                subsets.push(MergedSubset { subset: s, index: i, rule: dr });
+            }
+        }
+        // The oldest traffic policy (a later rule's applies when the older ones have none).
+        let top = drs.iter().find_map(|dr| match &dr.body {
+            Body::DestinationRule(spec) => spec.traffic_policy.as_ref(),
+            _ => None,
+        });
+        let mut out = Vec::new();
+        for port in &svc.ports {
+            let mut base = Vec::new();
+            if let Some(tp) = top {
+                push_policy(&mut base, tp, port.number);
+            }
+            out.push(cluster(
+                &cluster_name(port.number, "", &svc.hostname),
+                &base,
+                EdsKey { hostname: svc.hostname.clone(), port: port.number, labels: BTreeMap::new() },
+            ));
+            for m in &subsets {
+                let mut layers = base.clone();
+                if let Some(tp) = &m.subset.traffic_policy {
+                    push_policy(&mut layers, tp, port.number);
+                }
+                out.push(cluster(
+                    &cluster_name(port.number, &m.subset.name, &svc.hostname),
+                    &layers,
+                    EdsKey { hostname: svc.hostname.clone(), port: port.number, labels: m.subset.labels.clone() },
+                ));
+            }
+        }
+        // A subset no ready endpoint carries the labels of: every request to it gets 503.
+        for m in &subsets {
+            let any = registry
+                .endpoints
+                .get(&svc.hostname)
+                .into_iter()
+                .flatten()
+                .any(|e| e.health == Health::Ready && model::selects(&m.subset.labels, &e.labels));
+            if !any {
+                let msg = format!(
+                    "subset {:?} selects no ready endpoint of {} (labels {:?}): requests routed to it get 503",
+                    m.subset.name, svc.hostname, m.subset.labels
+                );
+                f.add(Code::SubsetSelectsNoEndpoints, &m.rule.meta, format!("spec.subsets[{}].labels", m.index), msg);
+            }
+        }
+        subsets_by_host.insert(
+            svc.hostname.clone(),
+            subsets.iter().map(|m| (m.subset.name.clone(), m.subset.labels.clone())).collect(),
+        );
+        clusters.insert(svc.hostname.clone(), out);
+    }
+    (clusters, subsets_by_host)
+}
+
+/// Fields of a DestinationRule the proxy cannot carry, reported once per rule.
+fn report_rule(dr: &Object, f: &mut Findings) {
+    let Body::DestinationRule(spec) = &dr.body else { return };
+    let meta = &dr.meta;
+    f.not_carried(meta, "spec", &spec.other);
+    if !spec.export_to.is_empty() {
+        let msg = "exportTo on a DestinationRule is not honoured: the rule applies in every namespace";
+        f.add(Code::NotCarriedByProxy, meta, "spec.exportTo", msg);
+    }
+    let mut policies: Vec<(String, &TrafficPolicy)> = Vec::new();
+    if let Some(tp) = &spec.traffic_policy {
+        policies.push(("spec.trafficPolicy".into(), tp));
+    }
+    for (i, s) in spec.subsets.iter().enumerate() {
+        f.not_carried(meta, &format!("spec.subsets[{i}]"), &s.other);
+        if let Some(tp) = &s.traffic_policy {
+            policies.push((format!("spec.subsets[{i}].trafficPolicy"), tp));
+        }
+    }
+    for (path, tp) in policies {
+        f.not_carried(meta, &path, &tp.other);
+        report_settings(meta, &path, tp.load_balancer.as_ref(), tp.connection_pool.as_ref(), f);
+        for (j, pl) in tp.port_level_settings.iter().enumerate() {
+            let p = format!("{path}.portLevelSettings[{j}]");
+            f.not_carried(meta, &p, &pl.other);
+            if let Some(sel) = &pl.port {
+                f.not_carried(meta, &format!("{p}.port"), &sel.other);
+            }
+            report_settings(meta, &p, pl.load_balancer.as_ref(), pl.connection_pool.as_ref(), f);
+        }
+    }
+}
+
+fn report_settings(
+    meta: &Meta,
+    path: &str,
+    lb: Option<&LoadBalancer>,
+    pool: Option<&ConnectionPool>,
+    f: &mut Findings,
+) {
+    if let Some(lb) = lb {
+        f.not_carried(meta, &format!("{path}.loadBalancer"), &lb.other);
+        if let Some(simple) = &lb.simple {
+            if let Err(msg) = lb_policy(simple) {
+                f.add(msg.0, meta, format!("{path}.loadBalancer.simple"), msg.1);
+            }
+        }
+    }
+    if let Some(pool) = pool {
+        f.not_carried(meta, &format!("{path}.connectionPool"), &pool.other);
+        if let Some(tcp) = &pool.tcp {
+            f.not_carried(meta, &format!("{path}.connectionPool.tcp"), &tcp.other);
+            if let Some(t) = &tcp.connect_timeout {
+                if let Err(e) = proxy::parse_duration(t) {
+                    f.add(Code::SchemaValidationError, meta, format!("{path}.connectionPool.tcp.connectTimeout"), e);
+                }
+            }
+        }
+    }
+}
+
+/// Adds a traffic policy and, above it, its port-level settings for `port`.
+fn push_policy<'a>(layers: &mut Vec<Layer<'a>>, tp: &'a TrafficPolicy, port: u16) {
+    layers.push(Layer { lb: tp.load_balancer.as_ref(), pool: tp.connection_pool.as_ref() });
+    for pl in &tp.port_level_settings {
+        if pl.port.as_ref().and_then(|p| p.number) == Some(u32::from(port)) {
+            layers.push(Layer { lb: pl.load_balancer.as_ref(), pool: pl.connection_pool.as_ref() });
+        }
+    }
+}
+
+/// A cluster from its policy layers, least specific first.
+fn cluster(name: &str, layers: &[Layer], eds: EdsKey) -> ClusterOut {
+    let mut policy = LbPolicy::default();
+    let mut connect_timeout = None;
+    for l in layers {
+        if let Some(Ok(p)) = l.lb.and_then(|lb| lb.simple.as_deref()).map(lb_policy) {
+            policy = p;
+        }
+        if let Some(t) = l.pool.and_then(|p| p.tcp.as_ref()).and_then(|t| t.connect_timeout.clone()) {
+            // Passed as written: a value the proxy refuses is its NACK, and analysis reports it.
+            connect_timeout = Some(t);
+        }
+    }
+    ClusterOut { cluster: RawCluster { name: name.to_string(), lb_policy: policy, connect_timeout }, eds: Some(eds) }
+}
+
+/// Istio's `loadBalancer.simple` → the proxy's balancer.
+fn lb_policy(simple: &str) -> Result<LbPolicy, (Code, String)> {
+    match simple {
+        "UNSPECIFIED" | "ROUND_ROBIN" => Ok(LbPolicy::RoundRobin),
+        "LEAST_REQUEST" | "LEAST_CONN" => Ok(LbPolicy::LeastRequest),
+        "RANDOM" => Ok(LbPolicy::Random),
+        "PASSTHROUGH" => Err((
+            Code::NotCarriedByProxy,
+            "PASSTHROUGH (to the original destination) is not carried by mesh-proxy: round robin applies".into(),
+        )),
+        other => Err((
+            Code::SchemaValidationError,
+            format!("{other:?} is not a load balancer: expected ROUND_ROBIN, LEAST_REQUEST, LEAST_CONN, RANDOM or PASSTHROUGH"),
+        )),
+    }
+}

@@ -1,0 +1,328 @@
+//! The translation on BookInfo: Kubernetes-format platform objects and Istio-format rules (our own
+//! files, written in the format of Istio's samples), through the files adapter's reader, the
+//! model and the translator, to what a proxy of a namespace is served. Golden files under
+//! `tests/golden/` (`UPDATE_GOLDEN=1` rewrites them; review the diff).
+
+use std::path::{Path, PathBuf};
+
+use mesh_pilot::{
+    adapter::files,
+    analysis::{Code, Finding},
+    model::{Registry, Store},
+    translate::{self, Options, ScopeConfig, Translator},
+};
+use mesh_proxy::config::{RawConfig, RawEndpoints};
+
+fn testdata(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata").join(p)
+}
+
+fn store(paths: &[&str]) -> Store {
+    let mut store = Store::default();
+    let paths: Vec<PathBuf> = paths.iter().map(|p| testdata(p)).collect();
+    store.apply(files::read(&paths).unwrap());
+    store
+}
+
+/// A store from the platform fixture plus YAML text written in the test.
+fn store_with(text: &str) -> Store {
+    let dir = std::env::temp_dir().join(format!("mesh-pilot-{}-{}", std::process::id(), unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("rules.yaml"), text).unwrap();
+    let mut s = store(&["bookinfo/platform.yaml", "bookinfo/rules/destination-rule-all.yaml"]);
+    s.apply(files::read(&[dir.join("rules.yaml")]).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+    s
+}
+
+fn unique() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// What a proxy in `ns` receives, as one proxy config (which must validate).
+fn scope(store: &Store, ns: &str) -> (ScopeConfig, RawConfig) {
+    let opts = Options::default();
+    let registry = Registry::build(store, &opts.domain);
+    let cfg = Translator::new(store, &registry, &opts).scope(ns);
+    let raw = RawConfig {
+        listeners: cfg.listeners.clone(),
+        routes: cfg.routes.clone(),
+        clusters: cfg.clusters.clone(),
+        endpoints: cfg
+            .clusters
+            .iter()
+            .zip(&cfg.eds)
+            .map(|(c, k)| RawEndpoints {
+                cluster: c.name.clone(),
+                addresses: k.as_ref().map(|k| translate::endpoints(&registry, k)).unwrap_or_default(),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    raw.validate().unwrap_or_else(|e| panic!("the proxy refuses the scope's config: {e}"));
+    (cfg, raw)
+}
+
+fn findings(store: &Store) -> Vec<Finding> {
+    let opts = Options::default();
+    let registry = Registry::build(store, &opts.domain);
+    Translator::new(store, &registry, &opts).analyze()
+}
+
+fn golden(name: &str, raw: &RawConfig) {
+    let text = serde_yaml::to_string(raw).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(want == text, "{} differs (UPDATE_GOLDEN=1 to rewrite):\n{text}", path.display());
+}
+
+fn route<'a>(raw: &'a RawConfig, name: &str) -> &'a mesh_proxy::config::RawRoute {
+    raw.routes.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("no route {name}"))
+}
+
+fn endpoints<'a>(raw: &'a RawConfig, cluster: &str) -> &'a [String] {
+    &raw.endpoints.iter().find(|e| e.cluster == cluster).unwrap_or_else(|| panic!("no cluster {cluster}")).addresses
+}
+
+const REVIEWS: &str = "reviews.default.svc.cluster.local";
+
+#[test]
+fn default_routes_without_virtual_services() {
+    let (_, raw) = scope(&store(&["bookinfo/platform.yaml"]), "default");
+    let r = route(&raw, &format!("{REVIEWS}:9080"));
+    assert_eq!(
+        r.destinations,
+        [
+            "reviews.default.svc.cluster.local:9080",
+            "reviews.default.svc:9080",
+            "reviews.default:9080",
+            "reviews:9080",
+            "10.200.100.1:9080"
+        ]
+    );
+    assert_eq!(r.rules.len(), 1);
+    assert_eq!(r.rules[0].clusters[0].name, format!("outbound|9080||{REVIEWS}"));
+    // Slices joined to their Pods; a named targetPort resolved on the Pod; a Pod not ready is not served.
+    assert_eq!(
+        endpoints(&raw, &format!("outbound|9080||{REVIEWS}")),
+        ["10.200.1.11:9080", "10.200.1.12:9080", "10.200.1.13:9080"]
+    );
+    assert_eq!(endpoints(&raw, "outbound|9080||details.default.svc.cluster.local"), ["10.200.1.31:9081"]);
+    assert!(endpoints(&raw, "outbound|9080||productpage.default.svc.cluster.local").is_empty());
+    golden("bookinfo-default.yaml", &raw);
+}
+
+#[test]
+fn short_names_only_for_the_services_own_namespace() {
+    let (_, raw) = scope(&store(&["bookinfo/platform.yaml"]), "shop");
+    let r = route(&raw, &format!("{REVIEWS}:9080"));
+    assert!(!r.destinations.iter().any(|d| d == "reviews:9080"), "{:?}", r.destinations);
+    assert!(r.destinations.iter().any(|d| d == "reviews.default:9080"));
+}
+
+#[test]
+fn bookinfo_walkthrough_steps() {
+    let base = ["bookinfo/platform.yaml", "bookinfo/rules/destination-rule-all.yaml"];
+    let step = |file: &str| {
+        let mut paths = base.to_vec();
+        paths.push(file);
+        scope(&store(&paths), "default").1
+    };
+
+    let raw = step("bookinfo/rules/virtual-service-all-v1.yaml");
+    let r = route(&raw, &format!("{REVIEWS}:9080"));
+    assert_eq!(r.rules.len(), 1);
+    assert_eq!(r.rules[0].clusters.len(), 1);
+    assert_eq!(r.rules[0].clusters[0].name, format!("outbound|9080|v1|{REVIEWS}"));
+    assert_eq!(endpoints(&raw, &format!("outbound|9080|v1|{REVIEWS}")), ["10.200.1.11:9080"]);
+    assert_eq!(endpoints(&raw, &format!("outbound|9080|v3|{REVIEWS}")), ["10.200.1.13:9080"]);
+    golden("bookinfo-all-v1.yaml", &raw);
+
+    let raw = step("bookinfo/rules/virtual-service-reviews-50-v3.yaml");
+    let r = route(&raw, &format!("{REVIEWS}:9080"));
+    let split: Vec<(String, u32)> = r.rules[0].clusters.iter().map(|c| (c.name.clone(), c.weight)).collect();
+    assert_eq!(split, [(format!("outbound|9080|v1|{REVIEWS}"), 50), (format!("outbound|9080|v3|{REVIEWS}"), 50)]);
+    golden("bookinfo-reviews-50-v3.yaml", &raw);
+
+    let raw = step("bookinfo/rules/virtual-service-reviews-jason-v2-v3.yaml");
+    let r = route(&raw, &format!("{REVIEWS}:9080"));
+    assert_eq!(r.rules.len(), 2);
+    let m = r.rules[0].matcher.as_ref().unwrap();
+    assert_eq!(m.headers.get("end-user").map(String::as_str), Some("jason"));
+    assert_eq!(r.rules[0].clusters[0].name, format!("outbound|9080|v2|{REVIEWS}"));
+    assert!(r.rules[1].matcher.is_none());
+    assert_eq!(r.rules[1].clusters[0].name, format!("outbound|9080|v3|{REVIEWS}"));
+    golden("bookinfo-reviews-jason-v2-v3.yaml", &raw);
+}
+
+#[test]
+fn the_walkthrough_rules_analyze_clean_except_for_missing_endpoints() {
+    let s = store(&[
+        "bookinfo/platform.yaml",
+        "bookinfo/rules/destination-rule-all.yaml",
+        "bookinfo/rules/virtual-service-all-v1.yaml",
+    ]);
+    let got: Vec<(Code, String, String)> =
+        findings(&s).iter().map(|f| (f.code, f.resource.clone(), f.field.clone())).collect();
+    assert_eq!(
+        got,
+        [
+            // productpage's only Pod is not ready; no ratings Pod is labelled v2.
+            (
+                Code::SubsetSelectsNoEndpoints,
+                "DestinationRule default/productpage".into(),
+                "spec.subsets[0].labels".into()
+            ),
+            (Code::SubsetSelectsNoEndpoints, "DestinationRule default/ratings".into(), "spec.subsets[1].labels".into()),
+        ]
+    );
+}
+
+fn finding<'a>(fs: &'a [Finding], code: Code, field: &str) -> &'a Finding {
+    fs.iter().find(|f| f.code == code && f.field == field).unwrap_or_else(|| {
+        panic!("no {code:?} at {field} in:\n{}", fs.iter().map(|f| format!("{f}\n")).collect::<String>())
+    })
+}
+
+#[test]
+fn the_classic_503_trap_an_undefined_subset() {
+    let s = store_with(
+        "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination:
+        host: reviews
+        subset: v4
+",
+    );
+    let fs = findings(&s);
+    let f = finding(&fs, Code::ReferencedResourceNotFound, "spec.http[0].route[0].destination.subset");
+    assert_eq!(f.line, Some(10));
+    assert!(f.to_string().starts_with("Error [IST0101] (VirtualService default/reviews) "), "{f}");
+    assert!(f.message.contains("reviews+v4"), "{f}");
+    // The proxy is given a cluster without endpoints: requests get 503, as with Istio.
+    let (_, raw) = scope(&s, "default");
+    assert!(endpoints(&raw, &format!("outbound|9080|v4|{REVIEWS}")).is_empty());
+}
+
+#[test]
+fn weights_conflicts_and_unknown_hosts_are_reported() {
+    let s = store_with(
+        "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, creationTimestamp: \"2024-01-01T00:00:00Z\"}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 60
+    - destination: {host: reviews, subset: v3}
+      weight: 30
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews-too, creationTimestamp: \"2024-02-01T00:00:00Z\"}
+spec:
+  hosts: [reviews, nosuch]
+  http:
+  - route:
+    - destination: {host: reviews}
+",
+    );
+    let fs = findings(&s);
+    let w = finding(&fs, Code::SchemaValidationError, "spec.http[0].route");
+    assert_eq!((w.resource.as_str(), w.line), ("VirtualService default/reviews", Some(7)));
+    assert!(w.message.contains("90"), "{w}");
+    let c = finding(&fs, Code::ConflictingMeshGatewayVirtualServiceHosts, "spec.hosts[0]");
+    assert_eq!(c.resource, "VirtualService default/reviews-too");
+    assert!(c.message.contains("the older, default/reviews, applies"), "{c}");
+    let h = finding(&fs, Code::ReferencedResourceNotFound, "spec.hosts[1]");
+    assert_eq!(h.line, Some(17));
+    // The older rule applies; the shares stay proportional (60:30).
+    let (_, raw) = scope(&s, "default");
+    let weights: Vec<u32> =
+        route(&raw, &format!("{REVIEWS}:9080")).rules[0].clusters.iter().map(|c| c.weight).collect();
+    assert_eq!(weights, [60, 30]);
+}
+
+#[test]
+fn fields_the_proxy_cannot_carry_are_reported_never_dropped_silently() {
+    let s = store_with(
+        "\
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - uri: {regex: \"/api/.*\"}
+    - uri: {prefix: /api}
+      method: {exact: GET}
+    - uri: {prefix: /v2}
+      headers: {x-canary: {exact: \"1\"}}
+    route:
+    - destination: {host: reviews, subset: v2}
+    retries: {attempts: 3, perTryTimeout: 2s}
+    fault:
+      abort: {httpStatus: 500, percentage: {value: 10}}
+    timeout: 3s
+  - route:
+    - destination: {host: reviews, subset: v1}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings-policy}
+spec:
+  host: ratings
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+    connectionPool:
+      tcp: {maxConnections: 1, connectTimeout: 250ms}
+      http: {http1MaxPendingRequests: 1}
+    outlierDetection: {consecutive5xxErrors: 1}
+",
+    );
+    let fs = findings(&s);
+    for (field, line) in [
+        ("spec.http[0].match[0].uri.regex", 8),
+        ("spec.http[0].match[1].method", 10),
+        ("spec.http[0].retries", 15),
+        ("spec.http[0].fault", 16),
+        ("spec.trafficPolicy.connectionPool.http", 31),
+        ("spec.trafficPolicy.connectionPool.tcp.maxConnections", 30),
+        ("spec.trafficPolicy.outlierDetection", 32),
+    ] {
+        assert_eq!(finding(&fs, Code::NotCarriedByProxy, field).line, Some(line), "{field}");
+    }
+    // Only the third match block survives; the timeout and the load balancer are carried.
+    let (_, raw) = scope(&s, "default");
+    let r = route(&raw, &format!("{REVIEWS}:9080"));
+    assert_eq!(r.rules.len(), 2);
+    let m = r.rules[0].matcher.as_ref().unwrap();
+    assert_eq!((m.path_prefix.as_deref(), m.headers.get("x-canary").map(String::as_str)), (Some("/v2"), Some("1")));
+    assert_eq!(r.rules[0].timeout.as_deref(), Some("3s"));
+    let c = raw.clusters.iter().find(|c| c.name == "outbound|9080|v1|ratings.default.svc.cluster.local").unwrap();
+    assert_eq!(c.lb_policy, mesh_proxy::config::LbPolicy::LeastRequest);
+    assert_eq!(c.connect_timeout.as_deref(), Some("250ms"));
+}
+
+#[test]
+fn an_empty_endpoint_set_is_served_as_empty() {
+    let (cfg, raw) = scope(&store(&["bookinfo/platform.yaml", "bookinfo/rules/destination-rule-all.yaml"]), "default");
+    let v2 = "outbound|9080|v2|ratings.default.svc.cluster.local";
+    assert!(cfg.clusters.iter().any(|c| c.name == v2));
+    assert_eq!(endpoints(&raw, v2), [] as [String; 0]);
+}
