@@ -168,7 +168,7 @@ if [ "$mode" = ebpf ]; then
   "$bin/mesh-init" ebpf --cgroup "$cgroup" --netns "$pp" -p 15000 -u 1337
 else
   say "mesh-init iptables: writing the interception rules in productpage's namespace"
-  "$bin/mesh-init" iptables --netns "$pp" -p 15000 -u 1337 -d 15090
+  "$bin/mesh-init" iptables --netns "$pp" -p 15000 -z 15000 -i '*' -b '*' -u 1337 -d 15090
   ip netns exec "$pp" iptables-save -t nat | grep -E '^-A (PREROUTING|OUTPUT|ISTIO)' | sed 's/^/  /'
 fi
 write_config "$all_v1"

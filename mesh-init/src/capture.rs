@@ -1,37 +1,55 @@
 //! What to capture: the one flag set shared by every interception mode.
 //!
-//! `mesh-init iptables`, `mesh-init ebpf` and `mesh-init validate` accept the same flags, with
-//! istio-iptables' names, short letters and environment variables, so an Istio injector template
-//! works unchanged. The raw strings are parsed once, here, into a [`CaptureConfig`]; every mode
-//! builds its plan from that type and never sees a string again. A bad value is reported with the
-//! flag that carried it and what would have been accepted, before anything is changed.
+//! `mesh-init iptables`, `ebpf`, `validate` and `trace` accept istio-iptables' flags, with its
+//! names, short letters, environment variables and defaults (those of `tools/istio-iptables`:
+//! `-p 15001`, `-z 15006`, `-e 15008`, nothing captured unless `-i`/`-b` say so), so an Istio
+//! injector template or CNI configuration works unchanged. The raw strings are parsed once, here,
+//! into a [`CaptureConfig`]; every mode builds its plan from that type and never sees a string
+//! again. A bad value is reported with the flag that carried it and what would have been
+//! accepted, before anything is changed.
+//!
+//! - [`host`]: user and group names, the environment variables istio-iptables reads without a
+//!   flag, and the pod's resolv.conf;
+//! - [`parse`]: the value grammars (ports, IDs, CIDRs, interfaces, booleans).
 
-use std::{collections::BTreeSet, fmt, net::IpAddr};
+pub mod host;
+mod parse;
 
-use ipnet::IpNet;
+use std::{collections::BTreeSet, fmt, net::IpAddr, path::PathBuf};
+
+pub use host::{Host, System};
+use ipnet::{IpNet, Ipv4Net};
+pub use parse::go_bool;
+use parse::IdKind;
 use serde::Serialize;
 
 /// The flags, as the user gave them (command line or environment).
 #[derive(Debug, Clone, clap::Args)]
 pub struct CaptureArgs {
     /// Port the proxy listens on for redirected outbound traffic.
-    #[arg(short = 'p', long = "envoy-port", visible_alias = "proxy-port", env = "ENVOY_PORT", default_value = "15000")]
+    #[arg(short = 'p', long = "envoy-port", visible_alias = "proxy-port", env = "ENVOY_PORT", default_value = "15001")]
     pub envoy_port: String,
 
-    /// Port the proxy listens on for redirected inbound traffic [default: same as --envoy-port].
-    #[arg(short = 'z', long = "inbound-capture-port", env = "INBOUND_CAPTURE_PORT")]
+    /// Port the proxy listens on for redirected inbound traffic.
+    #[arg(short = 'z', long = "inbound-capture-port", env = "INBOUND_CAPTURE_PORT", default_value = "15006")]
     pub inbound_capture_port: Option<String>,
 
-    /// UIDs whose traffic is never redirected (the proxy's), comma separated.
-    #[arg(short = 'u', long = "proxy-uid", env = "PROXY_UID", default_value = "1337")]
-    pub proxy_uid: String,
+    /// The proxy's tunnel (HBONE) port: inbound traffic to it is never captured, nor the proxy's
+    /// own connections to it through `lo`.
+    #[arg(short = 'e', long = "inbound-tunnel-port", env = "INBOUND_TUNNEL_PORT", default_value = "15008")]
+    pub inbound_tunnel_port: String,
 
-    /// GIDs whose traffic is never redirected, comma separated [default: same as --proxy-uid].
+    /// UIDs (numbers or user names) whose traffic is never redirected, comma separated [default:
+    /// the UID of the user $ENVOY_USER (istio-proxy), else 1337].
+    #[arg(short = 'u', long = "proxy-uid", env = "PROXY_UID")]
+    pub proxy_uid: Option<String>,
+
+    /// GIDs (numbers or group names) whose traffic is never redirected [default: same as --proxy-uid].
     #[arg(short = 'g', long = "proxy-gid", env = "PROXY_GID")]
     pub proxy_gid: Option<String>,
 
     /// Outbound destination CIDRs to capture: `*` for all, empty for none.
-    #[arg(short = 'i', long = "istio-service-cidr", env = "ISTIO_SERVICE_CIDR", default_value = "*")]
+    #[arg(short = 'i', long = "istio-service-cidr", env = "ISTIO_SERVICE_CIDR", default_value = "")]
     pub service_cidr: String,
 
     /// Outbound destination CIDRs never captured (IPv4 and IPv6), comma separated.
@@ -42,7 +60,7 @@ pub struct CaptureArgs {
     #[arg(short = 'q', long = "istio-outbound-ports", env = "ISTIO_OUTBOUND_PORTS", default_value = "")]
     pub outbound_ports: String,
 
-    /// Outbound destination ports never captured, comma separated.
+    /// Outbound destination ports never captured (TCP and UDP), comma separated.
     #[arg(
         short = 'o',
         long = "istio-local-outbound-ports-exclude",
@@ -52,16 +70,20 @@ pub struct CaptureArgs {
     pub outbound_ports_exclude: String,
 
     /// Inbound destination ports to capture: `*` for all, empty for none.
-    #[arg(short = 'b', long = "istio-inbound-ports", env = "ISTIO_INBOUND_PORTS", default_value = "*")]
+    #[arg(short = 'b', long = "istio-inbound-ports", env = "ISTIO_INBOUND_PORTS", default_value = "")]
     pub inbound_ports: String,
 
-    /// Inbound destination ports never captured, comma separated.
+    /// Inbound destination ports never captured, comma separated; only with `-b '*'`.
     #[arg(short = 'd', long = "istio-local-exclude-ports", env = "ISTIO_LOCAL_EXCLUDE_PORTS", default_value = "")]
     pub inbound_ports_exclude: String,
 
-    /// Interfaces whose traffic is never captured, comma separated.
+    /// Interfaces whose traffic is never captured (inbound and outbound), comma separated.
     #[arg(short = 'c', long = "istio-exclude-interfaces", env = "ISTIO_EXCLUDE_INTERFACES", default_value = "")]
     pub exclude_interfaces: String,
+
+    /// Virtual interfaces (KubeVirt) whose inbound traffic is treated as the pod's outbound.
+    #[arg(short = 'k', long = "kube-virt-interfaces", env = "KUBE_VIRT_INTERFACES", default_value = "")]
+    pub kube_virt_interfaces: String,
 
     /// How inbound traffic reaches the proxy: REDIRECT (nat) or TPROXY (mangle, keeps the source).
     #[arg(
@@ -72,13 +94,60 @@ pub struct CaptureArgs {
     )]
     pub inbound_interception_mode: String,
 
-    /// Capture DNS (UDP and TCP port 53) to the proxy's DNS port.
-    #[arg(long = "redirect-dns", env = "REDIRECT_DNS")]
+    /// TPROXY: the firewall mark of packets for the transparent listener.
+    #[arg(short = 't', long = "istio-inbound-tproxy-mark", env = "ISTIO_INBOUND_TPROXY_MARK", default_value = "1337")]
+    pub tproxy_mark: String,
+
+    /// TPROXY: the routing table that delivers marked packets locally.
+    #[arg(
+        short = 'r',
+        long = "istio-inbound-tproxy-route-table",
+        env = "ISTIO_INBOUND_TPROXY_ROUTE_TABLE",
+        default_value = "133"
+    )]
+    pub tproxy_route_table: String,
+
+    /// Capture DNS (UDP and TCP port 53) to the resolvers of resolv.conf to the proxy's DNS port
+    /// (also set by ISTIO_META_DNS_CAPTURE).
+    #[arg(long = "redirect-dns", env = "REDIRECT_DNS", action = clap::ArgAction::SetTrue, value_parser = parse::go_bool)]
     pub redirect_dns: bool,
 
-    /// The proxy's DNS port, used with --redirect-dns.
+    /// With --redirect-dns: capture DNS to every destination, not only the resolvers of resolv.conf.
+    #[arg(long = "capture-all-dns", env = "CAPTURE_ALL_DNS", action = clap::ArgAction::SetTrue, value_parser = parse::go_bool)]
+    pub capture_all_dns: bool,
+
+    /// The proxy's DNS port, used with --redirect-dns (istio-iptables: always 15053).
     #[arg(long = "dns-port", env = "DNS_PORT", default_value = "15053")]
     pub dns_port: String,
+
+    /// The resolv.conf whose nameservers DNS capture is limited to [default: /etc/netns/NAME/resolv.conf
+    /// with --netns NAME when it exists, else /etc/resolv.conf].
+    #[arg(long = "resolv-conf")]
+    pub resolv_conf: Option<PathBuf>,
+
+    /// Drop inbound packets conntrack finds INVALID instead of letting them reset connections
+    /// (also set by INVALID_DROP).
+    #[arg(long = "drop-invalid", env = "DROP_INVALID", action = clap::ArgAction::SetTrue, value_parser = parse::go_bool)]
+    pub drop_invalid: bool,
+
+    /// Groups (GIDs or names) whose outbound traffic is captured: `*` for all (istio-iptables:
+    /// environment only).
+    #[arg(long = "outbound-owner-groups", env = "ISTIO_OUTBOUND_OWNER_GROUPS", default_value = "*")]
+    pub outbound_owner_groups: String,
+
+    /// With `--outbound-owner-groups '*'`: groups whose outbound traffic is not captured
+    /// (istio-iptables: environment only).
+    #[arg(long = "outbound-owner-groups-exclude", env = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", default_value = "")]
+    pub outbound_owner_groups_exclude: String,
+
+    /// The IPv4 loopback range the application's own loopback traffic uses, never captured
+    /// (istio-iptables: environment only).
+    #[arg(
+        long = "outbound-ipv4-loopback-cidr",
+        env = "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+        default_value = "127.0.0.1/32"
+    )]
+    pub ipv4_loopback_cidr: String,
 }
 
 /// Inbound interception: how PREROUTING traffic is handed to the proxy.
@@ -104,6 +173,31 @@ impl<T: Ord> Selection<T> {
     }
 }
 
+/// Which groups' outbound traffic is captured (`ISTIO_OUTBOUND_OWNER_GROUPS` and `_EXCLUDE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum OwnerGroups {
+    /// Every group but these.
+    AllExcept(Vec<u32>),
+    /// Only these groups (none: no outbound capture at all, as istio-iptables does).
+    Only(Vec<u32>),
+}
+
+/// Where DNS capture applies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum DnsServers {
+    /// `--capture-all-dns`: port 53 to any destination.
+    All,
+    /// The nameservers of resolv.conf (at least one).
+    Only(Vec<IpAddr>),
+}
+
+/// DNS capture: port 53 to `servers` goes to the proxy's `port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DnsCapture {
+    pub port: u16,
+    pub servers: DnsServers,
+}
+
 /// The validated capture settings every mode builds its plan from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CaptureConfig {
@@ -111,22 +205,74 @@ pub struct CaptureConfig {
     pub outbound_port: u16,
     /// Where captured inbound connections are sent.
     pub inbound_port: u16,
+    /// Never captured inbound; the proxy's own self-calls to it are not sent to `inbound_port`.
+    pub tunnel_port: u16,
     /// Owners exempt from capture: the proxy's own connections must reach their real destination.
     pub proxy_uids: Vec<u32>,
     pub proxy_gids: Vec<u32>,
     /// Outbound destinations captured.
     pub include_cidrs: Selection<IpNet>,
+    /// Whether an included CIDR was written with a loopback address: the application's own
+    /// loopback traffic is then not exempted (istio-iptables' rule).
+    pub include_has_loopback: bool,
     /// Outbound destinations never captured; checked before `include_cidrs`.
     pub exclude_cidrs: Vec<IpNet>,
     /// Outbound ports captured whatever `include_cidrs` says; empty means "by CIDR".
     pub include_outbound_ports: BTreeSet<u16>,
     pub exclude_outbound_ports: BTreeSet<u16>,
     pub include_inbound_ports: Selection<u16>,
+    /// Only applied with `include_inbound_ports` = all, as in istio-iptables.
     pub exclude_inbound_ports: BTreeSet<u16>,
     pub exclude_interfaces: Vec<String>,
+    /// Inbound traffic from these interfaces is routed like the pod's outbound traffic.
+    pub kube_virt_interfaces: Vec<String>,
     pub inbound_mode: InboundMode,
-    /// `Some(port)` when DNS is captured.
-    pub dns_port: Option<u16>,
+    /// TPROXY's firewall mark and routing table.
+    pub tproxy_mark: u32,
+    pub tproxy_table: u32,
+    /// `Some` when DNS is captured.
+    pub dns: Option<DnsCapture>,
+    pub drop_invalid: bool,
+    pub owner_groups: OwnerGroups,
+    /// The IPv4 range of the application's loopback traffic (`127.0.0.1/32` by default).
+    pub ipv4_loopback: Ipv4Net,
+}
+
+impl CaptureConfig {
+    /// Whether any inbound traffic is captured (`-b` not empty).
+    pub fn inbound_captured(&self) -> bool {
+        !self.include_inbound_ports.is_none()
+    }
+}
+
+#[cfg(test)]
+impl CaptureConfig {
+    /// Everything captured on Istio's ports, nothing else set: the base other modules' tests vary.
+    pub(crate) fn capture_all() -> CaptureConfig {
+        CaptureConfig {
+            outbound_port: 15001,
+            inbound_port: 15006,
+            tunnel_port: 15008,
+            proxy_uids: vec![1337],
+            proxy_gids: vec![1337],
+            include_cidrs: Selection::All,
+            include_has_loopback: false,
+            exclude_cidrs: vec![],
+            include_outbound_ports: BTreeSet::new(),
+            exclude_outbound_ports: BTreeSet::new(),
+            include_inbound_ports: Selection::All,
+            exclude_inbound_ports: BTreeSet::new(),
+            exclude_interfaces: vec![],
+            kube_virt_interfaces: vec![],
+            inbound_mode: InboundMode::Redirect,
+            tproxy_mark: 1337,
+            tproxy_table: 133,
+            dns: None,
+            drop_invalid: false,
+            owner_groups: OwnerGroups::AllExcept(vec![]),
+            ipv4_loopback: "127.0.0.1/32".parse().expect("literal"),
+        }
+    }
 }
 
 /// A flag whose value could not be accepted. Nothing has been changed when this is returned.
@@ -144,249 +290,189 @@ impl InvalidFlag {
     }
 }
 
+/// istio-iptables' fallback proxy UID when `ENVOY_USER` names no user.
+const DEFAULT_PROXY_UID: u32 = 1337;
+
 impl CaptureArgs {
-    /// Parses and cross-checks every flag. The first bad value wins, named with its flag.
+    /// Parses and cross-checks every flag against the real machine. The first bad value wins,
+    /// named with its flag.
     pub fn validate(&self) -> Result<CaptureConfig, InvalidFlag> {
-        let outbound_port = parse_port("--envoy-port", &self.envoy_port, false)?;
+        self.validate_with(&System::new(self.resolv_conf.as_deref(), None))
+    }
+
+    /// [`validate`](Self::validate) for the pod in network namespace `netns` (a name or path):
+    /// its resolv.conf is the one `ip netns exec` shows it.
+    pub fn validate_for(&self, netns: Option<&str>) -> Result<CaptureConfig, InvalidFlag> {
+        self.validate_with(&System::new(self.resolv_conf.as_deref(), netns))
+    }
+
+    /// [`validate`](Self::validate) with the machine's answers given by `host`.
+    pub fn validate_with(&self, host: &dyn Host) -> Result<CaptureConfig, InvalidFlag> {
+        let outbound_port = parse::port("--envoy-port", &self.envoy_port)?;
         let inbound_port = match &self.inbound_capture_port {
-            Some(p) if !p.trim().is_empty() => parse_port("--inbound-capture-port", p, false)?,
+            Some(p) if !p.trim().is_empty() => parse::port("--inbound-capture-port", p)?,
             _ => outbound_port,
         };
-        let proxy_uids = parse_ids("--proxy-uid", &self.proxy_uid)?;
+        let tunnel_port = parse::port("--inbound-tunnel-port", &self.inbound_tunnel_port)?;
+        let uid_list = match &self.proxy_uid {
+            Some(u) if !u.trim().is_empty() => u.clone(),
+            _ => {
+                let user = host.env("ENVOY_USER").unwrap_or_else(|| "istio-proxy".into());
+                host.user_id(&user).unwrap_or(DEFAULT_PROXY_UID).to_string()
+            }
+        };
+        let proxy_uids = parse::ids("--proxy-uid", &uid_list, IdKind::User, host)?;
         let proxy_gids = match &self.proxy_gid {
-            Some(g) if !g.trim().is_empty() => parse_ids("--proxy-gid", g)?,
-            _ => proxy_uids.clone(),
+            Some(g) if !g.trim().is_empty() => parse::ids("--proxy-gid", g, IdKind::Group, host)?,
+            // istio-iptables reuses the UID list as it was written, so names are looked up as groups.
+            _ => parse::ids("--proxy-uid", &uid_list, IdKind::Group, host).map_err(|e| InvalidFlag {
+                reason: format!("{}, as --proxy-gid defaults to --proxy-uid; give --proxy-gid", e.reason),
+                ..e
+            })?,
         };
         if proxy_uids.is_empty() {
             return Err(InvalidFlag::new(
                 "--proxy-uid",
-                &self.proxy_uid,
+                &uid_list,
                 "at least one UID is needed, or the proxy's own traffic would loop back to it",
             ));
         }
-        let include_cidrs = match self.service_cidr.trim() {
-            "*" => Selection::All,
-            s => Selection::Only(parse_cidrs("--istio-service-cidr", s)?.into_iter().collect()),
+        let (include_cidrs, include_has_loopback) = match self.service_cidr.trim() {
+            "*" => (Selection::All, false),
+            s => {
+                let (nets, loopback) = parse::cidrs("--istio-service-cidr", s)?;
+                (Selection::Only(nets.into_iter().collect()), loopback)
+            }
         };
-        let exclude_cidrs = parse_cidrs("--istio-service-exclude-cidr", &self.service_exclude_cidr)?;
-        let include_outbound_ports = parse_ports("--istio-outbound-ports", &self.outbound_ports)?;
-        let exclude_outbound_ports = parse_ports("--istio-local-outbound-ports-exclude", &self.outbound_ports_exclude)?;
+        let (exclude_cidrs, _) = parse::cidrs("--istio-service-exclude-cidr", &self.service_exclude_cidr)?;
+        let include_outbound_ports = parse::ports("--istio-outbound-ports", &self.outbound_ports)?;
+        let exclude_outbound_ports =
+            parse::ports("--istio-local-outbound-ports-exclude", &self.outbound_ports_exclude)?;
         let include_inbound_ports = match self.inbound_ports.trim() {
             "*" => Selection::All,
-            s => Selection::Only(parse_ports("--istio-inbound-ports", s)?),
+            s => Selection::Only(parse::ports("--istio-inbound-ports", s)?),
         };
-        let exclude_inbound_ports = parse_ports("--istio-local-exclude-ports", &self.inbound_ports_exclude)?;
-        let exclude_interfaces = parse_interfaces(&self.exclude_interfaces)?;
+        let exclude_inbound_ports = parse::ports("--istio-local-exclude-ports", &self.inbound_ports_exclude)?;
+        let exclude_interfaces = parse::interfaces("--istio-exclude-interfaces", &self.exclude_interfaces)?;
+        let kube_virt_interfaces = parse::interfaces("--kube-virt-interfaces", &self.kube_virt_interfaces)?;
         let inbound_mode = match self.inbound_interception_mode.trim() {
-            m if m.eq_ignore_ascii_case("REDIRECT") => InboundMode::Redirect,
+            // istio-iptables treats anything but TPROXY (an empty value included) as REDIRECT.
+            m if m.is_empty() || m.eq_ignore_ascii_case("REDIRECT") => InboundMode::Redirect,
             m if m.eq_ignore_ascii_case("TPROXY") => InboundMode::Tproxy,
             m => return Err(InvalidFlag::new("--istio-inbound-interception-mode", m, "expected REDIRECT or TPROXY")),
         };
-        let dns_port = parse_port("--dns-port", &self.dns_port, false)?;
+        let tproxy_mark = parse::number("--istio-inbound-tproxy-mark", &self.tproxy_mark)?;
+        if tproxy_mark == OUTBOUND_MARK {
+            return Err(InvalidFlag::new(
+                "--istio-inbound-tproxy-mark",
+                &self.tproxy_mark,
+                format!("{OUTBOUND_MARK} marks the proxy's own connections to the pod; choose another mark"),
+            ));
+        }
+        let tproxy_table = parse::number("--istio-inbound-tproxy-route-table", &self.tproxy_route_table)?;
+        let dns_port = parse::port("--dns-port", &self.dns_port)?;
+        let redirect_dns = self.redirect_dns || env_bool(host, "ISTIO_META_DNS_CAPTURE")?;
+        let dns = if redirect_dns { dns_capture(host, dns_port, self.capture_all_dns)? } else { None };
+        let drop_invalid = self.drop_invalid || env_bool(host, "INVALID_DROP")?;
+        let owner_groups = owner_groups(host, &self.outbound_owner_groups, &self.outbound_owner_groups_exclude)?;
+        let ipv4_loopback = ipv4_loopback(&self.ipv4_loopback_cidr)?;
         Ok(CaptureConfig {
             outbound_port,
             inbound_port,
+            tunnel_port,
             proxy_uids,
             proxy_gids,
             include_cidrs,
+            include_has_loopback,
             exclude_cidrs,
             include_outbound_ports,
             exclude_outbound_ports,
             include_inbound_ports,
             exclude_inbound_ports,
             exclude_interfaces,
+            kube_virt_interfaces,
             inbound_mode,
-            dns_port: self.redirect_dns.then_some(dns_port),
+            tproxy_mark,
+            tproxy_table,
+            dns,
+            drop_invalid,
+            owner_groups,
+            ipv4_loopback,
         })
     }
 }
 
-fn items(list: &str) -> impl Iterator<Item = &str> {
-    list.split(',').map(str::trim).filter(|s| !s.is_empty())
-}
+/// The mark the TPROXY mode gives the proxy's own connections to the pod (istio-iptables' fixed
+/// value), so that they are told apart from the application's on `lo`.
+pub const OUTBOUND_MARK: u32 = 1338;
 
-fn parse_port(flag: &'static str, s: &str, zero_ok: bool) -> Result<u16, InvalidFlag> {
-    match s.trim().parse::<u16>() {
-        Ok(0) if !zero_ok => Err(InvalidFlag::new(flag, s, "expected a port from 1 to 65535")),
-        Ok(p) => Ok(p),
-        Err(_) => Err(InvalidFlag::new(flag, s, "expected a port from 1 to 65535")),
+/// One of the environment variables istio-iptables also accepts for a boolean flag.
+fn env_bool(host: &dyn Host, name: &'static str) -> Result<bool, InvalidFlag> {
+    match host.env(name) {
+        None => Ok(false),
+        Some(v) if v.is_empty() => Ok(false),
+        Some(v) => parse::go_bool(&v).map_err(|reason| InvalidFlag::new(name, v, reason)),
     }
 }
 
-/// A comma list of ports; `a:b` or `a-b` ranges are accepted and expanded.
-fn parse_ports(flag: &'static str, list: &str) -> Result<BTreeSet<u16>, InvalidFlag> {
-    let mut out = BTreeSet::new();
-    for item in items(list) {
-        if let Some((a, b)) = item.split_once([':', '-']) {
-            let (a, b) = (parse_port(flag, a, false)?, parse_port(flag, b, false)?);
-            if a > b {
-                return Err(InvalidFlag::new(flag, item, "a port range must go from low to high"));
-            }
-            out.extend(a..=b);
-        } else {
-            out.insert(parse_port(flag, item, false).map_err(|e| InvalidFlag { value: item.into(), ..e })?);
-        }
+/// DNS capture to the nameservers of resolv.conf, or to everything with `--capture-all-dns`.
+/// Like istio-iptables, no nameserver means no DNS capture at all (with a warning).
+fn dns_capture(host: &dyn Host, port: u16, all: bool) -> Result<Option<DnsCapture>, InvalidFlag> {
+    if all {
+        return Ok(Some(DnsCapture { port, servers: DnsServers::All }));
     }
-    Ok(out)
+    let (path, text) = host.resolv_conf();
+    let text = text.map_err(|e| {
+        InvalidFlag::new(
+            "--redirect-dns",
+            path.display().to_string(),
+            format!(
+                "cannot read the resolvers DNS capture is limited to ({e}); give --resolv-conf or --capture-all-dns"
+            ),
+        )
+    })?;
+    let servers = host::nameservers(&text);
+    if servers.is_empty() {
+        tracing::warn!(
+            "--redirect-dns: {} lists no nameserver and --capture-all-dns is off: DNS is not captured",
+            path.display()
+        );
+        return Ok(None);
+    }
+    Ok(Some(DnsCapture { port, servers: DnsServers::Only(servers) }))
 }
 
-fn parse_ids(flag: &'static str, list: &str) -> Result<Vec<u32>, InvalidFlag> {
-    let mut out = Vec::new();
-    for item in items(list) {
-        let id = item
-            .parse::<u32>()
-            .map_err(|_| InvalidFlag::new(flag, item, "expected a numeric ID from 0 to 4294967294"))?;
-        if id == u32::MAX {
-            return Err(InvalidFlag::new(flag, item, "4294967295 is not a valid ID"));
-        }
-        if !out.contains(&id) {
-            out.push(id);
-        }
+/// istio-iptables limits an include list to 64 groups: they become one rule of `! --gid-owner`
+/// matches, and iptables bounds the matches of a rule.
+const MAX_OWNER_GROUPS: usize = 64;
+
+fn owner_groups(host: &dyn Host, include: &str, exclude: &str) -> Result<OwnerGroups, InvalidFlag> {
+    if include.trim() == "*" {
+        let gids = parse::ids("--outbound-owner-groups-exclude", exclude, IdKind::Group, host)?;
+        return Ok(OwnerGroups::AllExcept(gids));
     }
-    Ok(out)
+    let gids = parse::ids("--outbound-owner-groups", include, IdKind::Group, host)?;
+    if gids.len() > MAX_OWNER_GROUPS {
+        return Err(InvalidFlag::new(
+            "--outbound-owner-groups",
+            include,
+            format!("at most {MAX_OWNER_GROUPS} groups, not {}", gids.len()),
+        ));
+    }
+    Ok(OwnerGroups::Only(gids))
 }
 
-/// A comma list of CIDRs; a bare address means a single host.
-fn parse_cidrs(flag: &'static str, list: &str) -> Result<Vec<IpNet>, InvalidFlag> {
-    let mut out: Vec<IpNet> = Vec::new();
-    for item in items(list) {
-        let net = match item.parse::<IpNet>() {
-            Ok(n) => n.trunc(),
-            Err(_) => match item.parse::<IpAddr>() {
-                Ok(ip) => IpNet::from(ip),
-                Err(_) => {
-                    return Err(InvalidFlag::new(
-                        flag,
-                        item,
-                        "expected an IPv4 or IPv6 CIDR such as 10.96.0.0/12 or fd00::/8",
-                    ))
-                }
-            },
-        };
-        if !out.contains(&net) {
-            out.push(net);
-        }
+fn ipv4_loopback(s: &str) -> Result<Ipv4Net, InvalidFlag> {
+    const FLAG: &str = "--outbound-ipv4-loopback-cidr";
+    let net: Ipv4Net = s
+        .trim()
+        .parse()
+        .map_err(|_| InvalidFlag::new(FLAG, s, "expected an IPv4 CIDR in 127.0.0.0/8 such as 127.0.0.1/32"))?;
+    if !net.addr().is_loopback() || !(8..=32).contains(&net.prefix_len()) {
+        return Err(InvalidFlag::new(FLAG, s, "expected a loopback CIDR with a prefix from /8 to /32"));
     }
-    Ok(out)
-}
-
-/// Interface names as the kernel accepts them (IFNAMSIZ, no '/', no whitespace).
-fn parse_interfaces(list: &str) -> Result<Vec<String>, InvalidFlag> {
-    let mut out = Vec::new();
-    for item in items(list) {
-        let bad = item.len() > 15
-            || item == "."
-            || item == ".."
-            || item.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
-        if bad {
-            return Err(InvalidFlag::new(
-                "--istio-exclude-interfaces",
-                item,
-                "expected an interface name of 1-15 characters without '/', ':' or spaces",
-            ));
-        }
-        if !out.iter().any(|i| i == item) {
-            out.push(item.to_string());
-        }
-    }
-    Ok(out)
+    Ok(net.trunc())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: CaptureArgs,
-    }
-
-    fn parse(argv: &[&str]) -> Result<CaptureConfig, InvalidFlag> {
-        let mut full = vec!["x"];
-        full.extend_from_slice(argv);
-        Cli::try_parse_from(full).expect("clap accepts").args.validate()
-    }
-
-    #[test]
-    fn defaults_follow_the_original_design() {
-        let c = parse(&[]).unwrap();
-        assert_eq!((c.outbound_port, c.inbound_port), (15000, 15000));
-        assert_eq!(c.proxy_uids, vec![1337]);
-        assert_eq!(c.proxy_gids, vec![1337]);
-        assert_eq!(c.include_cidrs, Selection::All);
-        assert_eq!(c.include_inbound_ports, Selection::All);
-        assert_eq!(c.inbound_mode, InboundMode::Redirect);
-        assert_eq!(c.dns_port, None);
-    }
-
-    #[test]
-    fn istio_injector_flags_are_accepted() {
-        let c = parse(&[
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "REDIRECT",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15021,15020",
-        ])
-        .unwrap();
-        assert_eq!((c.outbound_port, c.inbound_port), (15001, 15006));
-        assert_eq!(c.exclude_inbound_ports, BTreeSet::from([15020, 15021, 15090]));
-        assert!(c.exclude_cidrs.is_empty());
-    }
-
-    #[test]
-    fn empty_service_cidr_means_no_outbound_capture() {
-        let c = parse(&["-i", ""]).unwrap();
-        assert!(c.include_cidrs.is_none());
-    }
-
-    #[test]
-    fn bad_values_name_their_flag() {
-        let cases: &[(&[&str], &str, &str)] = &[
-            (&["-p", "70000"], "--envoy-port", "70000"),
-            (&["-z", "0"], "--inbound-capture-port", "0"),
-            (&["-u", "13a7"], "--proxy-uid", "13a7"),
-            (&["-g", "1,x"], "--proxy-gid", "x"),
-            (&["-x", "10.0.0.0/33"], "--istio-service-exclude-cidr", "10.0.0.0/33"),
-            (&["-i", "bogus"], "--istio-service-cidr", "bogus"),
-            (&["-d", "80,99999"], "--istio-local-exclude-ports", "99999"),
-            (&["-o", "20-10"], "--istio-local-outbound-ports-exclude", "20-10"),
-            (&["-c", "eth0/1"], "--istio-exclude-interfaces", "eth0/1"),
-            (&["-m", "MAGIC"], "--istio-inbound-interception-mode", "MAGIC"),
-            (&["--dns-port", "0"], "--dns-port", "0"),
-        ];
-        for (argv, flag, value) in cases {
-            let e = parse(argv).expect_err(&format!("{argv:?} must be rejected"));
-            assert_eq!(e.flag, *flag, "{argv:?}");
-            assert_eq!(e.value, *value, "{argv:?}");
-            let msg = e.to_string();
-            assert!(msg.contains(flag) && msg.contains(value), "{msg}");
-        }
-    }
-
-    #[test]
-    fn cidrs_are_normalised_and_deduplicated() {
-        let c = parse(&["-x", "10.1.2.3/8, 10.0.0.0/8,fd00::1,192.168.1.1"]).unwrap();
-        let shown: Vec<String> = c.exclude_cidrs.iter().map(ToString::to_string).collect();
-        assert_eq!(shown, ["10.0.0.0/8", "fd00::1/128", "192.168.1.1/32"]);
-    }
-
-    #[test]
-    fn port_ranges_expand() {
-        let c = parse(&["-o", "8000-8002,22"]).unwrap();
-        assert_eq!(c.exclude_outbound_ports, BTreeSet::from([22, 8000, 8001, 8002]));
-    }
-}
+mod tests;

@@ -9,7 +9,7 @@
 
 use mesh_ebpf_common::{MAX_CIDRS, MAX_IDS};
 
-use crate::capture::{CaptureConfig, InboundMode, Selection};
+use crate::capture::{CaptureConfig, InboundMode, OwnerGroups, Selection};
 
 /// A capture flag the eBPF mode cannot honour, with what to do instead.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,7 +32,7 @@ pub fn check(c: &CaptureConfig) -> Result<(), Unsupported> {
                 .into(),
         });
     }
-    if c.dns_port.is_some() {
+    if c.dns.is_some() {
         return Err(Unsupported {
             flag: "--redirect-dns",
             reason: "DNS (UDP) capture is not implemented in the eBPF mode; use `mesh-init iptables`".into(),
@@ -47,6 +47,27 @@ pub fn check(c: &CaptureConfig) -> Result<(), Unsupported> {
                 c.exclude_interfaces
             ),
         });
+    }
+    let unsupported: [(&'static str, bool, &str); 4] = [
+        (
+            "--kube-virt-interfaces",
+            !c.kube_virt_interfaces.is_empty(),
+            "traffic arriving from a KubeVirt interface is forwarded, and the connect hook only sees the pod's own sockets",
+        ),
+        ("--drop-invalid", c.drop_invalid, "dropping INVALID packets needs conntrack; use `mesh-init iptables`"),
+        (
+            "--outbound-owner-groups",
+            c.owner_groups != OwnerGroups::AllExcept(vec![]),
+            "the connect hook exempts the proxy's UIDs and GIDs only; use `mesh-init iptables` to capture by group",
+        ),
+        (
+            "--outbound-ipv4-loopback-cidr",
+            c.ipv4_loopback.to_string() != "127.0.0.1/32",
+            "the programs leave all of 127.0.0.0/8 alone already",
+        ),
+    ];
+    if let Some((flag, _, reason)) = unsupported.into_iter().find(|(_, set, _)| *set) {
+        return Err(Unsupported { flag, reason: reason.into() });
     }
     for (flag, ids) in [("--proxy-uid", &c.proxy_uids), ("--proxy-gid", &c.proxy_gids)] {
         if ids.len() > MAX_IDS as usize {
@@ -67,26 +88,10 @@ pub fn check(c: &CaptureConfig) -> Result<(), Unsupported> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
-
     use super::*;
 
     fn base() -> CaptureConfig {
-        CaptureConfig {
-            outbound_port: 15001,
-            inbound_port: 15006,
-            proxy_uids: vec![1337],
-            proxy_gids: vec![1337],
-            include_cidrs: Selection::All,
-            exclude_cidrs: vec![],
-            include_outbound_ports: BTreeSet::new(),
-            exclude_outbound_ports: BTreeSet::new(),
-            include_inbound_ports: Selection::All,
-            exclude_inbound_ports: BTreeSet::new(),
-            exclude_interfaces: vec![],
-            inbound_mode: InboundMode::Redirect,
-            dns_port: None,
-        }
+        CaptureConfig::capture_all()
     }
 
     #[test]
@@ -100,7 +105,7 @@ mod tests {
         c.inbound_mode = InboundMode::Tproxy;
         assert_eq!(check(&c).unwrap_err().flag, "--istio-inbound-interception-mode");
         let mut c = base();
-        c.dns_port = Some(15053);
+        c.dns = Some(crate::capture::DnsCapture { port: 15053, servers: crate::capture::DnsServers::All });
         assert_eq!(check(&c).unwrap_err().flag, "--redirect-dns");
         let mut c = base();
         c.exclude_interfaces = vec!["eth1".into()];
@@ -116,5 +121,17 @@ mod tests {
         assert_eq!(check(&c).unwrap_err().flag, "--istio-service-exclude-cidr");
         c.exclude_cidrs.pop();
         assert_eq!(check(&c), Ok(()), "exactly the maximum fits");
+        type Set = fn(&mut CaptureConfig);
+        let refused: [(&str, Set); 4] = [
+            ("--kube-virt-interfaces", |c| c.kube_virt_interfaces = vec!["eth1".into()]),
+            ("--drop-invalid", |c| c.drop_invalid = true),
+            ("--outbound-owner-groups", |c| c.owner_groups = OwnerGroups::Only(vec![202])),
+            ("--outbound-ipv4-loopback-cidr", |c| c.ipv4_loopback = "127.0.0.0/8".parse().unwrap()),
+        ];
+        for (flag, set) in refused {
+            let mut c = base();
+            set(&mut c);
+            assert_eq!(check(&c).unwrap_err().flag, flag);
+        }
     }
 }

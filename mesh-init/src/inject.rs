@@ -62,8 +62,16 @@ pub const DEFAULT_PROXY_IMAGE: &str = concat!("mesh-proxy:", env!("CARGO_PKG_VER
 pub const DEFAULT_INIT_IMAGE: &str = concat!("mesh-init:", env!("CARGO_PKG_VERSION"));
 
 /// `mesh-init inject`'s flags. The capture flags are those of `mesh-init iptables`, and become
-/// the init container's arguments.
+/// the init container's arguments. Their defaults are the injector's (one proxy port for both
+/// directions, everything captured), not istio-iptables' (`-p 15001 -z 15006`, nothing captured).
 #[derive(Debug, Clone, clap::Args)]
+#[command(
+    mut_arg("envoy_port", |a| a.default_value("15000")),
+    mut_arg("inbound_capture_port", |a| a.default_value(None::<&'static str>)),
+    mut_arg("proxy_uid", |a| a.default_value("1337")),
+    mut_arg("service_cidr", |a| a.default_value("*")),
+    mut_arg("inbound_ports", |a| a.default_value("*")),
+)]
 pub struct InjectArgs {
     /// Kubernetes YAML to read (any number of `---` documents); `-` reads standard input.
     #[arg(short = 'f', long = "filename", default_value = "-")]

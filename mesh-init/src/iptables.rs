@@ -14,36 +14,68 @@ use std::{
     process::{Command, Stdio},
 };
 
+use clap::ArgAction;
+
 pub use backend::{Backend, BackendChoice};
 pub use state::Installed;
 
 use crate::{
-    capture::CaptureConfig,
-    rules::{self, Family, Plan, TproxyRoute},
+    capture::{go_bool, CaptureConfig},
+    route,
+    rules::{self, Family, Plan},
 };
 
 /// Flags of `mesh-init iptables` besides the shared capture flags and `--netns` (main.rs handles
-/// those, and has entered the namespace before [`run`] is called).
+/// those, and has entered the namespace before [`run`] is called). Names, environment variables
+/// and defaults are istio-iptables'.
 #[derive(Debug, Clone, clap::Args)]
 pub struct IptablesArgs {
     /// Print the iptables-restore input that would be applied (per family) and change nothing.
-    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN")]
+    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN", action = ArgAction::SetTrue, value_parser = go_bool)]
     pub dry_run: bool,
     /// Remove every chain and jump mesh-init owns, and nothing else.
-    #[arg(long = "cleanup-only", env = "CLEANUP_ONLY")]
+    #[arg(long = "cleanup-only", env = "CLEANUP_ONLY", action = ArgAction::SetTrue, value_parser = go_bool)]
     pub cleanup_only: bool,
-    /// Also program ip6tables (automatic when the namespace has a global IPv6 address).
-    #[arg(long = "dual-stack", env = "DUAL_STACK")]
+    /// Also program ip6tables (automatic when the namespace has a global IPv6 address; also set by
+    /// ISTIO_DUAL_STACK).
+    #[arg(long = "dual-stack", env = "DUAL_STACK", action = ArgAction::SetTrue, value_parser = go_bool)]
     pub dual_stack: bool,
-    /// Which iptables to use; `auto` follows the rules already present, as kube-proxy does.
+    /// Which iptables to use; `auto` (or empty) follows the rules already present, as kube-proxy does.
     #[arg(
         long = "iptables-backend",
         visible_alias = "force-iptables-binary",
-        env = "IPTABLES_BACKEND",
-        value_enum,
+        env = "FORCE_IPTABLES_BINARY",
+        value_parser = BackendChoice::parse,
         default_value = "auto"
     )]
     pub backend: BackendChoice,
+    /// Do not install anything (with --run-validation: only validate, as istio-validation does).
+    #[arg(long = "skip-rule-apply", env = "SKIP_RULE_APPLY", action = ArgAction::SetTrue, value_parser = go_bool)]
+    pub skip_rule_apply: bool,
+    /// After installing, prove that the proxy's own connections to the pod are redirected:
+    /// listen on --envoy-port and --inbound-capture-port on loopback, connect to 127.0.0.6 on
+    /// --iptables-probe-port, and exit with 126 if the connection does not arrive. Run it as the
+    /// proxy's UID, as istio-validation does.
+    #[arg(long = "run-validation", env = "RUN_VALIDATION", action = ArgAction::SetTrue, value_parser = go_bool)]
+    pub run_validation: bool,
+    /// The port --run-validation connects to.
+    #[arg(long = "iptables-probe-port", env = "IPTABLES_PROBE_PORT", default_value = "15002")]
+    pub probe_port: u16,
+    /// How long --run-validation waits for its connection (`5s`, `500ms`).
+    #[arg(long = "probe-timeout", env = "PROBE_TIMEOUT", default_value = "5s", value_parser = crate::validate::parse_duration)]
+    pub probe_timeout: std::time::Duration,
+    /// Running from the CNI plugin on the node: iptables locks the pod's namespace file instead of
+    /// the node's /run/xtables.lock (which kube-proxy holds). Needs --netns.
+    #[arg(long = "cni-mode", env = "CNI_MODE", action = ArgAction::SetTrue, value_parser = go_bool)]
+    pub cni_mode: bool,
+    /// istio-iptables' switch to replace rules that differ from the wanted ones. mesh-init always
+    /// does that, in one transaction, so this is accepted and changes nothing.
+    #[arg(long = "reconcile", env = "RECONCILE", action = ArgAction::SetTrue, value_parser = go_bool)]
+    pub reconcile: bool,
+    /// istio-iptables' switch to apply even when the rules look current. mesh-init always
+    /// applies, so this is accepted and changes nothing.
+    #[arg(long = "force-apply", env = "FORCE_APPLY", action = ArgAction::SetTrue, value_parser = go_bool)]
+    pub force_apply: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +90,13 @@ pub enum Error {
     Restore { cmd: String, family: Family, status: std::process::ExitStatus, stderr: String },
     #[error("`{cmd}` failed ({status}): {stderr}")]
     Command { cmd: String, status: std::process::ExitStatus, stderr: String },
+    #[error("--cni-mode: the pod's xtables lock is its namespace file; give --netns (--network-namespace)")]
+    CniModeWithoutNetns,
+    #[error(transparent)]
+    Flag(#[from] crate::capture::InvalidFlag),
+    /// The exit code of istio-iptables' validation failure is 126; main uses it for this one.
+    #[error("iptables validation failed; the pod is not ready for the mesh: {0}")]
+    Validation(#[from] crate::validate::ValidationError),
 }
 
 /// What an apply or cleanup did, for the user.
@@ -71,10 +110,32 @@ pub struct Outcome {
 }
 
 /// Installs `capture` (or prints it with `--dry-run`, or removes everything with
-/// `--cleanup-only`) in the current network namespace.
-pub fn run(args: &IptablesArgs, capture: &CaptureConfig) -> Result<(), Error> {
+/// `--cleanup-only`) in the current network namespace, which is `netns` (as given to `--netns`)
+/// when set; then validates with `--run-validation`.
+pub fn run(args: &IptablesArgs, capture: &CaptureConfig, netns: Option<&str>) -> Result<(), Error> {
+    if args.cni_mode {
+        let path = netns.map(crate::netns::path_of).ok_or(Error::CniModeWithoutNetns)?;
+        // Read by iptables 1.8.6+ (legacy; nf_tables takes no lock): every child inherits it.
+        std::env::set_var("XTABLES_LOCKFILE", path);
+    }
+    if args.reconcile || args.force_apply {
+        tracing::debug!("--reconcile/--force-apply: mesh-init always replaces its rules in one transaction");
+    }
+    if !args.skip_rule_apply {
+        install(args, capture)?;
+    }
+    if args.run_validation {
+        let ports = [capture.outbound_port, capture.inbound_port];
+        let got = crate::validate::istio_probe(&ports, args.probe_port, args.probe_timeout)?;
+        println!("validation: a connection to {got} was redirected to the proxy's port");
+    }
+    Ok(())
+}
+
+fn install(args: &IptablesArgs, capture: &CaptureConfig) -> Result<(), Error> {
+    let dual_stack = args.dual_stack || env_flag("ISTIO_DUAL_STACK")?;
     let mut families = vec![Family::V4];
-    if args.dual_stack || crate::has_global_ipv6() {
+    if dual_stack || crate::has_global_ipv6() {
         families.push(Family::V6);
     }
     if args.dry_run {
@@ -116,12 +177,22 @@ pub fn run(args: &IptablesArgs, capture: &CaptureConfig) -> Result<(), Error> {
     Ok(())
 }
 
+/// A boolean environment variable istio-iptables reads besides a flag's own (`ISTIO_DUAL_STACK`).
+fn env_flag(name: &'static str) -> Result<bool, Error> {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => {
+            go_bool(&v).map_err(|reason| Error::Flag(crate::capture::InvalidFlag { flag: name, value: v, reason }))
+        }
+        _ => Ok(false),
+    }
+}
+
 /// Replaces whatever mesh-init installed for `plan.family` with `plan`, in one transaction.
 pub fn apply(backend: Backend, plan: &Plan) -> Result<Outcome, Error> {
     let installed = Installed::read(backend, plan.family)?;
     restore(backend, plan.family, &installed.transaction(plan))?;
-    if plan.tproxy_route.is_some() || installed.has_tproxy() {
-        Route { family: plan.family }.reconcile(plan.tproxy_route)?;
+    if plan.tproxy_route.is_some() || installed.tproxy_mark().is_some() {
+        route::reconcile(plan.family, plan.tproxy_route, installed.tproxy_mark())?;
     }
     Ok(Outcome { family: plan.family, backend, removed: installed.rule_count(), added: plan.rule_count() })
 }
@@ -133,8 +204,8 @@ pub fn cleanup(backend: Backend, family: Family) -> Result<Outcome, Error> {
     if !installed.is_empty() {
         restore(backend, family, &installed.transaction(&empty))?;
     }
-    if installed.has_tproxy() {
-        Route { family }.reconcile(None)?;
+    if let Some(mark) = installed.tproxy_mark() {
+        route::reconcile(family, None, Some(mark))?;
     }
     Ok(Outcome { family, backend, removed: installed.rule_count(), added: 0 })
 }
@@ -189,39 +260,4 @@ pub(crate) fn command(bin: &str, args: &[&str]) -> Result<String, Error> {
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The policy route of the TPROXY mode: marked packets are delivered locally.
-struct Route {
-    family: Family,
-}
-
-impl Route {
-    fn ip(&self, args: &[&str]) -> Result<String, Error> {
-        let mut full = vec![if self.family == Family::V4 { "-4" } else { "-6" }];
-        full.extend_from_slice(args);
-        command("ip", &full)
-    }
-
-    /// Makes the policy route of the TPROXY mode exist exactly once when `want` is set, and not at
-    /// all otherwise. Only mesh-init's own mark/table pair is ever touched.
-    fn reconcile(&self, want: Option<TproxyRoute>) -> Result<(), Error> {
-        let owned = rules::TPROXY_ROUTE;
-        let (mark, table) = (owned.mark.to_string(), owned.table.to_string());
-        let listing = self.ip(&["rule", "show"])?;
-        let present = listing.lines().filter(|l| state::parse_tproxy_rule(l) == Some(owned)).count();
-        let wanted = usize::from(want.is_some());
-        for _ in wanted..present {
-            self.ip(&["rule", "del", "fwmark", &mark, "lookup", &table])?;
-        }
-        if want.is_some() {
-            if present == 0 {
-                self.ip(&["rule", "add", "fwmark", &mark, "lookup", &table])?;
-            }
-            self.ip(&["route", "replace", "local", "default", "dev", "lo", "table", &table])?;
-        } else if present > 0 {
-            self.ip(&["route", "flush", "table", &table])?;
-        }
-        Ok(())
-    }
 }

@@ -12,6 +12,8 @@
 //! - [`ebpf_limits`]: what the eBPF mode cannot do, for `ebpf` and `inject` alike (no feature
 //!   needed);
 //! - [`inject`]: adding the init container and the sidecar to Kubernetes workloads;
+//! - [`trace`]: `mesh-init trace`, a packet followed through the plan (or the installed rules);
+//! - [`route`]: the TPROXY mode's policy route;
 //! - [`validate`]: proving from inside the namespace that interception works;
 //! - [`loopback`]: the proxy's IPv6 inbound passthrough source (::6 on `lo`);
 //! - [`netns`]: joining a network namespace without `ip netns exec`'s remount of `/sys`;
@@ -26,7 +28,9 @@ pub mod iptables;
 pub mod loopback;
 pub mod netns;
 pub mod orig_dst;
+pub mod route;
 pub mod rules;
+pub mod trace;
 pub mod validate;
 
 /// True when the current network namespace has a global-scope IPv6 address, which is when

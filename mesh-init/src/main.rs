@@ -37,6 +37,9 @@ enum Command {
     Validate(ValidateCmd),
     /// Show what mesh-init has installed: iptables chains (in the namespace) and eBPF programs.
     Status(StatusCmd),
+    /// Follow a packet through the rules the capture flags mean: which rules it meets, in which
+    /// chain, and whether it is redirected, handed to TPROXY, marked or left alone. Needs no root.
+    Trace(TraceCmd),
     /// Add the mesh-init init container and the mesh-proxy sidecar to Kubernetes workloads.
     Inject(mesh_init::inject::InjectArgs),
 }
@@ -69,7 +72,15 @@ struct IptablesCmd {
     iptables: IptablesArgs,
 }
 
+/// The eBPF mode keeps the project's defaults (one proxy port for both directions, everything
+/// captured) rather than istio-iptables' (`-p 15001 -z 15006`, nothing captured).
 #[derive(clap::Args)]
+#[command(
+    mut_arg("envoy_port", |a| a.default_value("15000")),
+    mut_arg("inbound_capture_port", |a| a.default_value(None::<&'static str>)),
+    mut_arg("service_cidr", |a| a.default_value("*")),
+    mut_arg("inbound_ports", |a| a.default_value("*")),
+)]
 struct EbpfCmd {
     #[command(flatten)]
     capture: CaptureArgs,
@@ -95,8 +106,18 @@ struct ValidateCmd {
     #[arg(long = "probe-address", default_value = "192.0.2.1:15099")]
     probe: Vec<SocketAddr>,
     /// How long to wait for the redirected connection.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = validate::parse_duration)]
     timeout: Duration,
+}
+
+#[derive(clap::Args)]
+struct TraceCmd {
+    #[command(flatten)]
+    capture: CaptureArgs,
+    #[command(flatten)]
+    netns: NetnsArg,
+    #[command(flatten)]
+    trace: mesh_init::trace::TraceArgs,
 }
 
 #[derive(clap::Args)]
@@ -105,16 +126,6 @@ struct StatusCmd {
     netns: NetnsArg,
     #[arg(long = "iptables-backend", value_enum, default_value = "auto")]
     backend: BackendChoice,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("expected a duration such as 500ms or 2s, got {s:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        _ => Err(format!("expected a duration such as 500ms or 2s, got {s:?}")),
-    }
 }
 
 fn main() -> ExitCode {
@@ -133,7 +144,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mesh-init: error: {e:#}");
-            ExitCode::FAILURE
+            // istio-iptables' exit code for a failed validation, which the CNI plugin looks for.
+            match e.downcast_ref::<iptables::Error>() {
+                Some(iptables::Error::Validation(_)) => ExitCode::from(126),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -144,15 +159,16 @@ fn run(command: Command) -> Result<()> {
         Command::Ebpf(cmd) => run_ebpf(cmd),
         Command::Validate(cmd) => run_validate(cmd),
         Command::Status(cmd) => run_status(cmd),
+        Command::Trace(cmd) => run_trace(cmd),
         Command::Inject(args) => Ok(mesh_init::inject::run(&args)?),
     }
 }
 
 fn run_iptables(cmd: IptablesCmd) -> Result<()> {
     // Every flag is checked before anything, the namespace included, is touched.
-    let capture = cmd.capture.validate()?;
+    let capture = cmd.capture.validate_for(cmd.netns.netns.as_deref())?;
     cmd.netns.enter()?;
-    Ok(iptables::run(&cmd.iptables, &capture)?)
+    Ok(iptables::run(&cmd.iptables, &capture, cmd.netns.netns.as_deref())?)
 }
 
 #[cfg(feature = "ebpf")]
@@ -184,13 +200,23 @@ fn run_ebpf(_cmd: EbpfCmd) -> Result<()> {
 }
 
 fn run_validate(cmd: ValidateCmd) -> Result<()> {
-    let capture = cmd.capture.validate()?;
+    let capture = cmd.capture.validate_for(cmd.netns.netns.as_deref())?;
     cmd.netns.enter()?;
     for probe in &cmd.probe {
         let got = validate::outbound(capture.outbound_port, *probe, &capture.proxy_uids, cmd.timeout)
             .with_context(|| format!("validation of {probe} failed"))?;
         println!("ok: a connection to {probe} reached port {} with original destination {got}", capture.outbound_port);
     }
+    Ok(())
+}
+
+fn run_trace(cmd: TraceCmd) -> Result<()> {
+    let host = mesh_init::capture::System::new(cmd.capture.resolv_conf.as_deref(), cmd.netns.netns.as_deref());
+    let capture = cmd.capture.validate_with(&host)?;
+    let mut out = String::new();
+    mesh_init::trace::run(&cmd.trace, &capture, &host, &mut out)?;
+    // A reader that stops early (`| head`) is not an error.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
     Ok(())
 }
 

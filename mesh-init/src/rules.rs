@@ -13,7 +13,7 @@ use std::{collections::BTreeSet, fmt};
 use ipnet::IpNet;
 use serde::Serialize;
 
-pub use plan::{plan, TPROXY_ROUTE};
+pub use plan::plan;
 pub use render::{render, render_rule, render_transaction};
 
 /// IPv4 (`iptables`) or IPv6 (`ip6tables`).
@@ -27,11 +27,11 @@ impl Family {
     pub fn matches(self, net: &IpNet) -> bool {
         matches!((self, net), (Family::V4, IpNet::V4(_)) | (Family::V6, IpNet::V6(_)))
     }
-    /// The loopback host the proxy's own traffic is allowed to reach directly.
-    pub fn loopback(self) -> IpNet {
-        match self {
-            Family::V4 => "127.0.0.1/32".parse().unwrap(),
-            Family::V6 => "::1/128".parse().unwrap(),
+    pub fn of(ip: std::net::IpAddr) -> Family {
+        if ip.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
         }
     }
     /// The source the proxy binds when it forwards inbound traffic to the local application, so
@@ -83,11 +83,11 @@ pub enum Chain {
 /// The chains mesh-init owns. Names follow Istio so that existing tooling and runbooks apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Owned {
-    /// nat/mangle: inbound TCP, from PREROUTING.
+    /// nat and mangle: inbound TCP, from PREROUTING; raw: DNS replies' conntrack zone.
     Inbound,
     /// nat: REDIRECT to the inbound port.
     InRedirect,
-    /// nat: outbound TCP, from OUTPUT.
+    /// nat: outbound traffic, from OUTPUT; mangle (TPROXY): the marks of the proxy's own hops.
     Output,
     /// nat: REDIRECT to the outbound port.
     Redirect,
@@ -95,14 +95,17 @@ pub enum Owned {
     Divert,
     /// mangle: TPROXY to the inbound port.
     Tproxy,
-    /// nat and raw: DNS capture, from OUTPUT.
+    /// nat and raw: DNS capture and its conntrack zones, from OUTPUT.
     OutputDns,
-    /// raw: DNS replies' conntrack zone, from PREROUTING.
-    PreroutingDns,
+    /// mangle: drops what conntrack finds INVALID (`--drop-invalid`).
+    Drop,
+    /// mangle (TPROXY): istio-iptables' PREROUTING rules, gathered in a chain of ours so that the
+    /// kernel's chain only holds a jump.
+    Prerouting,
 }
 
 impl Owned {
-    pub const ALL: [Owned; 8] = [
+    pub const ALL: [Owned; 9] = [
         Owned::Inbound,
         Owned::InRedirect,
         Owned::Output,
@@ -110,7 +113,8 @@ impl Owned {
         Owned::Divert,
         Owned::Tproxy,
         Owned::OutputDns,
-        Owned::PreroutingDns,
+        Owned::Drop,
+        Owned::Prerouting,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -121,7 +125,8 @@ impl Owned {
             Owned::Divert => "ISTIO_DIVERT",
             Owned::Tproxy => "ISTIO_TPROXY",
             Owned::OutputDns => "ISTIO_OUTPUT_DNS",
-            Owned::PreroutingDns => "ISTIO_PRERT",
+            Owned::Drop => "ISTIO_DROP",
+            Owned::Prerouting => "ISTIO_PREROUTING",
         }
     }
     pub fn from_name(name: &str) -> Option<Owned> {
@@ -135,6 +140,13 @@ impl Chain {
             Chain::Prerouting => "PREROUTING",
             Chain::Output => "OUTPUT",
             Chain::Owned(o) => o.name(),
+        }
+    }
+    pub fn from_name(name: &str) -> Option<Chain> {
+        match name {
+            "PREROUTING" => Some(Chain::Prerouting),
+            "OUTPUT" => Some(Chain::Output),
+            _ => Owned::from_name(name).map(Chain::Owned),
         }
     }
 }
@@ -152,6 +164,30 @@ pub enum Owner {
     Gid(u32),
 }
 
+/// Conntrack states (the `conntrack --ctstate` match).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum CtState {
+    New,
+    Established,
+    Related,
+    Invalid,
+}
+
+impl CtState {
+    pub fn name(self) -> &'static str {
+        match self {
+            CtState::New => "NEW",
+            CtState::Established => "ESTABLISHED",
+            CtState::Related => "RELATED",
+            CtState::Invalid => "INVALID",
+        }
+    }
+}
+
+/// Destination ports as inclusive ranges; more than one range is a `multiport` match (at most
+/// 15 slots, a range taking two, which [`plan`] guarantees).
+pub type PortRanges = Vec<(u16, u16)>;
+
 /// One condition of a rule. Rendered in the order given.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Match {
@@ -163,17 +199,24 @@ pub enum Match {
         net: IpNet,
         negate: bool,
     },
-    /// Destination ports as inclusive ranges; more than one range is rendered as a `multiport`
-    /// match (at most 15 slots, a range taking two, which [`plan`] guarantees).
-    DestinationPorts(Vec<(u16, u16)>),
+    DestinationPorts {
+        ports: PortRanges,
+        negate: bool,
+    },
     SourcePort(u16),
     Owner {
         owner: Owner,
         negate: bool,
     },
-    /// The packet belongs to a socket on this host (`-m socket`): TPROXY'd connections already
-    /// accepted by the proxy.
-    LocalSocket,
+    /// The connection's conntrack state is one of these.
+    Conntrack(Vec<CtState>),
+    /// The packet's firewall mark (all 32 bits).
+    Mark {
+        mark: u32,
+        negate: bool,
+    },
+    /// The connection's mark.
+    ConnMark(u32),
 }
 
 /// What a matching packet does.
@@ -182,9 +225,21 @@ pub enum Target {
     Jump(Owned),
     Return,
     Accept,
-    Redirect { port: u16 },
-    Tproxy { port: u16, mark: u32 },
+    Drop,
+    Redirect {
+        port: u16,
+    },
+    Tproxy {
+        port: u16,
+        mark: u32,
+    },
+    /// Sets the packet's mark and goes on.
     Mark(u32),
+    /// Copies the packet's mark to its connection (`CONNMARK --save-mark`) and goes on.
+    SaveMark,
+    /// Copies the connection's mark to the packet (`CONNMARK --restore-mark`) and goes on.
+    RestoreMark,
+    /// Puts a packet not yet tracked in a conntrack zone and goes on; the first zone given wins.
     ConntrackZone(u16),
 }
 

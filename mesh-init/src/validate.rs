@@ -16,6 +16,8 @@ use crate::orig_dst::original_dst;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ValidationError {
+    #[error("cannot listen on any of {addrs} ({cause}); the proxy's ports must be free during validation")]
+    ListenAny { addrs: String, cause: std::io::Error },
     #[error("cannot listen on {addr} ({cause}); run validate before the proxy starts, or check --envoy-port")]
     Listen { addr: SocketAddr, cause: std::io::Error },
     #[error(
@@ -77,4 +79,69 @@ pub fn outbound(
     accepted.set_read_timeout(Some(timeout))?;
     accepted.read_exact(&mut buf)?;
     Ok(got)
+}
+
+/// istio-validation's check (`--run-validation`): listening on 127.0.0.1 on the proxy's ports,
+/// a connection from 127.0.0.1 to 127.0.0.6:`probe_port` must arrive on one of them with that
+/// original destination. Made by the proxy's UID, it proves the rule that sends the proxy's own
+/// calls to its pod to the inbound port; made by another user, that the rules are absent.
+pub fn istio_probe(ports: &[u16], probe_port: u16, timeout: Duration) -> Result<SocketAddr, ValidationError> {
+    let mut listeners = Vec::new();
+    let mut last_error = None;
+    for &port in ports {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        if listeners.iter().any(|(a, _): &(SocketAddr, TcpListener)| *a == addr) {
+            continue;
+        }
+        match TcpListener::bind(addr) {
+            Ok(l) => {
+                l.set_nonblocking(true)?;
+                listeners.push((addr, l));
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    if listeners.is_empty() {
+        let addrs = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(", ");
+        let cause = last_error.unwrap_or_else(|| std::io::Error::other("no port given"));
+        return Err(ValidationError::ListenAny { addrs, cause });
+    }
+    // 127.0.0.0/8 is local: the kernel picks 127.0.0.1 as the source, as istio-validation binds.
+    let probe: SocketAddr = ([127, 0, 0, 6], probe_port).into();
+    let port = ports[ports.len() - 1];
+    let _client =
+        TcpStream::connect_timeout(&probe, timeout).map_err(|cause| ValidationError::Connect { probe, port, cause })?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        for (_, l) in &listeners {
+            match l.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false)?;
+                    let got = original_dst(&s, false).map_err(|cause| ValidationError::NoOriginalDst { cause })?;
+                    if got != probe {
+                        return Err(ValidationError::WrongOriginalDst { probe, got });
+                    }
+                    return Ok(got);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(ValidationError::NotRedirected { probe, port, timeout });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A duration such as `500ms`, `5s` or `1m` (what istio-iptables' `--probe-timeout` takes).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("expected a duration such as 500ms, 5s or 1m, got {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(60 * n)),
+        _ => Err(format!("expected a duration such as 500ms, 5s or 1m, got {s:?}")),
+    }
 }

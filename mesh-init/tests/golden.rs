@@ -35,9 +35,11 @@ fn render(argv: &[&str]) -> String {
 fn check(case: &str, argv: &[&str]) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(format!("{case}.rules"));
     // iptables-restore reads lines into a fixed buffer: long lists are summarised in the header.
+    // Paths are shown relative to the crate, so the file does not depend on the checkout.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/");
     let shown: Vec<String> = argv
         .iter()
-        .map(|a| if a.len() > 60 { format!("<{} items>", a.split(',').count()) } else { a.to_string() })
+        .map(|a| if a.len() > 60 { format!("<{} items>", a.split(',').count()) } else { a.replace(dir, "") })
         .collect();
     let got = format!("# mesh-init iptables {}\n{}", shown.join(" "), render(argv));
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
@@ -53,11 +55,13 @@ fn check(case: &str, argv: &[&str]) {
     );
 }
 
+/// istio-iptables' defaults: nothing captured but the proxy's own loopback self-calls.
 #[test]
 fn defaults() {
     check("defaults", &[]);
 }
 
+/// What Istio's injector passes (capture everything, the proxy's ports excluded inbound).
 #[test]
 fn istio_injector_flags() {
     check(
@@ -106,43 +110,60 @@ fn include_and_exclude_cidrs_and_ports() {
 
 #[test]
 fn several_uids_and_gids() {
-    check("several_owners", &["-u", "1337,1338", "-g", "1337,2000"]);
+    check("several_owners", &["-i", "*", "-b", "*", "-u", "1337,1338", "-g", "1337,2000"]);
 }
 
 #[test]
 fn tproxy() {
-    check("tproxy", &["-m", "TPROXY", "-p", "15001", "-z", "15006", "-d", "15090,15021,15020"]);
+    check("tproxy", &["-i", "*", "-b", "*", "-m", "TPROXY", "-d", "15090,15021,15020"]);
 }
 
+/// DNS to the resolvers of a resolv.conf (one of each family), and to everything.
 #[test]
 fn dns_capture() {
-    check("dns", &["--redirect-dns", "--dns-port", "15053"]);
+    let resolv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/resolv.conf");
+    check("dns", &["-i", "*", "-b", "*", "--redirect-dns", "--resolv-conf", resolv.to_str().unwrap()]);
+    check("dns_all", &["-i", "*", "-b", "*", "--redirect-dns", "--capture-all-dns"]);
 }
 
 #[test]
 fn excluded_interfaces() {
-    check("exclude_interfaces", &["-c", "eth1,cni0"]);
+    check("exclude_interfaces", &["-i", "*", "-b", "*", "-c", "eth1,cni0"]);
+}
+
+#[test]
+fn kube_virt_interfaces() {
+    check("kube_virt_interfaces", &["-i", "10.0.0.0/8", "-b", "*", "-k", "eth1,eth2"]);
 }
 
 #[test]
 fn no_inbound_capture() {
-    check("inbound_none", &["-b", ""]);
+    check("inbound_none", &["-i", "*", "-b", ""]);
 }
 
 #[test]
 fn no_outbound_cidr_capture_but_ports() {
-    check("outbound_ports_only", &["-i", "", "-q", "80,443"]);
+    check("outbound_ports_only", &["-i", "", "-b", "*", "-q", "80,443"]);
+}
+
+#[test]
+fn drop_invalid_and_owner_groups() {
+    check(
+        "drop_invalid_owner_groups",
+        &["-i", "*", "-b", "*", "--drop-invalid", "--outbound-owner-groups-exclude", "888,999"],
+    );
 }
 
 /// 1,000 excluded ports and 1,000 excluded CIDRs: packing keeps this a few dozen port rules.
 #[test]
 fn thousand_ports_and_cidrs() {
     let (ports, cidrs) = thousand_ports_and_cidrs_flags();
-    check("scale", &["-d", &ports, "-o", &ports, "-x", &cidrs]);
-    let rendered = render(&["-d", &ports, "-o", &ports, "-x", &cidrs]);
+    let argv = ["-i", "*", "-b", "*", "-d", &ports, "-o", &ports, "-x", &cidrs];
+    check("scale", &argv);
+    let rendered = render(&argv);
     let port_rules = rendered.lines().filter(|l| l.contains("--dports")).count();
-    // 1,000 isolated ports, 15 a rule, in two chains, for two families.
-    assert_eq!(port_rules, 2 * 2 * 1000_usize.div_ceil(15));
+    // 1,000 isolated ports, 15 a rule: inbound once, outbound for TCP and UDP, in two families.
+    assert_eq!(port_rules, 2 * 3 * 1000_usize.div_ceil(15));
 }
 
 /// Non-adjacent ports and CIDRs, so that neither ranges nor aggregation shrink them.

@@ -66,7 +66,7 @@ impl Harness {
             Mode::Iptables => cmd.arg("iptables"),
             Mode::Ebpf => cmd.arg("ebpf").arg("--cgroup").arg(self.cgroup.path()),
         };
-        cmd.args(["--netns", self.net.pod.name()]).args(args);
+        cmd.args(["--netns", self.net.pod.name()]).args(with_suite_defaults(args));
         cmd.output().expect("run mesh-init")
     }
 
@@ -160,6 +160,31 @@ impl Drop for Harness {
             let _ = self.mesh_init(&["--cleanup-only"]);
         }
     }
+}
+
+/// The suite's defaults, the same for every mode: one proxy port (15000) for both directions,
+/// everything captured. `mesh-init iptables` alone would follow istio-iptables (`-p 15001 -z
+/// 15006`, nothing captured); `args` override these.
+fn with_suite_defaults<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    if args.contains(&"--cleanup-only") {
+        return args.to_vec();
+    }
+    let given = |short: &str, long: &str| args.iter().any(|a| *a == short || *a == long);
+    let mut out = args.to_vec();
+    if !given("-p", "--envoy-port") {
+        out.extend(["-p", "15000"]);
+    }
+    if !given("-z", "--inbound-capture-port") {
+        let p = args.iter().position(|a| *a == "-p").map_or("15000", |i| args[i + 1]);
+        out.extend(["-z", p]);
+    }
+    if !given("-i", "--istio-service-cidr") {
+        out.extend(["-i", "*"]);
+    }
+    if !given("-b", "--istio-inbound-ports") {
+        out.extend(["-b", "*"]);
+    }
+    out
 }
 
 fn v6(addr: &str, port: u16) -> String {
@@ -269,7 +294,7 @@ fn bad_input_changes_nothing(mode: Mode) {
     for (args, flag) in [
         (&["-x", "10.0.0.0/33"][..], "--istio-service-exclude-cidr"),
         (&["-p", "70000"][..], "--envoy-port"),
-        (&["-u", "nobody"][..], "--proxy-uid"),
+        (&["-u", "no-such-user"][..], "--proxy-uid"),
         (&["-d", "8080,x"][..], "--istio-local-exclude-ports"),
     ] {
         let out = h.mesh_init(args);
@@ -286,7 +311,7 @@ fn validate_proves_interception(mode: Mode) {
     let h = Harness::new(mode, "val");
     let validate = |expect_ok: bool| {
         let mut cmd = h.pod_cmd(APP_UID, APP_UID, bin("mesh-init"));
-        cmd.args(["validate", "--probe-address", &format!("{REMOTE_V4}:15099"), "--timeout", "1s"]);
+        cmd.args(["validate", "-p", "15000", "--probe-address", &format!("{REMOTE_V4}:15099"), "--timeout", "1s"]);
         let out = cmd.output().expect("run validate");
         assert_eq!(out.status.success(), expect_ok, "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(if expect_ok { &out.stdout } else { &out.stderr }).into_owned()

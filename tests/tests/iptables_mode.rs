@@ -46,6 +46,9 @@ fn golden_files_are_accepted_by_both_backends() {
     let mut seen = 0;
     for entry in fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "rules") {
+            continue;
+        }
         let (v4, v6) = split_families(&fs::read_to_string(&path).unwrap());
         for backend in ["nft", "legacy"] {
             for (restore, text) in
@@ -70,7 +73,19 @@ fn dry_run_needs_no_root_and_prints_valid_input() {
         Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
             .arg(bin("mesh-init"))
-            .args(["iptables", "--dry-run", "--dual-stack", "-d", "15090,15021", "-x", "10.96.0.0/12"]),
+            .args([
+                "iptables",
+                "--dry-run",
+                "--dual-stack",
+                "-i",
+                "*",
+                "-b",
+                "*",
+                "-d",
+                "15090,15021",
+                "-x",
+                "10.96.0.0/12",
+            ]),
     );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("-A ISTIO_OUTPUT -d 10.96.0.0/12 -j RETURN"), "{text}");
@@ -89,11 +104,11 @@ fn legacy_backend_is_used_when_asked_and_then_detected() {
     }
     let ns = Netns::new("legacy");
     let init = |args: &[&str]| {
-        let out = check(Command::new(bin("mesh-init")).args(["iptables", "--netns", ns.name()]).args(args));
+        let out = check(Command::new(bin("mesh-init")).args(["iptables", "--netns", ns.name(), "-i", "*"]).args(args));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert!(init(&["--iptables-backend", "legacy"]).contains("(legacy)"));
-    assert!(ns.sh("iptables-legacy-save -t nat").contains("-A OUTPUT -p tcp -j ISTIO_OUTPUT"));
+    assert!(ns.sh("iptables-legacy-save -t nat").contains("-A OUTPUT -j ISTIO_OUTPUT"));
     assert!(!ns.sh("iptables-nft-save -t nat").contains("ISTIO"), "nothing written to nf_tables");
     // With rules in the legacy tables, auto must follow them rather than split the rule set.
     assert!(init(&[]).contains("(legacy)"), "auto detects the legacy rules");
@@ -113,6 +128,10 @@ fn thousand_ports_and_cidrs_apply_and_work() {
         "iptables",
         "--netns",
         net.pod.name(),
+        "-p",
+        "15000",
+        "-i",
+        "*",
         "-o",
         &ports.join(","),
         "-x",
@@ -121,7 +140,8 @@ fn thousand_ports_and_cidrs_apply_and_work() {
     let summary = String::from_utf8_lossy(&out.stdout);
     let rules = net.pod.sh("iptables-save -t nat | grep -c '^-A ISTIO_OUTPUT'");
     let rules: usize = rules.trim().parse().unwrap();
-    assert!(rules < 1000 + 100, "ports are packed: {rules} rules in ISTIO_OUTPUT ({summary})");
+    // 1,000 CIDRs, and the ports in 67 multiport rules for TCP and again for UDP.
+    assert!(rules < 1000 + 2 * 67 + 20, "ports are packed: {rules} rules in ISTIO_OUTPUT ({summary})");
     // 20003 is excluded, 20004 is not.
     let mut proxy =
         Proc::spawn(net.pod.command_as(1337, 1337, "python3").arg(script("origdst_server.py")).arg("15000"));
@@ -146,8 +166,10 @@ fn tproxy_delivers_inbound_with_the_client_address_kept() {
         net.pod.name(),
         "-m",
         "TPROXY",
-        "-z",
-        "15006",
+        "-i",
+        "*",
+        "-b",
+        "*",
         "-d",
         "8081",
     ]));
@@ -187,7 +209,13 @@ fn dns_is_captured_to_the_dns_port_except_for_the_proxy() {
         return;
     }
     let net = PodNet::new("dns");
-    check(Command::new(bin("mesh-init")).args(["iptables", "--netns", net.pod.name(), "--redirect-dns"]));
+    check(Command::new(bin("mesh-init")).args([
+        "iptables",
+        "--netns",
+        net.pod.name(),
+        "--redirect-dns",
+        "--capture-all-dns",
+    ]));
     // A UDP "DNS server" that answers with its own name, in the pod (the proxy's DNS port) and
     // on the remote (the real server).
     let server = |name: &str, port: u16| {
@@ -206,4 +234,28 @@ fn dns_is_captured_to_the_dns_port_except_for_the_proxy() {
     assert_eq!(String::from_utf8_lossy(&app.stdout).trim(), "proxy", "the application's DNS goes to the proxy");
     let proxy = check(net.pod.command_as(1337, 1337, "python3").args(["-c", ask]));
     assert_eq!(String::from_utf8_lossy(&proxy.stdout).trim(), "real", "the proxy's own DNS goes out");
+}
+
+#[test]
+fn run_validation_proves_the_proxys_self_call_rule_and_fails_with_126() {
+    if !privileged("run_validation_proves_the_proxys_self_call_rule_and_fails_with_126") {
+        return;
+    }
+    let ns = Netns::new("vld");
+    // As istio-validation runs: the proxy's UID, nothing installed by this command.
+    let validate = || {
+        ns.command_as(1337, 1337, bin("mesh-init"))
+            .args(["iptables", "--run-validation", "--skip-rule-apply", "--probe-timeout", "1s"])
+            .output()
+            .unwrap()
+    };
+    let out = validate();
+    assert_eq!(out.status.code(), Some(126), "no rules: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("validation failed"));
+    // istio-iptables' defaults alone install the rule that sends the proxy's calls to its own pod
+    // (here 127.0.0.6) to the inbound port.
+    check(Command::new(bin("mesh-init")).args(["iptables", "--netns", ns.name()]));
+    let out = validate();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("127.0.0.6:15002"));
 }

@@ -1,6 +1,6 @@
 //! The paths under test: how a client in a pod namespace reaches nginx in the backend namespace.
 //!
-//! Every path with a sidecar uses the same interception flags (`-p 15000`, proxy UID 1337) and
+//! Every path with a sidecar uses the same interception flags (`-p 15000 -z 15000 -i * -b *`, proxy UID 1337) and
 //! runs its sidecar as UID 1337 with one data-plane thread; only the interception mechanism and
 //! the proxy differ.
 
@@ -128,6 +128,12 @@ impl BenchPath {
                         path.pod.ns.name(),
                         &format!("--{}", flags::ENVOY_PORT.long),
                         &PROXY_PORT.to_string(),
+                        "-z",
+                        &PROXY_PORT.to_string(),
+                        "-i",
+                        "*",
+                        "-b",
+                        "*",
                     ]),
                     Duration::from_secs(20),
                 )?;

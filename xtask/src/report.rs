@@ -244,7 +244,7 @@ pub fn markdown(run: &Run) -> Result<String> {
     writeln!(o, "- **direct**: client → nginx, no interception.")?;
     writeln!(
         o,
-        "- **haproxy (iptables)**: `mesh-init iptables -p 15000`, HAProxy {} `nbthread 1` on :15000. HTTP workloads: `mode http` \
+        "- **haproxy (iptables)**: `mesh-init iptables -p 15000 -z 15000 -i * -b *`, HAProxy {} `nbthread 1` on :15000. HTTP workloads: `mode http` \
          with nginx as a *static* backend (the counterpart of mesh-proxy's configured route). TCP passthrough: HAProxy restarted \
          in `mode tcp` with `server 0.0.0.0:0`, which connects to the original destination (HAProxy reads SO_ORIGINAL_DST on \
          Linux), so it is a real passthrough.",

@@ -27,10 +27,19 @@ pub fn cases() -> Vec<RuleCase> {
     let ports: Vec<String> = (0..1000).map(|i| (20000 + 3 * i).to_string()).collect();
     let cidrs: Vec<String> = (0..1000).map(|i| format!("10.{}.{}.128/25", 100 + i / 250, i % 250)).collect();
     vec![
-        RuleCase { name: "default rules", args: vec![], goal_ms: 50.0 },
+        RuleCase { name: "default rules", args: vec!["-i".into(), "*".into(), "-b".into(), "*".into()], goal_ms: 50.0 },
         RuleCase {
             name: "1,000 excluded ports + 1,000 excluded CIDRs",
-            args: vec!["-o".into(), ports.join(","), "-x".into(), cidrs.join(",")],
+            args: vec![
+                "-i".into(),
+                "*".into(),
+                "-b".into(),
+                "*".into(),
+                "-o".into(),
+                ports.join(","),
+                "-x".into(),
+                cidrs.join(","),
+            ],
             goal_ms: 200.0,
         },
     ]

@@ -104,7 +104,6 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::capture::InboundMode;
 
     /// The reverse of [`common_addr`]; IPv4-mapped addresses come back as IPv4.
     pub fn ip_of(a: &Addr) -> IpAddr {
@@ -117,21 +116,7 @@ mod tests {
     }
 
     fn base() -> CaptureConfig {
-        CaptureConfig {
-            outbound_port: 15001,
-            inbound_port: 15006,
-            proxy_uids: vec![1337],
-            proxy_gids: vec![1337],
-            include_cidrs: Selection::All,
-            exclude_cidrs: vec![],
-            include_outbound_ports: BTreeSet::new(),
-            exclude_outbound_ports: BTreeSet::new(),
-            include_inbound_ports: Selection::All,
-            exclude_inbound_ports: BTreeSet::new(),
-            exclude_interfaces: vec![],
-            inbound_mode: InboundMode::Redirect,
-            dns_port: None,
-        }
+        CaptureConfig::capture_all()
     }
 
     fn has(plan: &MapPlan, set: PortSet, port: u16) -> bool {

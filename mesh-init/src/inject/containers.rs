@@ -297,21 +297,30 @@ impl Sidecar {
 }
 
 /// The capture flags in the form istio-iptables' injector writes them (short letters), leaving
-/// out those at their defaults. `args` has been validated.
+/// out those at `mesh-init iptables`' own defaults (istio-iptables'). `-z` is always written:
+/// the injector's default is "same as -p", mesh-init iptables' is 15006. `args` has been validated.
 pub fn render_flags(args: &CaptureArgs) -> Vec<String> {
     let mut out = vec!["-p".to_string(), args.envoy_port.trim().to_string()];
-    let flags: [(&str, &str, &str); 11] = [
-        ("-z", args.inbound_capture_port.as_deref().unwrap_or(""), ""),
-        ("-u", &args.proxy_uid, ""),
+    let inbound = args.inbound_capture_port.as_deref().filter(|z| !z.trim().is_empty()).unwrap_or(&args.envoy_port);
+    out.extend(["-z".to_string(), inbound.trim().to_string()]);
+    let flags: [(&str, &str, &str); 17] = [
+        ("-e", &args.inbound_tunnel_port, "15008"),
+        ("-u", args.proxy_uid.as_deref().unwrap_or(""), ""),
         ("-g", args.proxy_gid.as_deref().unwrap_or(""), ""),
-        ("-i", &args.service_cidr, "*"),
+        ("-i", &args.service_cidr, ""),
         ("-x", &args.service_exclude_cidr, ""),
         ("-q", &args.outbound_ports, ""),
         ("-o", &args.outbound_ports_exclude, ""),
-        ("-b", &args.inbound_ports, "*"),
+        ("-b", &args.inbound_ports, ""),
         ("-d", &args.inbound_ports_exclude, ""),
         ("-c", &args.exclude_interfaces, ""),
+        ("-k", &args.kube_virt_interfaces, ""),
         ("-m", &args.inbound_interception_mode, "REDIRECT"),
+        ("-t", &args.tproxy_mark, "1337"),
+        ("-r", &args.tproxy_route_table, "133"),
+        ("--outbound-owner-groups", &args.outbound_owner_groups, "*"),
+        ("--outbound-owner-groups-exclude", &args.outbound_owner_groups_exclude, ""),
+        ("--outbound-ipv4-loopback-cidr", &args.ipv4_loopback_cidr, "127.0.0.1/32"),
     ];
     for (flag, value, default) in flags {
         if !value.trim().eq_ignore_ascii_case(default) {
@@ -320,6 +329,11 @@ pub fn render_flags(args: &CaptureArgs) -> Vec<String> {
     }
     if args.redirect_dns {
         out.extend(["--redirect-dns".to_string(), "--dns-port".to_string(), args.dns_port.trim().to_string()]);
+    }
+    for (flag, on) in [("--capture-all-dns", args.capture_all_dns), ("--drop-invalid", args.drop_invalid)] {
+        if on {
+            out.push(flag.to_string());
+        }
     }
     out
 }

@@ -18,6 +18,18 @@ pub enum BackendChoice {
     Nft,
 }
 
+impl BackendChoice {
+    /// istio-iptables' values (`legacy`, `nft`, or empty for automatic) and `auto`.
+    pub fn parse(s: &str) -> Result<BackendChoice, String> {
+        match s.trim() {
+            "" | "auto" => Ok(BackendChoice::Auto),
+            "legacy" => Ok(BackendChoice::Legacy),
+            "nft" => Ok(BackendChoice::Nft),
+            other => Err(format!("expected auto (or empty), legacy or nft, got {other:?}")),
+        }
+    }
+}
+
 impl fmt::Display for BackendChoice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use super::{Backend, Error};
-use crate::rules::{self, Family, Owned, Plan, Table, TproxyRoute};
+use crate::rules::{self, Family, Owned, Plan, Table};
 
 #[derive(Debug, Default)]
 struct TableState {
@@ -21,6 +21,8 @@ struct TableState {
 #[derive(Debug)]
 pub struct Installed {
     tables: BTreeMap<Table, TableState>,
+    /// The mark of an installed TPROXY rule: its policy route is ours to reconcile.
+    tproxy_mark: Option<u32>,
 }
 
 impl Installed {
@@ -32,6 +34,7 @@ impl Installed {
     pub fn parse(saved: &str) -> Installed {
         let mut tables: BTreeMap<Table, TableState> = BTreeMap::new();
         let mut current: Option<Table> = None;
+        let mut tproxy_mark = None;
         for line in saved.lines() {
             if let Some(name) = line.strip_prefix('*') {
                 current = Table::ALL.into_iter().find(|t| t.name() == name);
@@ -48,17 +51,20 @@ impl Installed {
                 let chain = rule.split_whitespace().next().unwrap_or_default();
                 if let Some(owned) = Owned::from_name(chain) {
                     *state.chains.entry(owned).or_default() += 1;
+                    if owned == Owned::Tproxy {
+                        tproxy_mark = tproxy_mark.or_else(|| saved_tproxy_mark(rule));
+                    }
                 } else if jump_target(rule).is_some_and(|t| Owned::from_name(t).is_some()) {
                     state.jumps.push(rule.to_string());
                 }
             }
         }
-        Installed { tables }
+        Installed { tables, tproxy_mark }
     }
 
-    /// Whether a TPROXY install is present (its policy route then needs reconciling too).
-    pub fn has_tproxy(&self) -> bool {
-        self.tables.get(&Table::Mangle).is_some_and(|t| t.chains.contains_key(&Owned::Tproxy))
+    /// The mark of the installed TPROXY rule, if any (its policy route then needs reconciling).
+    pub fn tproxy_mark(&self) -> Option<u32> {
+        self.tproxy_mark
     }
 
     pub fn is_empty(&self) -> bool {
@@ -115,17 +121,15 @@ fn jump_target(rule: &str) -> Option<&str> {
     None
 }
 
-/// Parses an `ip rule show` line such as `32765:\tfrom all fwmark 0x539 lookup 133`.
-pub fn parse_tproxy_rule(line: &str) -> Option<TproxyRoute> {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1));
-    let mark = after("fwmark")?;
-    let mark = match mark.strip_prefix("0x") {
-        Some(hex) => u32::from_str_radix(hex.split('/').next()?, 16).ok()?,
-        None => mark.split('/').next()?.parse().ok()?,
-    };
-    let table = after("lookup")?.parse().ok()?;
-    Some(TproxyRoute { mark, table })
+/// The mark of a saved TPROXY rule (`... -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff`).
+fn saved_tproxy_mark(rule: &str) -> Option<u32> {
+    let mut words = rule.split_whitespace();
+    words.find(|w| *w == "--tproxy-mark")?;
+    let value = words.next()?.split('/').next()?;
+    match value.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => value.parse().ok(),
+    }
 }
 
 #[cfg(test)]
@@ -170,9 +174,11 @@ COMMIT
     }
 
     #[test]
-    fn parses_ip_rule_lines() {
-        let r = parse_tproxy_rule("32765:\tfrom all fwmark 0x539 lookup 133").unwrap();
-        assert_eq!((r.mark, r.table), (1337, 133));
-        assert_eq!(parse_tproxy_rule("0:\tfrom all lookup local"), None);
+    fn finds_the_tproxy_mark() {
+        let saved =
+            "*mangle\n:ISTIO_TPROXY - [0:0]\n-A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --on-port 15006 \
+                     --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff\nCOMMIT\n";
+        assert_eq!(Installed::parse(saved).tproxy_mark(), Some(1337));
+        assert_eq!(Installed::parse(SAVED).tproxy_mark(), None);
     }
 }

@@ -1,50 +1,51 @@
-//! Deciding the rules: Istio's capture semantics, as data.
+//! Deciding the rules: istio-iptables' capture semantics, as data.
 //!
-//! The order of `ISTIO_OUTPUT` is the heart of it and follows istio-iptables:
-//! excluded ports, the proxy's inbound passthrough (127.0.0.6), the proxy's own traffic per UID
-//! and GID (to its own pod through `lo` → inbound; the application calling itself through `lo` →
-//! untouched; anything else the proxy sends → untouched), loopback, excluded CIDRs, and finally
-//! what is captured.
+//! The rules are istio-iptables' own, in its order, so that every packet meets the same verdict
+//! as under Istio (Istio's own test cases, simulated packet by packet, check that:
+//! `tests/istio_conformance.rs`). The order of nat `ISTIO_OUTPUT` is the heart of it: excluded
+//! interfaces and ports; the proxy's inbound passthrough (127.0.0.6); per proxy UID, then per
+//! GID: the proxy calling its own pod through `lo` → inbound (not the tunnel port, nor DNS), the
+//! application calling itself through `lo` → untouched, anything else of the proxy's → untouched;
+//! the owner-group filter; DNS; loopback; excluded CIDRs; and finally what is captured.
 //!
-//! Where we differ from istio-iptables, on purpose:
+//! Where the rules differ from istio-iptables' text (never in a verdict):
 //! - port lists are packed into `multiport` matches (consecutive ports become one `a:b` range),
 //!   and CIDR lists are aggregated, so 1,000 ports stay a few dozen rules;
-//! - excluded interfaces RETURN at the top of our own chains instead of from PREROUTING/OUTPUT, so
-//!   the kernel's chains only ever hold jumps into chains we own — that is what makes cleanup exact;
-//! - `-c` excludes an interface in both directions (inbound and outbound);
-//! - with an explicit inbound port list, the proxy calling its own pod through `lo` is only sent
-//!   to the inbound port for those ports, and not at all when inbound capture is off.
+//! - the kernel's chains only ever hold jumps into chains we own, which is what makes cleanup
+//!   exact: the `-c`/`-k` RETURNs istio-iptables puts in nat PREROUTING and OUTPUT sit at the top
+//!   of `ISTIO_INBOUND` and `ISTIO_OUTPUT` (the only thing of ours those chains reach after
+//!   them), and the TPROXY mode's mangle PREROUTING and OUTPUT rules live in `ISTIO_PREROUTING`
+//!   and a mangle `ISTIO_OUTPUT`;
+//! - chains that nothing would jump to are not created.
 
 use ipnet::IpNet;
 
-use super::{Chain, Family, Match, Owned, Owner, Plan, Protocol, Rule, Table, TablePlan, Target, TproxyRoute};
-use crate::capture::{CaptureConfig, InboundMode, Selection};
+use super::{
+    Chain, CtState, Family, Match, Owned, Owner, Plan, PortRanges, Protocol, Rule, Table, TablePlan, Target,
+    TproxyRoute,
+};
+use crate::capture::{CaptureConfig, DnsServers, InboundMode, OwnerGroups, Selection, OUTBOUND_MARK};
 
 /// iptables' `multiport` accepts at most 15 ports, a range counting as two.
 const MULTIPORT_MAX: usize = 15;
-/// The firewall mark and routing table of the TPROXY path (Istio's values).
-const TPROXY_MARK: u32 = 1337;
-pub const TPROXY_ROUTE: TproxyRoute = TproxyRoute { mark: TPROXY_MARK, table: 133 };
-/// Conntrack zones keeping the proxy's upstream DNS queries apart from the application's.
+/// Conntrack zones keeping the proxy's upstream DNS (1) apart from the application's DNS to the
+/// proxy (2): both use the same addresses and ports, and one entry for both would not translate
+/// the proxy's answer back.
 const DNS_ZONE_UPSTREAM: u16 = 1;
-const DNS_ZONE_PROXY_REPLIES: u16 = 2;
+const DNS_ZONE_APPLICATION: u16 = 2;
+const DNS: u16 = 53;
 
 /// Builds the plan for one family.
 pub fn plan(cfg: &CaptureConfig, family: Family) -> Plan {
-    let mut b = Builder { cfg, family, plan: empty(family) };
+    let mut b = Builder { cfg, family, plan: Plan { family, tables: Default::default(), tproxy_route: None } };
+    b.nat_chains();
+    b.drop_invalid();
+    b.inbound();
     b.outbound();
-    match cfg.inbound_mode {
-        InboundMode::Redirect => b.inbound_redirect(),
-        InboundMode::Tproxy => b.inbound_tproxy(),
-    }
-    if let Some(port) = cfg.dns_port {
-        b.dns(port);
+    if cfg.inbound_mode == InboundMode::Tproxy {
+        b.tproxy_marks();
     }
     b.plan
-}
-
-fn empty(family: Family) -> Plan {
-    Plan { family, tables: Default::default(), tproxy_route: None }
 }
 
 struct Builder<'a> {
@@ -53,136 +54,166 @@ struct Builder<'a> {
     plan: Plan,
 }
 
-/// A destination port match: one port, one range, or a multiport list.
-pub(super) type PortRanges = Vec<(u16, u16)>;
+fn tcp() -> Match {
+    Match::Protocol(Protocol::Tcp)
+}
+
+fn udp() -> Match {
+    Match::Protocol(Protocol::Udp)
+}
+
+fn lo_out() -> Match {
+    Match::OutInterface("lo".into())
+}
+
+fn lo_in() -> Match {
+    Match::InInterface("lo".into())
+}
+
+fn dport(port: u16) -> Match {
+    Match::DestinationPorts { ports: vec![(port, port)], negate: false }
+}
+
+fn ports(ports: PortRanges) -> Match {
+    Match::DestinationPorts { ports, negate: false }
+}
+
+fn dst(net: IpNet) -> Match {
+    Match::Destination { net, negate: false }
+}
+
+fn owner(owner: Owner) -> Match {
+    Match::Owner { owner, negate: false }
+}
+
+fn mark(mark: u32) -> Match {
+    Match::Mark { mark, negate: false }
+}
 
 impl Builder<'_> {
     fn table(&mut self, t: Table) -> &mut TablePlan {
         self.plan.table_mut(t)
     }
 
-    fn chain(&mut self, t: Table, c: Owned) {
-        self.table(t).chains.insert(c);
-    }
-
+    /// Appends a rule, creating the owned chain it is in (and the one it jumps to) if needed.
     fn rule(&mut self, t: Table, chain: Chain, matches: Vec<Match>, target: Target) {
-        self.table(t).rules.push(Rule { chain, matches, target });
+        let tp = self.table(t);
+        if let Chain::Owned(o) = chain {
+            tp.chains.insert(o);
+        }
+        if let Target::Jump(o) = target {
+            tp.chains.insert(o);
+        }
+        tp.rules.push(Rule { chain, matches, target });
     }
 
-    fn inbound_captured(&self) -> bool {
-        match &self.cfg.include_inbound_ports {
-            Selection::All => true,
-            Selection::Only(ports) => ports.iter().any(|p| !self.cfg.exclude_inbound_ports.contains(p)),
+    /// The loopback range the application's own traffic uses in this family.
+    fn loopback(&self) -> IpNet {
+        match self.family {
+            Family::V4 => IpNet::V4(self.cfg.ipv4_loopback),
+            Family::V6 => "::1/128".parse().expect("literal"),
         }
     }
 
-    fn owners(&self) -> impl Iterator<Item = Owner> + '_ {
-        let uids = self.cfg.proxy_uids.iter().map(|&u| Owner::Uid(u));
-        uids.chain(self.cfg.proxy_gids.iter().map(|&g| Owner::Gid(g)))
+    fn not_loopback(&self) -> Match {
+        Match::Destination { net: self.loopback(), negate: true }
     }
 
-    fn outbound(&mut self) {
-        use Chain::Owned as O;
-        let (cfg, fam) = (self.cfg, self.family);
-        for c in [Owned::Inbound, Owned::InRedirect, Owned::Output, Owned::Redirect] {
-            self.chain(Table::Nat, c);
-        }
-        let tcp = || Match::Protocol(Protocol::Tcp);
-        self.rule(Table::Nat, O(Owned::Redirect), vec![tcp()], Target::Redirect { port: cfg.outbound_port });
-        if cfg.inbound_mode == InboundMode::Redirect || self.inbound_captured() {
-            // Also used by the TPROXY mode for the proxy calling its own pod through `lo`.
-            self.rule(Table::Nat, O(Owned::InRedirect), vec![tcp()], Target::Redirect { port: cfg.inbound_port });
-        }
-        self.rule(Table::Nat, Chain::Output, vec![tcp()], Target::Jump(Owned::Output));
+    fn nets<'a>(&self, nets: impl Iterator<Item = &'a IpNet>) -> Vec<IpNet> {
+        let mine: Vec<IpNet> = nets.filter(|n| self.family.matches(n)).copied().collect();
+        IpNet::aggregate(&mine)
+    }
 
-        let out = O(Owned::Output);
-        for iface in &cfg.exclude_interfaces {
-            self.rule(Table::Nat, out, vec![Match::OutInterface(iface.clone())], Target::Return);
-        }
-        for ports in pack_ports(cfg.exclude_outbound_ports.iter().copied()) {
-            self.rule(Table::Nat, out, vec![tcp(), Match::DestinationPorts(ports)], Target::Return);
-        }
-        let lo = || Match::OutInterface("lo".into());
-        self.rule(Table::Nat, out, vec![lo(), Match::Source(fam.inbound_passthrough_source())], Target::Return);
-        let self_call_ports: Option<Vec<PortRanges>> = match &cfg.include_inbound_ports {
-            _ if !self.inbound_captured() => None,
-            Selection::All => Some(vec![]),
-            Selection::Only(ports) => {
-                Some(pack_ports(ports.iter().copied().filter(|p| !cfg.exclude_inbound_ports.contains(p))))
+    /// The DNS servers of this family, `None` when DNS to this family is not captured.
+    fn dns_servers(&self) -> Option<Option<Vec<IpNet>>> {
+        let dns = self.cfg.dns.as_ref()?;
+        match &dns.servers {
+            DnsServers::All => Some(None),
+            DnsServers::Only(all) => {
+                let mine: Vec<IpNet> =
+                    all.iter().map(|ip| IpNet::from(*ip)).filter(|n| self.family.matches(n)).collect();
+                Some(Some(mine))
             }
-        };
-        let owners: Vec<Owner> = self.owners().collect();
-        for owner in owners {
-            let not_loopback = Match::Destination { net: fam.loopback(), negate: true };
-            let is_owner = Match::Owner { owner, negate: false };
-            match &self_call_ports {
-                None => {}
-                Some(lists) if lists.is_empty() => self.rule(
-                    Table::Nat,
-                    out,
-                    vec![lo(), not_loopback, is_owner.clone()],
-                    Target::Jump(Owned::InRedirect),
-                ),
-                Some(lists) => {
-                    for ports in lists {
-                        let m = vec![
-                            lo(),
-                            not_loopback.clone(),
-                            tcp(),
-                            Match::DestinationPorts(ports.clone()),
-                            is_owner.clone(),
-                        ];
-                        self.rule(Table::Nat, out, m, Target::Jump(Owned::InRedirect));
+        }
+    }
+
+    /// istio-iptables creates these four whatever the flags, and fills the redirect chains.
+    fn nat_chains(&mut self) {
+        use Chain::Owned as O;
+        let cfg = self.cfg;
+        for c in [Owned::Inbound, Owned::Redirect, Owned::InRedirect, Owned::Output] {
+            self.table(Table::Nat).chains.insert(c);
+        }
+        self.rule(Table::Nat, O(Owned::Redirect), vec![tcp()], Target::Redirect { port: cfg.outbound_port });
+        self.rule(Table::Nat, O(Owned::InRedirect), vec![tcp()], Target::Redirect { port: cfg.inbound_port });
+    }
+
+    /// mangle PREROUTING: INVALID packets are dropped instead of resetting a connection. In the
+    /// TPROXY mode this rule goes into `ISTIO_PREROUTING` (after the excluded interfaces), see
+    /// [`Self::tproxy_prerouting`].
+    fn drop_invalid(&mut self) {
+        if !self.cfg.drop_invalid {
+            return;
+        }
+        self.rule(Table::Mangle, Chain::Owned(Owned::Drop), vec![], Target::Drop);
+        if self.cfg.inbound_mode == InboundMode::Redirect {
+            let invalid = Match::Conntrack(vec![CtState::Invalid]);
+            self.rule(Table::Mangle, Chain::Prerouting, vec![invalid], Target::Jump(Owned::Drop));
+        }
+    }
+
+    fn inbound(&mut self) {
+        let cfg = self.cfg;
+        let inb = Chain::Owned(Owned::Inbound);
+        // KubeVirt interfaces: their traffic is the VM's outbound traffic, redirected to the
+        // outbound port for the included CIDRs and otherwise left alone.
+        for iface in cfg.kube_virt_interfaces.clone() {
+            let from = Match::InInterface(iface);
+            match &cfg.include_cidrs {
+                Selection::All => {
+                    self.rule(Table::Nat, Chain::Prerouting, vec![from.clone()], Target::Jump(Owned::Redirect))
+                }
+                Selection::Only(nets) => {
+                    for net in self.nets(nets.iter()) {
+                        let m = vec![from.clone(), dst(net)];
+                        self.rule(Table::Nat, Chain::Prerouting, m, Target::Jump(Owned::Redirect));
                     }
                 }
             }
-            self.rule(Table::Nat, out, vec![lo(), Match::Owner { owner, negate: true }], Target::Return);
-            self.rule(Table::Nat, out, vec![is_owner], Target::Return);
+            self.rule(Table::Nat, inb, vec![from], Target::Return);
         }
-        self.rule(Table::Nat, out, vec![Match::Destination { net: fam.loopback(), negate: false }], Target::Return);
-        for net in family_nets(fam, cfg.exclude_cidrs.iter()) {
-            self.rule(Table::Nat, out, vec![Match::Destination { net, negate: false }], Target::Return);
+        for iface in &cfg.exclude_interfaces {
+            self.rule(Table::Nat, inb, vec![Match::InInterface(iface.clone())], Target::Return);
         }
-        for ports in pack_ports(cfg.include_outbound_ports.iter().copied()) {
-            self.rule(Table::Nat, out, vec![tcp(), Match::DestinationPorts(ports)], Target::Jump(Owned::Redirect));
+        self.rule(Table::Nat, inb, vec![tcp(), dport(cfg.tunnel_port)], Target::Return);
+        if cfg.inbound_mode == InboundMode::Tproxy {
+            self.tproxy_prerouting();
+            return;
         }
-        match &cfg.include_cidrs {
-            Selection::All => self.rule(Table::Nat, out, vec![], Target::Jump(Owned::Redirect)),
-            Selection::Only(nets) => {
-                for net in family_nets(fam, nets.iter()) {
-                    self.rule(
-                        Table::Nat,
-                        out,
-                        vec![Match::Destination { net, negate: false }],
-                        Target::Jump(Owned::Redirect),
-                    );
-                }
-            }
+        if !cfg.inbound_captured() {
+            return;
         }
+        self.rule(Table::Nat, Chain::Prerouting, vec![tcp()], Target::Jump(Owned::Inbound));
+        self.inbound_ports(Table::Nat, |m| vec![(m, Target::Jump(Owned::InRedirect))]);
     }
 
-    /// The ISTIO_INBOUND body shared by both inbound modes: interface and port exclusions, then
-    /// `capture` for what is left.
-    fn inbound_body(&mut self, table: Table, capture: impl Fn(Vec<Match>) -> Vec<(Vec<Match>, Target)>) {
+    /// The port part of ISTIO_INBOUND shared by both inbound modes: exclusions (only with all
+    /// ports, as istio-iptables does), then `capture` for what is left.
+    fn inbound_ports(&mut self, table: Table, capture: impl Fn(Vec<Match>) -> Vec<(Vec<Match>, Target)>) {
         let cfg = self.cfg;
         let inb = Chain::Owned(Owned::Inbound);
-        let tcp = || Match::Protocol(Protocol::Tcp);
-        for iface in &cfg.exclude_interfaces {
-            self.rule(table, inb, vec![Match::InInterface(iface.clone())], Target::Return);
-        }
         match &cfg.include_inbound_ports {
             Selection::All => {
-                for ports in pack_ports(cfg.exclude_inbound_ports.iter().copied()) {
-                    self.rule(table, inb, vec![tcp(), Match::DestinationPorts(ports)], Target::Return);
+                for p in pack_ports(cfg.exclude_inbound_ports.iter().copied()) {
+                    self.rule(table, inb, vec![tcp(), ports(p)], Target::Return);
                 }
                 for (m, t) in capture(vec![tcp()]) {
                     self.rule(table, inb, m, t);
                 }
             }
-            Selection::Only(ports) => {
-                let wanted = ports.iter().copied().filter(|p| !cfg.exclude_inbound_ports.contains(p));
-                for ports in pack_ports(wanted) {
-                    for (m, t) in capture(vec![tcp(), Match::DestinationPorts(ports)]) {
+            Selection::Only(list) => {
+                for p in pack_ports(list.iter().copied()) {
+                    for (m, t) in capture(vec![tcp(), ports(p)]) {
                         self.rule(table, inb, m, t);
                     }
                 }
@@ -190,103 +221,216 @@ impl Builder<'_> {
         }
     }
 
-    fn inbound_redirect(&mut self) {
-        if !self.inbound_captured() {
-            return;
+    /// TPROXY: istio-iptables' mangle PREROUTING rules (in `ISTIO_PREROUTING`), `ISTIO_INBOUND`,
+    /// `ISTIO_DIVERT` and `ISTIO_TPROXY`, and the policy route.
+    fn tproxy_prerouting(&mut self) {
+        let cfg = self.cfg;
+        let pre = Chain::Owned(Owned::Prerouting);
+        let inb = Chain::Owned(Owned::Inbound);
+        self.rule(Table::Mangle, Chain::Prerouting, vec![], Target::Jump(Owned::Prerouting));
+        for iface in &cfg.exclude_interfaces {
+            self.rule(Table::Mangle, pre, vec![Match::InInterface(iface.clone())], Target::Return);
         }
-        let tcp = Match::Protocol(Protocol::Tcp);
-        self.rule(Table::Nat, Chain::Prerouting, vec![tcp], Target::Jump(Owned::Inbound));
-        self.inbound_body(Table::Nat, |m| vec![(m, Target::Jump(Owned::InRedirect))]);
+        if cfg.drop_invalid {
+            self.rule(Table::Mangle, pre, vec![Match::Conntrack(vec![CtState::Invalid])], Target::Jump(Owned::Drop));
+        }
+        // Packets already marked, the proxy's hand-off from the passthrough source, and the
+        // application's own traffic on `lo` (not marked as the proxy's) are not intercepted.
+        self.table(Table::Mangle).chains.insert(Owned::Inbound);
+        self.rule(Table::Mangle, inb, vec![tcp(), mark(cfg.tproxy_mark)], Target::Return);
+        let passthrough = Match::Source(self.family.inbound_passthrough_source());
+        self.rule(Table::Mangle, inb, vec![tcp(), passthrough, lo_in()], Target::Return);
+        let not_proxy = Match::Mark { mark: OUTBOUND_MARK, negate: true };
+        self.rule(Table::Mangle, inb, vec![tcp(), lo_in(), not_proxy], Target::Return);
+        if cfg.inbound_captured() {
+            let divert = Chain::Owned(Owned::Divert);
+            self.rule(Table::Mangle, divert, vec![], Target::Mark(cfg.tproxy_mark));
+            self.rule(Table::Mangle, divert, vec![], Target::Accept);
+            let to = Target::Tproxy { port: cfg.inbound_port, mark: cfg.tproxy_mark };
+            let not_loopback = self.not_loopback();
+            self.rule(Table::Mangle, Chain::Owned(Owned::Tproxy), vec![not_loopback, tcp()], to);
+            self.rule(Table::Mangle, pre, vec![tcp()], Target::Jump(Owned::Inbound));
+            self.inbound_ports(Table::Mangle, |m| {
+                let mut established = m.clone();
+                established.push(Match::Conntrack(vec![CtState::Related, CtState::Established]));
+                vec![(established, Target::Jump(Owned::Divert)), (m, Target::Jump(Owned::Tproxy))]
+            });
+            self.plan.tproxy_route = Some(TproxyRoute { mark: cfg.tproxy_mark, table: cfg.tproxy_table });
+        }
+        // The proxy's original-source connections carry the mark; the connection keeps it.
+        self.rule(Table::Mangle, pre, vec![tcp(), mark(cfg.tproxy_mark)], Target::SaveMark);
     }
 
-    fn inbound_tproxy(&mut self) {
-        if !self.inbound_captured() {
-            return;
+    /// TPROXY: mangle OUTPUT (in a mangle `ISTIO_OUTPUT`): the proxy's own hops to the pod are
+    /// marked 1338 so that `ISTIO_INBOUND` tells them from the application's, and replies on a
+    /// connection the proxy accepted get the TPROXY mark back, so they route through its table.
+    fn tproxy_marks(&mut self) {
+        let cfg = self.cfg;
+        let out = Chain::Owned(Owned::Output);
+        self.rule(Table::Mangle, Chain::Output, vec![], Target::Jump(Owned::Output));
+        for iface in &cfg.exclude_interfaces {
+            self.rule(Table::Mangle, out, vec![Match::OutInterface(iface.clone())], Target::Return);
         }
-        let (fam, port) = (self.family, self.cfg.inbound_port);
-        for c in [Owned::Inbound, Owned::Divert, Owned::Tproxy] {
-            self.chain(Table::Mangle, c);
-        }
-        let tcp = || Match::Protocol(Protocol::Tcp);
-        self.rule(Table::Mangle, Chain::Prerouting, vec![tcp()], Target::Jump(Owned::Inbound));
-        let divert = Chain::Owned(Owned::Divert);
-        self.rule(Table::Mangle, divert, vec![], Target::Mark(TPROXY_MARK));
-        self.rule(Table::Mangle, divert, vec![], Target::Accept);
-        let not_loopback = Match::Destination { net: fam.loopback(), negate: true };
-        self.rule(
-            Table::Mangle,
-            Chain::Owned(Owned::Tproxy),
-            vec![not_loopback, tcp()],
-            Target::Tproxy { port, mark: TPROXY_MARK },
-        );
-        // Loopback traffic never comes from outside the pod; the proxy's own hops use it.
-        self.rule(Table::Mangle, Chain::Owned(Owned::Inbound), vec![Match::InInterface("lo".into())], Target::Return);
-        self.inbound_body(Table::Mangle, |m| {
-            let mut established = m.clone();
-            established.push(Match::LocalSocket);
-            vec![(established, Target::Jump(Owned::Divert)), (m, Target::Jump(Owned::Tproxy))]
-        });
-        self.plan.tproxy_route = Some(TPROXY_ROUTE);
-    }
-
-    fn dns(&mut self, dns_port: u16) {
+        self.rule(Table::Mangle, out, vec![tcp(), lo_out(), mark(cfg.tproxy_mark)], Target::Return);
         let owners: Vec<Owner> = self.owners().collect();
-        let udp = || Match::Protocol(Protocol::Udp);
-        let dport53 = || Match::DestinationPorts(vec![(53, 53)]);
+        for o in owners {
+            let m = vec![self.not_loopback(), tcp(), lo_out(), owner(o)];
+            self.rule(Table::Mangle, out, m, Target::Mark(OUTBOUND_MARK));
+        }
+        self.rule(Table::Mangle, out, vec![tcp(), Match::ConnMark(cfg.tproxy_mark)], Target::RestoreMark);
+    }
 
-        // nat: the application's DNS goes to the proxy's DNS port; the proxy's own goes out.
-        self.chain(Table::Nat, Owned::OutputDns);
+    /// The proxy's UIDs, then its GIDs.
+    fn owners(&self) -> impl Iterator<Item = Owner> + '_ {
+        let uids = self.cfg.proxy_uids.iter().map(|&u| Owner::Uid(u));
+        uids.chain(self.cfg.proxy_gids.iter().map(|&g| Owner::Gid(g)))
+    }
+
+    fn outbound(&mut self) {
+        let cfg = self.cfg;
+        let out = Chain::Owned(Owned::Output);
+        let dns = self.dns_servers();
+        self.rule(Table::Nat, Chain::Output, vec![], Target::Jump(Owned::Output));
+        for iface in &cfg.exclude_interfaces {
+            self.rule(Table::Nat, out, vec![Match::OutInterface(iface.clone())], Target::Return);
+        }
+        for p in pack_ports(cfg.exclude_outbound_ports.iter().copied()) {
+            self.rule(Table::Nat, out, vec![tcp(), ports(p.clone())], Target::Return);
+            self.rule(Table::Nat, out, vec![udp(), ports(p)], Target::Return);
+        }
+        let passthrough = Match::Source(self.family.inbound_passthrough_source());
+        self.rule(Table::Nat, out, vec![lo_out(), passthrough], Target::Return);
+        // istio-iptables only turns DNS on for the owner rules when some family captures DNS.
+        let dns_on = cfg.dns.is_some();
+        let owners: Vec<Owner> = self.owners().collect();
+        for o in owners {
+            // The proxy calling its own pod through `lo` goes to the inbound port, except the
+            // tunnel port and, for UIDs with DNS capture, DNS (the agent answers it directly).
+            let skip = match o {
+                Owner::Uid(_) if dns_on => vec![(DNS, DNS), (cfg.tunnel_port, cfg.tunnel_port)],
+                _ => vec![(cfg.tunnel_port, cfg.tunnel_port)],
+            };
+            let m = vec![
+                lo_out(),
+                self.not_loopback(),
+                tcp(),
+                Match::DestinationPorts { ports: sorted(skip), negate: true },
+                owner(o),
+            ];
+            self.rule(Table::Nat, out, m, Target::Jump(Owned::InRedirect));
+            // The application calling itself through `lo` is left alone, unless a loopback range
+            // is captured on purpose; with DNS capture, TCP DNS to a local resolver is not.
+            if !cfg.include_has_loopback {
+                let not_owner = Match::Owner { owner: o, negate: true };
+                let m = if dns_on {
+                    vec![lo_out(), tcp(), Match::DestinationPorts { ports: vec![(DNS, DNS)], negate: true }, not_owner]
+                } else {
+                    vec![lo_out(), not_owner]
+                };
+                self.rule(Table::Nat, out, m, Target::Return);
+            }
+            self.rule(Table::Nat, out, vec![owner(o)], Target::Return);
+        }
+        match &cfg.owner_groups {
+            OwnerGroups::AllExcept(gids) => {
+                for &g in gids {
+                    self.rule(Table::Nat, out, vec![owner(Owner::Gid(g))], Target::Return);
+                }
+            }
+            OwnerGroups::Only(gids) => {
+                let none_of = gids.iter().map(|&g| Match::Owner { owner: Owner::Gid(g), negate: true }).collect();
+                self.rule(Table::Nat, out, none_of, Target::Return);
+            }
+        }
+        if let Some(servers) = &dns {
+            self.dns(servers.as_deref());
+        }
+        self.rule(Table::Nat, out, vec![dst(self.loopback())], Target::Return);
+        for net in self.nets(cfg.exclude_cidrs.iter()) {
+            self.rule(Table::Nat, out, vec![dst(net)], Target::Return);
+        }
+        for p in pack_ports(cfg.include_outbound_ports.iter().copied()) {
+            self.rule(Table::Nat, out, vec![tcp(), ports(p)], Target::Jump(Owned::Redirect));
+        }
+        match &cfg.include_cidrs {
+            Selection::All => self.rule(Table::Nat, out, vec![], Target::Jump(Owned::Redirect)),
+            Selection::Only(nets) => {
+                for net in self.nets(nets.iter()) {
+                    self.rule(Table::Nat, out, vec![dst(net)], Target::Jump(Owned::Redirect));
+                }
+            }
+        }
+        if cfg.dns.is_some() {
+            self.dns_zones(dns.as_ref().map(|s| s.as_deref()));
+        }
+    }
+
+    /// nat: DNS to the servers (all: `None`) goes to the proxy's DNS port.
+    fn dns(&mut self, servers: Option<&[IpNet]>) {
+        let port = self.cfg.dns.as_ref().expect("called with DNS on").port;
         let nat_dns = Chain::Owned(Owned::OutputDns);
-        // Rendered before the ISTIO_OUTPUT jump, so that TCP/53 is not sent to the TCP proxy port.
-        let jump = Rule { chain: Chain::Output, matches: vec![], target: Target::Jump(Owned::OutputDns) };
-        self.table(Table::Nat).rules.insert(0, jump);
-        for proto in [Protocol::Udp, Protocol::Tcp] {
-            for &owner in &owners {
-                let m = vec![Match::Protocol(proto), dport53(), Match::Owner { owner, negate: false }];
-                self.rule(Table::Nat, nat_dns, m, Target::Return);
-            }
-            let mut m = vec![Match::Protocol(proto), dport53()];
-            if proto == Protocol::Tcp {
-                m.insert(0, Match::Destination { net: self.family.loopback(), negate: true });
-            }
-            self.rule(Table::Nat, nat_dns, m, Target::Redirect { port: dns_port });
+        if servers.is_some_and(|s| s.is_empty()) {
+            return;
         }
+        self.rule(Table::Nat, Chain::Owned(Owned::Output), vec![], Target::Jump(Owned::OutputDns));
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            match servers {
+                None => {
+                    self.rule(Table::Nat, nat_dns, vec![Match::Protocol(proto), dport(DNS)], Target::Redirect { port })
+                }
+                Some(list) => {
+                    for &s in list {
+                        let m = vec![Match::Protocol(proto), dport(DNS), dst(s)];
+                        self.rule(Table::Nat, nat_dns, m, Target::Redirect { port });
+                    }
+                }
+            }
+        }
+    }
 
-        // raw: conntrack zones so the proxy's upstream query and its answer to the application,
-        // which share addresses and ports, are not merged into one conntrack entry.
-        self.chain(Table::Raw, Owned::OutputDns);
-        self.chain(Table::Raw, Owned::PreroutingDns);
-        self.rule(Table::Raw, Chain::Output, vec![], Target::Jump(Owned::OutputDns));
-        self.rule(Table::Raw, Chain::Prerouting, vec![], Target::Jump(Owned::PreroutingDns));
+    /// raw: conntrack zones. The proxy's queries upstream and their answers are zone 1, the
+    /// application's queries (to the servers) and the proxy's answers zone 2, so that the
+    /// answer meets the conntrack entry of the redirected query and is translated back — a
+    /// resolver with a connected socket (glibc) drops it otherwise. `servers`: `None` for this
+    /// family without captured servers, `Some(None)` for all.
+    fn dns_zones(&mut self, servers: Option<Option<&[IpNet]>>) {
+        let port = self.cfg.dns.as_ref().expect("called with DNS on").port;
         let raw_dns = Chain::Owned(Owned::OutputDns);
-        for &owner in &owners {
-            let is_owner = Match::Owner { owner, negate: false };
-            self.rule(
-                Table::Raw,
-                raw_dns,
-                vec![udp(), dport53(), is_owner.clone()],
-                Target::ConntrackZone(DNS_ZONE_UPSTREAM),
-            );
-            self.rule(
-                Table::Raw,
-                raw_dns,
-                vec![udp(), Match::SourcePort(dns_port), is_owner],
-                Target::ConntrackZone(DNS_ZONE_PROXY_REPLIES),
-            );
+        let raw_in = Chain::Owned(Owned::Inbound);
+        self.rule(Table::Raw, Chain::Output, vec![], Target::Jump(Owned::OutputDns));
+        let owners: Vec<Owner> = self.owners().collect();
+        for o in owners {
+            let upstream = vec![udp(), dport(DNS), owner(o)];
+            self.rule(Table::Raw, raw_dns, upstream, Target::ConntrackZone(DNS_ZONE_UPSTREAM));
+            let answer = vec![udp(), Match::SourcePort(port), owner(o)];
+            self.rule(Table::Raw, raw_dns, answer, Target::ConntrackZone(DNS_ZONE_APPLICATION));
         }
-        self.rule(
-            Table::Raw,
-            Chain::Owned(Owned::PreroutingDns),
-            vec![udp(), Match::SourcePort(53)],
-            Target::ConntrackZone(DNS_ZONE_UPSTREAM),
-        );
+        match servers {
+            Some(None) => {
+                self.rule(Table::Raw, Chain::Prerouting, vec![], Target::Jump(Owned::Inbound));
+                let query = vec![udp(), dport(DNS)];
+                self.rule(Table::Raw, raw_dns, query, Target::ConntrackZone(DNS_ZONE_APPLICATION));
+                let answer = vec![udp(), Match::SourcePort(DNS)];
+                self.rule(Table::Raw, raw_in, answer, Target::ConntrackZone(DNS_ZONE_UPSTREAM));
+            }
+            Some(Some(list)) if !list.is_empty() => {
+                self.rule(Table::Raw, Chain::Prerouting, vec![], Target::Jump(Owned::Inbound));
+                for &s in list {
+                    let query = vec![udp(), dport(DNS), dst(s)];
+                    self.rule(Table::Raw, raw_dns, query, Target::ConntrackZone(DNS_ZONE_APPLICATION));
+                    let answer = vec![udp(), Match::SourcePort(DNS), Match::Source(s)];
+                    self.rule(Table::Raw, raw_in, answer, Target::ConntrackZone(DNS_ZONE_UPSTREAM));
+                }
+            }
+            _ => {}
+        }
     }
 }
 
-/// The nets of one family, merged where they overlap or touch, in a stable order.
-fn family_nets<'a>(family: Family, nets: impl Iterator<Item = &'a IpNet>) -> Vec<IpNet> {
-    let mine: Vec<IpNet> = nets.filter(|n| family.matches(n)).copied().collect();
-    IpNet::aggregate(&mine)
+fn sorted(mut ranges: PortRanges) -> PortRanges {
+    ranges.sort_unstable();
+    ranges.dedup();
+    ranges
 }
 
 /// Packs sorted, de-duplicated ports into `multiport` lists: runs of consecutive ports become a

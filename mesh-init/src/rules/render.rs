@@ -7,7 +7,13 @@ use super::{Chain, Match, Owner, Plan, Protocol, Rule, Table, Target};
 /// The `iptables-restore --noflush` text that makes `plan` true on a namespace where mesh-init
 /// has installed nothing: what `--dry-run` prints and golden files hold.
 pub fn render(plan: &Plan) -> String {
-    render_transaction(plan, |_| Vec::new())
+    let mut out = String::new();
+    if let Some(r) = plan.tproxy_route {
+        let ip = if plan.family == super::Family::V4 { "ip -4" } else { "ip -6" };
+        writeln!(out, "# with the policy route: {ip} rule add fwmark {} lookup {}", r.mark, r.table).unwrap();
+        writeln!(out, "#                        {ip} route replace local default dev lo table {}", r.table).unwrap();
+    }
+    out + &render_transaction(plan, |_| Vec::new())
 }
 
 /// Like [`render`], with `before(table)` lines placed in each table's block after the chain
@@ -48,6 +54,19 @@ pub fn render_rule(rule: &Rule) -> String {
     s
 }
 
+fn render_ports(s: &mut String, ranges: &[(u16, u16)]) {
+    for (i, (a, b)) in ranges.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        if a == b {
+            write!(s, "{a}").unwrap();
+        } else {
+            write!(s, "{a}:{b}").unwrap();
+        }
+    }
+}
+
 fn render_match(s: &mut String, m: &Match) {
     match m {
         Match::Protocol(Protocol::Tcp) => s.push_str("-p tcp"),
@@ -56,23 +75,14 @@ fn render_match(s: &mut String, m: &Match) {
         Match::OutInterface(i) => write!(s, "-o {i}").unwrap(),
         Match::Source(net) => write!(s, "-s {net}").unwrap(),
         Match::Destination { net, negate } => write!(s, "{}-d {net}", bang(*negate)).unwrap(),
-        Match::DestinationPorts(ranges) => match ranges.as_slice() {
-            [(a, b)] if a == b => write!(s, "--dport {a}").unwrap(),
-            [(a, b)] => write!(s, "--dport {a}:{b}").unwrap(),
-            _ => {
-                s.push_str("-m multiport --dports ");
-                for (i, (a, b)) in ranges.iter().enumerate() {
-                    if i > 0 {
-                        s.push(',');
-                    }
-                    if a == b {
-                        write!(s, "{a}").unwrap();
-                    } else {
-                        write!(s, "{a}:{b}").unwrap();
-                    }
-                }
+        Match::DestinationPorts { ports, negate } => {
+            if let [_] = ports.as_slice() {
+                write!(s, "{}--dport ", bang(*negate)).unwrap();
+            } else {
+                write!(s, "-m multiport {}--dports ", bang(*negate)).unwrap();
             }
-        },
+            render_ports(s, ports);
+        }
         Match::SourcePort(p) => write!(s, "--sport {p}").unwrap(),
         Match::Owner { owner, negate } => {
             let (kind, id) = match owner {
@@ -81,7 +91,12 @@ fn render_match(s: &mut String, m: &Match) {
             };
             write!(s, "-m owner {}--{kind}-owner {id}", bang(*negate)).unwrap()
         }
-        Match::LocalSocket => s.push_str("-m socket"),
+        Match::Conntrack(states) => {
+            let names: Vec<&str> = states.iter().map(|c| c.name()).collect();
+            write!(s, "-m conntrack --ctstate {}", names.join(",")).unwrap()
+        }
+        Match::Mark { mark, negate } => write!(s, "-m mark {}--mark {mark}", bang(*negate)).unwrap(),
+        Match::ConnMark(mark) => write!(s, "-m connmark --mark {mark}").unwrap(),
     }
 }
 
@@ -90,11 +105,14 @@ fn render_target(s: &mut String, t: &Target) {
         Target::Jump(c) => write!(s, "-j {}", Chain::Owned(*c).name()).unwrap(),
         Target::Return => s.push_str("-j RETURN"),
         Target::Accept => s.push_str("-j ACCEPT"),
+        Target::Drop => s.push_str("-j DROP"),
         Target::Redirect { port } => write!(s, "-j REDIRECT --to-ports {port}").unwrap(),
         Target::Tproxy { port, mark } => {
-            write!(s, "-j TPROXY --on-port {port} --tproxy-mark {mark:#x}/0xffffffff").unwrap()
+            write!(s, "-j TPROXY --on-port {port} --tproxy-mark {mark}/0xffffffff").unwrap()
         }
-        Target::Mark(m) => write!(s, "-j MARK --set-xmark {m:#x}/0xffffffff").unwrap(),
+        Target::Mark(m) => write!(s, "-j MARK --set-mark {m}").unwrap(),
+        Target::SaveMark => s.push_str("-j CONNMARK --save-mark"),
+        Target::RestoreMark => s.push_str("-j CONNMARK --restore-mark"),
         Target::ConntrackZone(z) => write!(s, "-j CT --zone {z}").unwrap(),
     }
 }
