@@ -16,12 +16,14 @@
 
 pub mod adapter;
 pub mod analysis;
+pub mod app;
 pub mod istio;
 pub mod metrics;
 pub mod model;
 pub mod push;
 pub mod ratelimit;
 pub mod resource;
+pub mod server;
 pub mod snapshot;
 pub mod status;
 pub mod translate;

@@ -58,7 +58,7 @@ impl Default for Options {
         Options {
             domain: model::DEFAULT_DOMAIN.into(),
             root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
-            listener: Some(SocketAddr::from(([0, 0, 0, 0], 15000))),
+            listener: Some(SocketAddr::from(([0, 0, 0, 0], mesh_common::ports::PROXY))),
         }
     }
 }

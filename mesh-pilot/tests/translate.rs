@@ -26,19 +26,11 @@ fn store(paths: &[&str]) -> Store {
 
 /// A store from the platform fixture plus YAML text written in the test.
 fn store_with(text: &str) -> Store {
-    let dir = std::env::temp_dir().join(format!("mesh-pilot-{}-{}", std::process::id(), unique()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("rules.yaml"), text).unwrap();
+    let dir = mesh_lab::TempDir::new("pilot");
+    let rules = dir.write("rules.yaml", text);
     let mut s = store(&["bookinfo/platform.yaml", "bookinfo/rules/destination-rule-all.yaml"]);
-    s.apply(files::read(&[dir.join("rules.yaml")]).unwrap());
-    std::fs::remove_dir_all(&dir).unwrap();
+    s.apply(files::read(&[rules]).unwrap());
     s
-}
-
-fn unique() -> usize {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 /// What a proxy in `ns` receives, as one proxy config (which must validate).

@@ -228,8 +228,8 @@ mod tests {
 
     #[test]
     fn a_file_holds_exactly_its_objects_and_a_bad_object_keeps_its_last_good_version() {
-        let dir = std::env::temp_dir().join(format!("mesh-pilot-{}-1", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = mesh_lab::TempDir::new("pilot");
+        let dir = tmp.path().to_path_buf();
         let f = dir.join("rules.yaml");
         let vs = |name: &str, host: &str| {
             format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}}}\nspec: {{hosts: {host}}}\n---\n")
@@ -252,6 +252,5 @@ mod tests {
         assert_eq!(keys(&files.reload([f.clone()])), ["+VirtualService default/b", "errors 1"]);
         std::fs::remove_file(&f).unwrap();
         assert_eq!(keys(&files.reload([f.clone()])), ["-VirtualService default/b", "errors 0"]);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
