@@ -5,3 +5,4 @@
 //! - [`kube`]: a Kubernetes API server, through kube-rs watchers.
 
 pub mod files;
+pub mod kube;

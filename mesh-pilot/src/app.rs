@@ -1,12 +1,17 @@
 //! Starting a whole mesh-pilot: adapter, builder, discovery and admin servers. `main` calls
 //! [`start`] and waits; tests call it in-process with port 0 and talk to the bound addresses.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 
 use crate::{
-    adapter::files,
+    adapter::{files, kube},
     metrics::Metrics,
     push::{Builder, Input, Shared},
     server,
@@ -18,6 +23,13 @@ use crate::{
 pub enum Platform {
     /// `--config-dir`: a watched directory of Kubernetes-format YAML.
     Files(PathBuf),
+    /// A Kubernetes API server, watched.
+    Kubernetes {
+        source: kube::Source,
+        /// The version of Istio's CRDs to watch (`v1`, or `v1beta1` on older clusters).
+        istio_version: String,
+        resync: Duration,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -38,6 +50,8 @@ pub enum Error {
     Admin { addr: SocketAddr, error: std::io::Error },
     #[error(transparent)]
     Files(#[from] files::Error),
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
 }
 
 /// A running mesh-pilot. Dropping it stops every task.
@@ -78,6 +92,10 @@ pub async fn start(cfg: Config) -> Result<Bound, Error> {
                     }
                 }
             }));
+        }
+        Platform::Kubernetes { source, istio_version, resync } => {
+            let client = kube::client(source).await?;
+            tasks.extend(kube::watch(client, istio_version, *resync, tx.clone()));
         }
     }
     let bound_discovery = listener.local_addr().map_err(|error| Error::Listen { addr: cfg.listen, error })?;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use mesh_pilot::{
-    adapter::files,
+    adapter::{files, kube},
     analysis::Level,
     app,
     model::{Registry, Store},
@@ -28,8 +28,20 @@ enum Command {
     /// Watches the platform and serves every proxy its config.
     Serve {
         /// A directory of Kubernetes-format YAML (Services, EndpointSlices, Pods, Istio rules), watched.
-        #[arg(long, value_name = "DIR")]
-        config_dir: PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present_any = ["kubernetes", "kubeconfig"], conflicts_with_all = ["kubernetes", "kubeconfig"])]
+        config_dir: Option<PathBuf>,
+        /// Watch a Kubernetes API server: in-cluster config, else $KUBECONFIG, else ~/.kube/config.
+        #[arg(long)]
+        kubernetes: bool,
+        /// Watch the Kubernetes API server of this kubeconfig file.
+        #[arg(long, value_name = "PATH")]
+        kubeconfig: Option<PathBuf>,
+        /// The version of Istio's CRDs to watch (v1 since Istio 1.22; v1beta1 before).
+        #[arg(long, default_value = "v1")]
+        istio_api_version: String,
+        /// How often the Kubernetes watchers list everything again (repairs a missed event).
+        #[arg(long, default_value = "5m", value_parser = duration)]
+        resync: Duration,
         /// Discovery for the proxies (`discovery.url: http://ADDR/ns/<namespace>`); Istio's plaintext xDS port.
         #[arg(long, default_value = "0.0.0.0:15010")]
         listen: SocketAddr,
@@ -89,18 +101,33 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { config_dir, listen, admin, proxy_listener, domain, root_namespace, log_level } => {
+        Command::Serve {
+            config_dir,
+            kubernetes: _,
+            kubeconfig,
+            istio_api_version,
+            resync,
+            listen,
+            admin,
+            proxy_listener,
+            domain,
+            root_namespace,
+            log_level,
+        } => {
             tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_new(&log_level)?).init();
             let listener = match proxy_listener.as_str() {
                 "none" => None,
                 a => Some(a.parse().with_context(|| format!("--proxy-listener {a:?}: expected ip:port or none"))?),
             };
-            let cfg = app::Config {
-                platform: app::Platform::Files(config_dir),
-                listen,
-                admin,
-                translate: Options { domain, root_namespace, listener },
+            let platform = match (config_dir, kubeconfig) {
+                (Some(dir), _) => app::Platform::Files(dir),
+                (None, path) => app::Platform::Kubernetes {
+                    source: path.map_or(kube::Source::Infer, kube::Source::Kubeconfig),
+                    istio_version: istio_api_version,
+                    resync,
+                },
             };
+            let cfg = app::Config { platform, listen, admin, translate: Options { domain, root_namespace, listener } };
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(async {
                 let bound = app::start(cfg).await?;
@@ -169,4 +196,8 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Bytes> {
     tokio::time::timeout(Duration::from_secs(10), fetch)
         .await
         .context("mesh-pilot's admin server did not answer in 10s")?
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    mesh_proxy::config::parse_duration(s)
 }

@@ -59,7 +59,14 @@ async fn start(dir: &TempDir) -> Bound {
         admin: "127.0.0.1:0".parse().unwrap(),
         translate: Options { listener: None, ..Options::default() },
     };
-    app::start(cfg).await.unwrap()
+    let pilot = app::start(cfg).await.unwrap();
+    // The first build follows the first read of the directory; until then discovery answers 503.
+    let admin = pilot.admin;
+    wait_until_async(Duration::from_secs(5), "mesh-pilot ready", || async {
+        (get(admin, "/ready", &[]).await.status == 200).then_some(())
+    })
+    .await;
+    pilot
 }
 
 const RATINGS_V2_POD: &str = "\
