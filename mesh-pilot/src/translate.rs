@@ -146,7 +146,7 @@ impl<'a> Translator<'a> {
                 let msg = format!("Referenced host not found: {:?}", rl.host);
                 f.add(Code::ReferencedResourceNotFound, &obj.meta, "spec.host", msg);
             }
-            if let Err(e) = proxy::parse_duration(&rl.fill_interval) {
+            if let Err(e) = mesh_proxy::parse::duration(&rl.fill_interval) {
                 f.add(Code::SchemaValidationError, &obj.meta, "spec.fillInterval", e);
             }
             let msg = "local rate limits are not carried by mesh-proxy yet (its traffic policy issue): this resource has no effect";

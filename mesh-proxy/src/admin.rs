@@ -112,18 +112,21 @@ impl Admin {
                 "GET /config_dump\nGET /clusters[?format=json]\nGET /listeners[?format=json]\nGET /stats/prometheus\nGET /ready\nPOST /logging?level=LEVEL\nPOST /quitquitquit\n",
             ),
             (&Method::GET, "/config_dump") => {
-                let snapshot = self.control.snapshot.load();
+                let snapshot = self.control.proxy.snapshot.load();
                 #[derive(Serialize)]
                 struct Endpoints<'a> {
                     cluster: &'a str,
                     addresses: &'a [std::net::SocketAddr],
                 }
-                /// The config with an `endpoints` section beside `clusters`, as the file has it
-                /// (each cluster also lists its own).
+                /// The config as one file has it: the bootstrap and the routing in force side by
+                /// side, with an `endpoints` section beside `clusters` (each cluster also lists
+                /// its own).
                 #[derive(Serialize)]
                 struct Effective<'a> {
                     #[serde(flatten)]
-                    config: &'a crate::config::Config,
+                    bootstrap: &'a crate::config::Bootstrap,
+                    #[serde(flatten)]
+                    routing: &'a crate::config::Routing,
                     endpoints: Vec<Endpoints<'a>>,
                 }
                 #[derive(Serialize)]
@@ -133,13 +136,14 @@ impl Admin {
                     config: Effective<'a>,
                     last_rejected: Option<crate::control::Rejection>,
                 }
-                let config = &snapshot.config;
+                let routing = &snapshot.routing;
                 json(&Dump {
                     version: &snapshot.origin.version,
                     source: &snapshot.origin.source,
                     config: Effective {
-                        config,
-                        endpoints: config
+                        bootstrap: &self.control.bootstrap,
+                        routing,
+                        endpoints: routing
                             .clusters
                             .iter()
                             .map(|c| Endpoints { cluster: &c.name, addresses: &c.endpoints })
@@ -149,7 +153,7 @@ impl Admin {
                 })
             }
             (&Method::GET, "/clusters") => {
-                let snapshot = self.control.snapshot.load();
+                let snapshot = self.control.proxy.snapshot.load();
                 let views: Vec<ClusterView> = snapshot
                     .clusters
                     .iter()
@@ -202,7 +206,7 @@ impl Admin {
                 text(StatusCode::OK, out)
             }
             (&Method::GET, "/stats/prometheus") => {
-                let mut r = text(StatusCode::OK, self.control.metrics.encode());
+                let mut r = text(StatusCode::OK, self.control.metrics().encode());
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -1,32 +1,42 @@
 //! Applying configuration updates: from the file (on change or SIGHUP) and from discovery.
 //!
-//! Every update goes the same way: merge the sources into one [`RawConfig`], validate it, bind any
-//! new listener, build a snapshot, swap it in. A failure at any step rejects the update (Envoy's
-//! NACK): the last good config keeps serving, and the rejection is recorded for `/config_dump` and
-//! counted in `mesh_proxy_config_updates_total{result="rejected"}`.
+//! Every update goes the same way: merge the sources' routing into one [`RawRouting`], validate
+//! it, bind any new listener, build a snapshot, swap it in. A failure at any step rejects the update
+//! (Envoy's NACK): the last good config keeps serving, and the rejection is recorded for
+//! `/config_dump` and counted in `mesh_proxy_config_updates_total{result="rejected"}`. A file
+//! whose bootstrap differs from the one the process started with is rejected too (see
+//! [`crate::config::bootstrap`]).
 //!
-//! The sources: [`file`] (inotify, SIGHUP) and [`discovery`] (polling).
+//! The sources: [`file`](mod@file) (inotify, SIGHUP) and [`discovery`] (polling); beside them, the
+//! namespace's [`interfaces`] are re-read for the data plane.
 
 pub mod discovery;
 pub mod file;
+pub mod interfaces;
 
 use std::{
-    hash::{Hash, Hasher},
-    path::{Path, PathBuf},
+    net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
+use tokio::runtime::Handle;
 
 use crate::{
-    config::{self, Config, RawCluster, RawConfig, RawEndpoints, RawListener, RawRoute},
-    data::{
-        accept::Listeners,
-        cluster::EndpointRegistry,
-        snapshot::{Origin, SharedSnapshot, Snapshot},
+    config::{
+        self, bootstrap::Fixed, Bootstrap, Loaded, RawCluster, RawEndpoints, RawListener, RawRoute, RawRouting, Routing,
     },
+    data::{
+        accept::{Listeners, Prepared},
+        cluster::EndpointRegistry,
+        inbound::LocalAddrs,
+        snapshot::{Origin, Snapshot},
+        Proxy,
+    },
+    drain,
     metrics::Metrics,
 };
 
@@ -57,10 +67,8 @@ pub enum UpdateError {
     Config(#[from] config::Error),
     #[error(transparent)]
     Bind(#[from] crate::data::accept::BindError),
-    #[error("admin.address cannot change while running ({running} → {wanted}); restart to move it")]
-    AdminMoved { running: std::net::SocketAddr, wanted: std::net::SocketAddr },
-    #[error("readiness.address cannot change while running ({running} → {wanted}); restart to change it")]
-    ReadinessMoved { running: String, wanted: String },
+    #[error(transparent)]
+    Bootstrap(#[from] Fixed),
 }
 
 /// What an update did.
@@ -74,62 +82,67 @@ pub enum Outcome {
 
 /// Inputs and outcomes of updates; behind one mutex so updates are applied one at a time.
 struct State {
-    /// The file as last read successfully.
-    file: RawConfig,
+    /// The file's routing as last read successfully.
+    file: RawRouting,
     file_version: String,
     discovered: Discovered,
-    /// The merged input that is serving, to skip updates that change nothing.
-    applied: RawConfig,
+    /// The merged routing that is serving, to skip updates that change nothing.
+    applied: RawRouting,
     last_rejected: Option<Rejection>,
     /// The discovery answer last refused: polled again unchanged, it is not re-tried.
     rejected_discovery: Option<Discovered>,
 }
 
 pub struct Control {
-    pub snapshot: SharedSnapshot,
-    pub metrics: Arc<Metrics>,
+    /// Fixed at start; every file update is checked against it.
+    pub bootstrap: Bootstrap,
+    /// The data plane's shared state, whose snapshot updates replace.
+    pub proxy: Arc<Proxy>,
     pub listeners: Listeners,
     registry: EndpointRegistry,
     path: PathBuf,
+    /// `file:<path>`: the source of a snapshot no discovery answer contributed to.
+    file_source: String,
+    /// Where the admin API is bound: one of the proxy's own addresses.
+    admin: SocketAddr,
     state: Mutex<State>,
 }
 
 impl Control {
-    /// Starts with an already validated file: binds its listeners and serves it.
+    /// Validates the file's routing, binds its listeners and serves it: the data plane's state is
+    /// made here, with the first snapshot, and its listeners accept on `data` from then on.
     pub fn start(
-        path: PathBuf,
-        raw: RawConfig,
-        text_version: String,
-        snapshot: SharedSnapshot,
+        loaded: Loaded,
+        admin: SocketAddr,
+        data: Handle,
+        drain: Arc<drain::Trigger>,
+        local_addrs: LocalAddrs,
         metrics: Arc<Metrics>,
-        listeners: Listeners,
-        registry: EndpointRegistry,
     ) -> Result<Self, UpdateError> {
-        let config = raw.validate()?;
-        let prepared = listeners.prepare(&config.listeners)?;
-        listeners.commit(prepared);
+        let Loaded { path, version, bootstrap, routing: raw } = loaded;
+        let file_source = format!("file:{}", path.display());
+        let routing = raw.validate(&bootstrap)?;
+        let listeners = Listeners::new(data, drain);
+        let prepared = listeners.prepare(&routing.listeners)?;
+        let registry = EndpointRegistry::default();
+        let origin = Origin { source: file_source.clone(), version: format!("file={version}") };
+        let snapshot = build(routing, origin, &prepared, admin, &registry, &metrics);
+        let idle = bootstrap.tcp_idle_timeout;
+        let proxy = Arc::new(Proxy::new(Arc::new(ArcSwap::from_pointee(snapshot)), metrics, local_addrs, idle));
+        listeners.commit(prepared, &proxy);
         let state = State {
             file: raw.clone(),
-            file_version: text_version,
+            file_version: version,
             discovered: Discovered::default(),
             applied: raw,
             last_rejected: None,
             rejected_discovery: None,
         };
-        Ok(Self { snapshot, metrics, listeners, registry, path, state: Mutex::new(state) })
+        Ok(Self { bootstrap, proxy, listeners, registry, path, file_source, admin, state: Mutex::new(state) })
     }
 
-    /// Builds the first snapshot, before the control plane exists (the proxy needs it to start).
-    pub fn first_snapshot(
-        path: &Path,
-        raw: &RawConfig,
-        version: String,
-        registry: &EndpointRegistry,
-        metrics: &Metrics,
-    ) -> Result<SharedSnapshot, config::Error> {
-        let config = raw.validate()?;
-        let origin = Origin { source: format!("file:{}", path.display()), version: format!("file={version}") };
-        Ok(Arc::new(ArcSwap::from_pointee(Snapshot::build(config, origin, registry, metrics))))
+    pub fn metrics(&self) -> &Metrics {
+        &self.proxy.metrics
     }
 
     pub fn last_rejected(&self) -> Option<Rejection> {
@@ -138,26 +151,22 @@ impl Control {
 
     /// Re-reads the file and applies it.
     pub fn reload_file(&self) -> Outcome {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(t) => t,
-            Err(error) => {
-                let e = config::Error::Read { path: self.path.display().to_string(), error };
-                self.reject("file", "unreadable", &e.into());
-                return Outcome::Rejected;
-            }
-        };
-        let version = content_version(&text);
-        let raw = match RawConfig::from_yaml(&self.path.display().to_string(), &text) {
-            Ok(r) => r,
+        let loaded = match config::load(&self.path) {
+            Ok(l) => l,
             Err(e) => {
-                self.reject("file", &format!("file={version}"), &e.into());
+                let version = e.version.map_or_else(|| "unreadable".to_string(), |v| format!("file={v}"));
+                self.reject("file", &version, &e.error.into());
                 return Outcome::Rejected;
             }
         };
+        if let Err(e) = self.bootstrap.check_unchanged(&loaded.bootstrap) {
+            self.reject("file", &format!("file={}", loaded.version), &e.into());
+            return Outcome::Rejected;
+        }
         let mut state = self.state.lock().expect("state lock poisoned");
         let (old_file, old_version) = (state.file.clone(), state.file_version.clone());
-        state.file = raw;
-        state.file_version = version;
+        state.file = loaded.routing;
+        state.file_version = loaded.version;
         let outcome = self.apply(&mut state, "file");
         if outcome == Outcome::Rejected {
             // Keep merging discovery answers with the file that was good.
@@ -195,12 +204,8 @@ impl Control {
         state.last_rejected = Some(self.rejection("discovery", "unparsable", &error));
     }
 
-    /// The discovery settings in force.
-    pub fn discovery(&self) -> Option<config::Discovery> {
-        self.snapshot.load().config.discovery.clone()
-    }
-
-    fn merged(state: &State) -> (RawConfig, String, String) {
+    /// The file's routing with each section a discovery answer replaces, its version and source.
+    fn merged(&self, state: &State) -> (RawRouting, String, String) {
         let mut raw = state.file.clone();
         let mut version = format!("file={}", state.file_version);
         let d = &state.discovered;
@@ -225,22 +230,22 @@ impl Control {
             version.push_str(&format!(",eds={v}"));
             from_discovery = true;
         }
-        let source = match (&raw.discovery, from_discovery) {
+        let source = match (&self.bootstrap.discovery, from_discovery) {
             (Some(disc), true) => format!("discovery:{}", disc.url),
-            _ => "file".to_string(),
+            _ => self.file_source.clone(),
         };
         (raw, version, source)
     }
 
     fn apply(&self, state: &mut State, trigger: &str) -> Outcome {
-        let (raw, version, source) = Self::merged(state);
+        let (raw, version, source) = self.merged(state);
         if raw == state.applied {
             return Outcome::Unchanged;
         }
         match self.try_apply(&raw, &version, &source) {
             Ok(()) => {
                 state.applied = raw;
-                self.metrics.config_update(trigger, true);
+                self.metrics().config_update(trigger, true);
                 tracing::info!(%version, %source, "configuration applied");
                 Outcome::Applied
             }
@@ -252,27 +257,18 @@ impl Control {
         }
     }
 
-    fn try_apply(&self, raw: &RawConfig, version: &str, source: &str) -> Result<(), UpdateError> {
-        let config: Config = raw.validate()?;
-        let running = self.snapshot.load().config.admin;
-        if config.admin != running {
-            return Err(UpdateError::AdminMoved { running, wanted: config.admin });
-        }
-        let running = self.snapshot.load().config.readiness;
-        if config.readiness != running {
-            let show = |r: Option<config::Readiness>| r.map_or("none".to_string(), |r| r.address.to_string());
-            return Err(UpdateError::ReadinessMoved { running: show(running), wanted: show(config.readiness) });
-        }
-        let prepared = self.listeners.prepare(&config.listeners)?;
+    fn try_apply(&self, raw: &RawRouting, version: &str, source: &str) -> Result<(), UpdateError> {
+        let routing = raw.validate(&self.bootstrap)?;
+        let prepared = self.listeners.prepare(&routing.listeners)?;
         let origin = Origin { source: source.to_string(), version: version.to_string() };
-        let snapshot = Snapshot::build(config, origin, &self.registry, &self.metrics);
-        self.snapshot.store(Arc::new(snapshot));
-        self.listeners.commit(prepared);
+        let snapshot = build(routing, origin, &prepared, self.admin, &self.registry, self.metrics());
+        self.proxy.snapshot.store(Arc::new(snapshot));
+        self.listeners.commit(prepared, &self.proxy);
         Ok(())
     }
 
     fn rejection(&self, source: &str, version: &str, e: &UpdateError) -> Rejection {
-        self.metrics.config_update(source, false);
+        self.metrics().config_update(source, false);
         tracing::warn!(%source, %version, error = %e, "configuration update rejected; the last good one keeps serving");
         let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         Rejection { source: source.to_string(), version: version.to_string(), error: e.to_string(), at }
@@ -284,9 +280,16 @@ impl Control {
     }
 }
 
-/// A short content hash, the file's version in `/config_dump`.
-pub fn content_version(text: &str) -> String {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    format!("{:016x}", h.finish())
+/// The snapshot of `routing` once `prepared` is committed: its own addresses are where its
+/// listeners and the admin API are bound.
+fn build(
+    routing: Routing,
+    origin: Origin,
+    prepared: &Prepared,
+    admin: SocketAddr,
+    registry: &EndpointRegistry,
+    metrics: &Metrics,
+) -> Snapshot {
+    let own = prepared.addresses().iter().copied().chain([admin]).collect();
+    Snapshot::build(routing, origin, own, registry, metrics)
 }

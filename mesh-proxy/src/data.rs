@@ -31,7 +31,7 @@ pub mod route;
 pub mod snapshot;
 pub mod tcp;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
@@ -59,10 +59,17 @@ pub struct Proxy {
     pub(crate) passthrough_connect_failures: Counter,
     pub(crate) passthrough_tcp: Counter,
     pub(crate) inbound_tcp: Counter,
+    /// The bootstrap's `tcp_idle_timeout`, fixed for the life of the process.
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Proxy {
-    pub fn new(snapshot: SharedSnapshot, metrics: Arc<Metrics>, local_addrs: LocalAddrs) -> Self {
+    pub fn new(
+        snapshot: SharedSnapshot,
+        metrics: Arc<Metrics>,
+        local_addrs: LocalAddrs,
+        tcp_idle_timeout: Duration,
+    ) -> Self {
         Self {
             passthrough_counters: metrics.request_counters("passthrough", PASSTHROUGH_CLUSTER),
             passthrough_route: Arc::from("passthrough"),
@@ -72,6 +79,7 @@ impl Proxy {
             snapshot,
             metrics,
             local_addrs: ArcSwap::from_pointee(local_addrs),
+            tcp_idle_timeout,
         }
     }
 

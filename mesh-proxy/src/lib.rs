@@ -18,9 +18,11 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod app;
 pub mod config;
 pub mod control;
 pub mod data;
 pub mod drain;
 pub mod logging;
 pub mod metrics;
+pub mod parse;

@@ -16,7 +16,7 @@ fn example_configmaps_validate() {
             .find(|doc| doc["kind"] == "ConfigMap")
             .and_then(|cm| cm["data"]["config.yaml"].as_str().map(str::to_string))
             .unwrap_or_else(|| panic!("{example}: no ConfigMap with data.config.yaml"));
-        let c = RawConfig::from_yaml(example, &config).and_then(|r| r.validate()).unwrap();
+        let c = RawConfig::from_yaml(example, &config).and_then(|r| r.validate()).unwrap().bootstrap;
         assert_eq!(c.admin, "127.0.0.1:15090".parse().unwrap(), "{example}");
         assert_eq!(c.readiness.map(|r| r.address), Some("0.0.0.0:15021".parse().unwrap()), "{example}");
     }

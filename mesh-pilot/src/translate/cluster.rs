@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use mesh_proxy::config::{self as proxy, LbPolicy, RawCluster};
+use mesh_proxy::config::{LbPolicy, RawCluster};
 
 use super::{age_order, cluster_name, resolve_host, ClusterOut, EdsKey, Options};
 use crate::{
@@ -184,7 +184,7 @@ fn report_settings(
         if let Some(tcp) = &pool.tcp {
             f.not_carried(meta, &format!("{path}.connectionPool.tcp"), &tcp.other);
             if let Some(t) = &tcp.connect_timeout {
-                if let Err(e) = proxy::parse_duration(t) {
+                if let Err(e) = mesh_proxy::parse::duration(t) {
                     f.add(Code::SchemaValidationError, meta, format!("{path}.connectionPool.tcp.connectTimeout"), e);
                 }
             }

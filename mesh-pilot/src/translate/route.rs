@@ -6,7 +6,7 @@
 //! requests it would have matched fall through to the next rule, and it is reported. Actions the
 //! proxy lacks (retries, fault injection, mirroring...) are reported and the rule keeps routing.
 
-use mesh_proxy::config::{self as proxy, RawMatch, RawRule, RawWeightedCluster};
+use mesh_proxy::config::{RawMatch, RawRule, RawWeightedCluster};
 
 use super::{
     applies_to_sidecars, default_rule, proxy_protocol, resolve_host, ClusterOut, RouteOut, ServiceOut, Translator,
@@ -176,7 +176,7 @@ fn string_match(meta: &Meta, path: &str, sm: &StringMatch, f: &mut Findings) -> 
 fn timeout(meta: &Meta, path: &str, hr: &HttpRoute, f: &mut Findings) -> Option<String> {
     let t = hr.timeout.as_ref()?;
     let field = format!("{path}.timeout");
-    match proxy::parse_duration(t) {
+    match mesh_proxy::parse::duration(t) {
         Ok(d) if d.is_zero() => {
             let msg = "0s (no timeout) is not carried by mesh-proxy: its default route timeout (15s) applies";
             f.add(Code::NotCarriedByProxy, meta, field, msg);

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
 use crate::{
-    config::{self, DiscoveryResponse},
+    config::{self, Discovery, DiscoveryResponse},
     control::{Control, Discovered},
 };
 
@@ -90,16 +90,11 @@ pub async fn fetch(base: &str) -> Result<Discovered, FetchError> {
     Ok(Discovered { listeners, routes, clusters, endpoints })
 }
 
-/// Polls for as long as the process runs; follows the `discovery` settings of the config in force
-/// (added, removed or changed by a file reload).
-pub async fn poll_loop(control: Arc<Control>) {
+/// Polls every `discovery.poll_interval` for as long as the process runs.
+pub async fn poll_loop(control: Arc<Control>, discovery: Discovery) {
     let mut last_error: Option<String> = None;
     loop {
-        let Some(d) = control.discovery() else {
-            tokio::time::sleep(config::DEFAULT_POLL_INTERVAL).await;
-            continue;
-        };
-        match fetch(&d.url).await {
+        match fetch(&discovery.url).await {
             Ok(found) => {
                 last_error = None;
                 control.apply_discovered(found);
@@ -109,7 +104,7 @@ pub async fn poll_loop(control: Arc<Control>) {
                 control.reject_discovery(e);
             }
             Err(e) => {
-                control.metrics.discovery_fetch_errors.inc();
+                control.metrics().discovery_fetch_errors.inc();
                 let msg = e.to_string();
                 if last_error.as_deref() != Some(msg.as_str()) {
                     tracing::warn!(error = %msg, "discovery poll failed; keeping the current config");
@@ -117,6 +112,6 @@ pub async fn poll_loop(control: Arc<Control>) {
                 last_error = Some(msg);
             }
         }
-        tokio::time::sleep(d.poll_interval).await;
+        tokio::time::sleep(discovery.poll_interval).await;
     }
 }

@@ -41,6 +41,9 @@ pub struct BindError {
 /// A bound, running listener.
 struct Running {
     name: String,
+    /// Where its sockets are bound (the configured address, with the kernel's port for port 0,
+    /// and the IPv6 companion of `0.0.0.0`).
+    bound: Vec<SocketAddr>,
     /// Dropping them stops the accept loops (one per socket).
     _stop: Vec<oneshot::Sender<()>>,
 }
@@ -49,6 +52,15 @@ struct Running {
 pub struct Prepared {
     bound: Vec<(config::Listener, Vec<std::net::TcpListener>)>,
     keep: Vec<SocketAddr>,
+    /// The bound addresses of every listener the update keeps or adds.
+    addresses: Vec<SocketAddr>,
+}
+
+impl Prepared {
+    /// Where the listeners of the update are bound, once it is committed.
+    pub fn addresses(&self) -> &[SocketAddr] {
+        &self.addresses
+    }
 }
 
 /// What `/listeners` shows.
@@ -61,23 +73,23 @@ pub struct ListenerInfo {
 pub struct Listeners {
     /// Where accept loops and connections run.
     data: Handle,
-    proxy: Arc<Proxy>,
     drain: Arc<drain::Trigger>,
     running: Mutex<HashMap<SocketAddr, Running>>,
 }
 
 impl Listeners {
-    pub fn new(data: Handle, proxy: Arc<Proxy>, drain: Arc<drain::Trigger>) -> Self {
-        Self { data, proxy, drain, running: Mutex::new(HashMap::new()) }
+    pub fn new(data: Handle, drain: Arc<drain::Trigger>) -> Self {
+        Self { data, drain, running: Mutex::new(HashMap::new()) }
     }
 
     /// Binds every listener of `wanted` that is not running yet. On error nothing changes.
     pub fn prepare(&self, wanted: &[config::Listener]) -> Result<Prepared, BindError> {
         let running = self.running.lock().expect("listeners lock poisoned");
-        let mut prepared = Prepared { bound: Vec::new(), keep: Vec::new() };
+        let mut prepared = Prepared { bound: Vec::new(), keep: Vec::new(), addresses: Vec::new() };
         for l in wanted {
-            if running.contains_key(&l.address) {
+            if let Some(r) = running.get(&l.address) {
                 prepared.keep.push(l.address);
+                prepared.addresses.extend(&r.bound);
                 continue;
             }
             let err = |error| BindError { name: l.name.clone(), address: l.address, error };
@@ -93,13 +105,17 @@ impl Listeners {
                     Err(e) => return Err(BindError { name: l.name.clone(), address: v6, error: e }),
                 }
             }
+            for s in &sockets {
+                prepared.addresses.push(s.local_addr().map_err(err)?);
+            }
             prepared.bound.push((l.clone(), sockets));
         }
         Ok(prepared)
     }
 
-    /// Starts the newly bound listeners and stops those the update dropped.
-    pub fn commit(&self, prepared: Prepared) {
+    /// Starts the newly bound listeners, whose connections `proxy` serves, and stops those the
+    /// update dropped.
+    pub fn commit(&self, prepared: Prepared, proxy: &Arc<Proxy>) {
         let mut running = self.running.lock().expect("listeners lock poisoned");
         running.retain(|addr, r| {
             let keep = prepared.keep.contains(addr);
@@ -111,6 +127,7 @@ impl Listeners {
         for (l, sockets) in prepared.bound {
             let _guard = self.data.enter();
             let mut stops = Vec::with_capacity(sockets.len());
+            let mut bound = Vec::with_capacity(sockets.len());
             for socket in sockets {
                 let listener = match TcpListener::from_std(socket) {
                     Ok(l) => l,
@@ -119,19 +136,31 @@ impl Listeners {
                         continue;
                     }
                 };
-                let local = listener.local_addr().map_or_else(|_| l.address.to_string(), |a| a.to_string());
+                let local = listener.local_addr().unwrap_or(l.address);
                 tracing::info!(listener = %l.name, address = %local, "listening");
+                bound.push(local);
                 let (stop_tx, stop_rx) = oneshot::channel();
-                self.data.spawn(accept_loop(listener, l.name.clone(), self.proxy.clone(), self.drain.watch(), stop_rx));
+                self.data.spawn(accept_loop(listener, l.name.clone(), proxy.clone(), self.drain.watch(), stop_rx));
                 stops.push(stop_tx);
             }
-            running.insert(l.address, Running { name: l.name, _stop: stops });
+            running.insert(l.address, Running { name: l.name, bound, _stop: stops });
         }
     }
 
     /// Stops every accept loop (the drain).
     pub fn stop_all(&self) {
         self.running.lock().expect("listeners lock poisoned").clear();
+    }
+
+    /// Each socket of each running listener, with the address it is bound to.
+    pub fn bound(&self) -> Vec<ListenerInfo> {
+        let running = self.running.lock().expect("listeners lock poisoned");
+        let mut v: Vec<_> = running
+            .values()
+            .flat_map(|r| r.bound.iter().map(|a| ListenerInfo { name: r.name.clone(), address: *a }))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     pub fn info(&self) -> Vec<ListenerInfo> {

@@ -36,7 +36,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, drain
     // The snapshot the decision is made on; a TCP session keeps using it (its route index
     // refers to it), HTTP loads the current one per request.
     let snapshot = proxy.snapshot.load_full();
-    let idle = snapshot.config.tcp_idle_timeout;
+    let idle = proxy.tcp_idle_timeout;
     let (protocol, fallback, opaque) = match dispatch::plan(&snapshot, dst, &proxy.local_addrs.load()) {
         Plan::Inbound(addr) => return inbound::serve(&proxy, stream, peer, addr, idle).await,
         Plan::Route { route, protocol, fallback } => (protocol, fallback, Opaque::Route(route)),

@@ -61,8 +61,7 @@ pub enum Plan {
 
 /// Whether `addr` is one the proxy itself listens on.
 fn is_own(snapshot: &Snapshot, addr: SocketAddr, local: &LocalAddrs) -> bool {
-    let c = &snapshot.config;
-    c.listeners.iter().map(|l| l.address).chain(std::iter::once(c.admin)).any(|l| {
+    snapshot.own_addrs.iter().any(|l| {
         l.port() == addr.port() && (l.ip() == addr.ip() || (l.ip().is_unspecified() && local.contains(addr.ip())))
     })
 }
@@ -79,7 +78,7 @@ pub fn plan(snapshot: &Snapshot, dst: OriginalDst, local: &LocalAddrs) -> Plan {
     let fallback = if own {
         Fallback::Refuse(Refusal::OwnListener)
     } else {
-        match snapshot.config.outbound_policy {
+        match snapshot.routing.outbound_policy {
             OutboundPolicy::AllowAny => Fallback::Passthrough(addr),
             OutboundPolicy::RegistryOnly => Fallback::Refuse(Refusal::RegistryOnly),
         }
@@ -97,15 +96,17 @@ pub fn plan(snapshot: &Snapshot, dst: OriginalDst, local: &LocalAddrs) -> Plan {
 mod tests {
     use super::*;
     use crate::{
-        config::RawConfig,
+        config::{Config, RawConfig},
         data::{cluster::EndpointRegistry, snapshot::Origin},
         metrics::Metrics,
     };
 
     fn snapshot(yaml: &str) -> Snapshot {
-        let cfg = RawConfig::from_yaml("t", yaml).unwrap().validate().unwrap();
+        let Config { bootstrap, routing } = RawConfig::from_yaml("t", yaml).unwrap().validate().unwrap();
         let origin = Origin { source: "test".into(), version: "1".into() };
-        Snapshot::build(cfg, origin, &EndpointRegistry::default(), &Metrics::new())
+        // Bound as configured (no port 0 here).
+        let own = routing.listeners.iter().map(|l| l.address).chain([bootstrap.admin]).collect();
+        Snapshot::build(routing, origin, own, &EndpointRegistry::default(), &Metrics::new())
     }
 
     const CFG: &str = r#"

@@ -10,7 +10,7 @@
 use std::{
     collections::HashSet,
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
@@ -21,8 +21,8 @@ use crate::{
     data::{tcp, Proxy},
 };
 
-pub const INBOUND_SOURCE_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
-pub const INBOUND_SOURCE_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
+pub const INBOUND_SOURCE_V4: IpAddr = IpAddr::V4(mesh_common::INBOUND_PASSTHROUGH_V4);
+pub const INBOUND_SOURCE_V6: IpAddr = IpAddr::V6(mesh_common::INBOUND_PASSTHROUGH_V6);
 
 /// The addresses of this network namespace's interfaces.
 #[derive(Debug, Default, Clone)]

@@ -7,7 +7,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::Arc,
     time::Duration,
 };
@@ -19,6 +19,7 @@ use crate::{
     config::{self, Destination, PathMatch, Protocol},
     data::{balance, cluster::Cluster},
     metrics::{Metrics, RequestCounters},
+    parse::{self, Host},
 };
 
 /// A cluster of a rule with its weight and the counters of this route → cluster pair.
@@ -181,10 +182,12 @@ impl RouteTable {
         if let Some(r) = self.by_addr(orig_dst) {
             return Some(r);
         }
-        let (host, port) = split_authority(authority?, orig_dst.port())?;
-        if let Ok(ip) = host.parse::<IpAddr>() {
-            return self.by_addr(SocketAddr::new(ip, port));
-        }
+        let a = parse::authority(authority?).ok()?;
+        let port = a.port.unwrap_or(orig_dst.port());
+        let host = match a.host {
+            Host::Ip(ip) => return self.by_addr(SocketAddr::new(ip, port)),
+            Host::Name(name) => name,
+        };
         let lower;
         let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
             lower = host.to_ascii_lowercase();
@@ -197,32 +200,13 @@ impl RouteTable {
     }
 }
 
-/// Splits `host[:port]` / `[v6]:port`; the port defaults to `default_port`. A trailing dot (a
-/// fully qualified name) is dropped.
-pub fn split_authority(authority: &str, default_port: u16) -> Option<(&str, u16)> {
-    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
-        let (h, after) = rest.split_once(']')?;
-        match after.strip_prefix(':') {
-            Some(p) => (h, p.parse().ok()?),
-            None if after.is_empty() => (h, default_port),
-            None => return None,
-        }
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse().ok()?),
-            None => (authority, default_port),
-        }
-    };
-    Some((host.strip_suffix('.').unwrap_or(host), port))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{config::RawConfig, data::cluster::EndpointRegistry};
 
     fn table(yaml: &str) -> RouteTable {
-        let cfg = RawConfig::from_yaml("t", yaml).unwrap().validate().unwrap();
+        let cfg = RawConfig::from_yaml("t", yaml).unwrap().validate().unwrap().routing;
         let metrics = Metrics::new();
         let reg = EndpointRegistry::default();
         let clusters: Vec<(String, Arc<Cluster>)> =
@@ -313,15 +297,5 @@ routes:
         let n = 20_000;
         let v1 = (0..n).filter(|_| &*rule.pick().cluster.name == "v1").count();
         assert!((9_400..10_600).contains(&v1), "v1 got {v1} of {n}");
-    }
-
-    #[test]
-    fn authorities_split() {
-        assert_eq!(split_authority("a:1", 9), Some(("a", 1)));
-        assert_eq!(split_authority("a", 9), Some(("a", 9)));
-        assert_eq!(split_authority("[::1]:5", 9), Some(("::1", 5)));
-        assert_eq!(split_authority("[::1]", 9), Some(("::1", 9)));
-        assert_eq!(split_authority("a:x", 9), None);
-        assert_eq!(split_authority("[::1", 9), None);
     }
 }

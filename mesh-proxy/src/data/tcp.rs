@@ -1,6 +1,6 @@
 //! Opaque TCP: a routed session (a cluster per connection), passthrough to the original
 //! destination, connecting upstream, and the session's access-log line. The bytes are copied by
-//! [`splice`].
+//! [`splice`](mod@splice).
 
 pub mod splice;
 

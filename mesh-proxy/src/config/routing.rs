@@ -1,0 +1,416 @@
+//! The routing: listeners, routes, clusters and endpoints (Envoy's LDS, RDS, CDS, EDS) and what
+//! happens to traffic no route claims. This is what a file reload or a discovery answer replaces;
+//! validated as a whole, against the running bootstrap, each time it changes.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt,
+    net::SocketAddr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    bootstrap::{opt_duration, socket_addr},
+    invalid, Bootstrap, Error,
+};
+use crate::parse::{self, serialize_duration, Host};
+
+/// Envoy's default cluster connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Envoy's default route timeout: the longest wait for an upstream's response headers.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The routing sections of the file (or of discovery answers), as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawRouting {
+    pub outbound_policy: OutboundPolicy,
+    pub listeners: Vec<RawListener>,
+    pub routes: Vec<RawRoute>,
+    pub clusters: Vec<RawCluster>,
+    pub endpoints: Vec<RawEndpoints>,
+}
+
+/// What happens to outbound traffic that no route claims (Istio's `outboundTrafficPolicy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboundPolicy {
+    /// Forward it to the destination the application dialled (Istio's PassthroughCluster).
+    #[default]
+    AllowAny,
+    /// Refuse it: TCP is closed, HTTP gets a 502 (Istio's BlackHoleCluster).
+    RegistryOnly,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: String,
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    pub destinations: Vec<String>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    pub rules: Vec<RawRule>,
+}
+
+/// How a route's traffic is understood.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// HTTP/1.1: a cluster is picked for every request.
+    Http,
+    /// Opaque bytes: a cluster is picked once per connection.
+    Tcp,
+    /// Peek at the first bytes: HTTP/1 if they look like a request line, TCP otherwise.
+    #[default]
+    Auto,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matcher: Option<RawMatch>,
+    pub clusters: Vec<RawWeightedCluster>,
+    /// Longest wait for the response headers (default 15s, Envoy's route timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Exact value per header name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeightedCluster {
+    pub name: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub name: String,
+    #[serde(default)]
+    pub lb_policy: LbPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+}
+
+/// How a cluster spreads requests over its endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    /// Power of two choices: the less busy of two random endpoints.
+    LeastRequest,
+    Random,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEndpoints {
+    pub cluster: String,
+    pub addresses: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated
+// ---------------------------------------------------------------------------------------------
+
+/// The routing the proxy runs: every reference resolved, every value parsed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Routing {
+    pub outbound_policy: OutboundPolicy,
+    pub listeners: Vec<Listener>,
+    pub routes: Vec<Route>,
+    /// Each cluster carries its endpoints (the `endpoints` section merged in).
+    pub clusters: Vec<Cluster>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Route {
+    pub name: String,
+    pub destinations: Vec<Destination>,
+    pub protocol: Protocol,
+    pub rules: Vec<Rule>,
+}
+
+/// What the application dialled, as a route names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(untagged)]
+pub enum Destination {
+    /// An original destination `ip:port` (also matched by an HTTP authority that is that literal).
+    Addr(SocketAddr),
+    /// An HTTP authority: host (lower case) and port; no port matches every port.
+    Host { host: String, port: Option<u16> },
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Destination::Addr(a) => write!(f, "{a}"),
+            Destination::Host { host, port: Some(p) } => write!(f, "{host}:{p}"),
+            Destination::Host { host, port: None } => write!(f, "{host}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    #[serde(rename = "match")]
+    pub matcher: Match,
+    pub clusters: Vec<WeightedCluster>,
+    #[serde(serialize_with = "serialize_duration")]
+    pub timeout: Duration,
+}
+
+/// Conditions that must all hold; the default matches every request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Match {
+    pub path: PathMatch,
+    /// Lower-case header names with the exact value required.
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathMatch {
+    #[default]
+    Any,
+    Prefix(String),
+    Exact(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WeightedCluster {
+    pub name: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cluster {
+    pub name: String,
+    pub lb_policy: LbPolicy,
+    #[serde(serialize_with = "serialize_duration")]
+    pub connect_timeout: Duration,
+    pub endpoints: Vec<SocketAddr>,
+}
+
+impl RawRouting {
+    /// Checks every value and reference; `bootstrap` is what the listeners may not collide with.
+    /// The first problem wins, named by its field path.
+    pub fn validate(&self, bootstrap: &Bootstrap) -> Result<Routing, Error> {
+        let mut listeners = Vec::with_capacity(self.listeners.len());
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let field = format!("listeners[{i}]");
+            check_name(&format!("{field}.name"), &l.name)?;
+            if !names.insert(l.name.as_str()) {
+                return Err(invalid(format!("{field}.name"), format!("listener {:?} is defined twice", l.name)));
+            }
+            let address = socket_addr(&format!("{field}.address"), &l.address)?;
+            if !addrs.insert(address) {
+                return Err(invalid(format!("{field}.address"), format!("{address} is used by two listeners")));
+            }
+            if address == bootstrap.admin {
+                return Err(invalid(format!("{field}.address"), format!("{address} is the admin address")));
+            }
+            if bootstrap.readiness.is_some_and(|r| r.address == address) {
+                return Err(invalid(format!("{field}.address"), format!("{address} is the readiness address")));
+            }
+            listeners.push(Listener { name: l.name.clone(), address });
+        }
+
+        let mut clusters: Vec<Cluster> = Vec::with_capacity(self.clusters.len());
+        let mut cluster_index: HashMap<&str, usize> = HashMap::new();
+        for (i, c) in self.clusters.iter().enumerate() {
+            let field = format!("clusters[{i}]");
+            check_name(&format!("{field}.name"), &c.name)?;
+            if cluster_index.insert(c.name.as_str(), i).is_some() {
+                return Err(invalid(format!("{field}.name"), format!("cluster {:?} is defined twice", c.name)));
+            }
+            let connect_timeout = opt_duration(
+                &format!("{field}.connect_timeout"),
+                c.connect_timeout.as_deref(),
+                DEFAULT_CONNECT_TIMEOUT,
+            )?;
+            if connect_timeout.is_zero() {
+                return Err(invalid(format!("{field}.connect_timeout"), "must be greater than 0"));
+            }
+            clusters.push(Cluster {
+                name: c.name.clone(),
+                lb_policy: c.lb_policy,
+                connect_timeout,
+                endpoints: Vec::new(),
+            });
+        }
+
+        let mut seen_eds = HashSet::new();
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let field = format!("endpoints[{i}]");
+            let Some(&ci) = cluster_index.get(e.cluster.as_str()) else {
+                return Err(invalid(
+                    format!("{field}.cluster"),
+                    format!("cluster {:?} is not defined in clusters", e.cluster),
+                ));
+            };
+            if !seen_eds.insert(e.cluster.as_str()) {
+                return Err(invalid(
+                    format!("{field}.cluster"),
+                    format!(
+                        "endpoints for cluster {:?} are given twice; list all its addresses in one entry",
+                        e.cluster
+                    ),
+                ));
+            }
+            for (j, a) in e.addresses.iter().enumerate() {
+                let addr = socket_addr(&format!("{field}.addresses[{j}]"), a)?;
+                if clusters[ci].endpoints.contains(&addr) {
+                    return Err(invalid(format!("{field}.addresses[{j}]"), format!("{addr} is listed twice")));
+                }
+                clusters[ci].endpoints.push(addr);
+            }
+        }
+
+        let mut routes = Vec::with_capacity(self.routes.len());
+        let mut route_names = HashSet::new();
+        let mut claimed: HashMap<Destination, &str> = HashMap::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let field = format!("routes[{i}]");
+            check_name(&format!("{field}.name"), &r.name)?;
+            if !route_names.insert(r.name.as_str()) {
+                return Err(invalid(format!("{field}.name"), format!("route {:?} is defined twice", r.name)));
+            }
+            if r.destinations.is_empty() {
+                return Err(invalid(format!("{field}.destinations"), "at least one destination is needed"));
+            }
+            let mut destinations = Vec::with_capacity(r.destinations.len());
+            for (j, d) in r.destinations.iter().enumerate() {
+                let dest = parse_destination(d).map_err(|e| invalid(format!("{field}.destinations[{j}]"), e))?;
+                if let Some(other) = claimed.insert(dest.clone(), r.name.as_str()) {
+                    return Err(invalid(
+                        format!("{field}.destinations[{j}]"),
+                        format!("{dest} is already routed by route {other:?}"),
+                    ));
+                }
+                destinations.push(dest);
+            }
+            if r.rules.is_empty() {
+                return Err(invalid(format!("{field}.rules"), "at least one rule is needed"));
+            }
+            let mut rules = Vec::with_capacity(r.rules.len());
+            for (k, rule) in r.rules.iter().enumerate() {
+                let field = format!("{field}.rules[{k}]");
+                rules.push(validate_rule(&field, rule, &cluster_index)?);
+            }
+            routes.push(Route { name: r.name.clone(), destinations, protocol: r.protocol, rules });
+        }
+
+        Ok(Routing { outbound_policy: self.outbound_policy, listeners, routes, clusters })
+    }
+}
+
+/// Parses a route destination: an `ip:port`, or an HTTP authority `host[:port]` (lower-cased; no
+/// port matches every port), by the grammar the request path reads authorities with.
+pub fn parse_destination(s: &str) -> Result<Destination, String> {
+    let s = s.trim();
+    let a = parse::authority(s).map_err(|e| match e {
+        parse::AuthorityError::Port => format!("invalid port in {s:?}"),
+        e => format!("invalid destination {s:?}: {e}"),
+    })?;
+    match (a.host, a.port) {
+        (Host::Ip(ip), Some(port)) => Ok(Destination::Addr(SocketAddr::new(ip, port))),
+        (Host::Ip(_), None) => Err(format!("invalid destination {s:?}: an IP destination needs a port")),
+        (Host::Name(host), port) => Ok(Destination::Host { host: host.to_ascii_lowercase(), port }),
+    }
+}
+
+fn validate_rule(field: &str, rule: &RawRule, clusters: &HashMap<&str, usize>) -> Result<Rule, Error> {
+    let mut matcher = Match::default();
+    if let Some(m) = &rule.matcher {
+        matcher.path = match (&m.path_prefix, &m.path) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(format!("{field}.match"), "give either path_prefix or path, not both"))
+            }
+            (Some(p), None) => PathMatch::Prefix(check_path(&format!("{field}.match.path_prefix"), p)?),
+            (None, Some(p)) => PathMatch::Exact(check_path(&format!("{field}.match.path"), p)?),
+            (None, None) => PathMatch::Any,
+        };
+        for (name, value) in &m.headers {
+            let hfield = format!("{field}.match.headers.{name}");
+            let lname = name.to_ascii_lowercase();
+            http::HeaderName::from_bytes(lname.as_bytes())
+                .map_err(|_| invalid(&hfield, format!("{name:?} is not a valid header name")))?;
+            http::HeaderValue::from_str(value)
+                .map_err(|_| invalid(&hfield, format!("{value:?} is not a valid header value")))?;
+            matcher.headers.push((lname, value.clone()));
+        }
+    }
+    if rule.clusters.is_empty() {
+        return Err(invalid(format!("{field}.clusters"), "at least one cluster is needed"));
+    }
+    let mut total: u64 = 0;
+    let mut out = Vec::with_capacity(rule.clusters.len());
+    for (i, wc) in rule.clusters.iter().enumerate() {
+        if !clusters.contains_key(wc.name.as_str()) {
+            return Err(invalid(
+                format!("{field}.clusters[{i}].name"),
+                format!("cluster {:?} is not defined in clusters", wc.name),
+            ));
+        }
+        if wc.weight == 0 {
+            return Err(invalid(format!("{field}.clusters[{i}].weight"), "weight must be greater than 0"));
+        }
+        total += u64::from(wc.weight);
+        out.push(WeightedCluster { name: wc.name.clone(), weight: wc.weight });
+    }
+    if total > u64::from(u32::MAX) {
+        return Err(invalid(format!("{field}.clusters"), "the weights add up to more than 4294967295"));
+    }
+    let timeout = opt_duration(&format!("{field}.timeout"), rule.timeout.as_deref(), DEFAULT_REQUEST_TIMEOUT)?;
+    Ok(Rule { matcher, clusters: out, timeout })
+}
+
+fn check_path(field: &str, p: &str) -> Result<String, Error> {
+    if !p.starts_with('/') {
+        return Err(invalid(field, format!("{p:?} must start with /")));
+    }
+    Ok(p.to_string())
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), Error> {
+    if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control() || c == '"') {
+        return Err(invalid(field, format!("{name:?} is not a valid name: 1-128 printable characters")));
+    }
+    Ok(())
+}
