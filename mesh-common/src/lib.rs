@@ -7,7 +7,7 @@
 //!   the local application, which interception leaves alone.
 //! - [`PROXY_UID`], [`PROXY_GID`]: the proxy's user, whose traffic is never captured.
 //! - [`ports`]: Istio's well-known sidecar ports and this project's defaults.
-//! - [`flags`]: the istio-iptables flags mesh-init accepts, for the tools that call it.
+//! - [`flags`]: the istio-iptables flags that more than one crate names.
 //!
 //! `no_std` and without dependencies so that the eBPF side (`mesh-ebpf-common`) can use it.
 
@@ -25,46 +25,63 @@ pub const INBOUND_PASSTHROUGH_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 /// adds it when it captures IPv6.
 pub const INBOUND_PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
-/// The proxy's UID (Istio's): mesh-init's default `--proxy-uid`, the user the injected sidecar
-/// runs as, so the proxy's own connections are never redirected to itself.
-pub const PROXY_UID: u32 = 1337;
+/// Defines a number once and, from the same literal, its text (`<NAME>_TEXT`): clap takes a
+/// default value as a `&'static str`, and a second literal there would be a second definition.
+macro_rules! number_and_text {
+    ($($(#[$doc:meta])* $name:ident, $text:ident: $ty:ty = $value:literal;)*) => {
+        $(
+            $(#[$doc])*
+            pub const $name: $ty = $value;
+            #[doc = concat!("[`", stringify!($name), "`] as text, for a command line's default value.")]
+            pub const $text: &str = stringify!($value);
+        )*
+    };
+}
+
+number_and_text! {
+    /// The proxy's UID (Istio's): mesh-init's default `--proxy-uid` (when `ENVOY_USER` names no
+    /// user), the user the injected sidecar runs as, so the proxy's own connections are never
+    /// redirected to itself.
+    PROXY_UID, PROXY_UID_TEXT: u32 = 1337;
+}
 
 /// The proxy's GID: mesh-init's default `--proxy-gid` follows `--proxy-uid`, and the sidecar's
 /// group is the same number.
 pub const PROXY_GID: u32 = PROXY_UID;
 
 /// Ports. Istio's are listed for what they mean to a pod (an injector excludes them from inbound
-/// capture); this project's defaults are the values mesh-init and mesh-proxy use when no flag or
-/// config says otherwise.
+/// capture, `mesh-init iptables` uses them as istio-iptables does); this project's own defaults
+/// are the values mesh-init's other modes and mesh-proxy use when no flag or config says otherwise.
 pub mod ports {
-    /// Istio's outbound capture port (`istio-iptables -p 15001`).
-    pub const ISTIO_OUTBOUND: u16 = 15001;
-    /// Istio's inbound capture port (`istio-iptables -z 15006`).
-    pub const ISTIO_INBOUND: u16 = 15006;
-    /// Istio's HBONE tunnel port.
-    pub const ISTIO_TUNNEL: u16 = 15008;
-    /// Istio's merged application and proxy metrics, and the health checks it rewrites.
-    pub const ISTIO_MERGED_METRICS: u16 = 15020;
-    /// Istio's readiness port (`/healthz/ready`).
-    pub const ISTIO_READINESS: u16 = 15021;
-    /// Istio's DNS capture port.
-    pub const ISTIO_DNS: u16 = 15053;
-    /// Istio's Envoy Prometheus port.
-    pub const ISTIO_PROMETHEUS: u16 = 15090;
+    number_and_text! {
+        /// Istio's outbound capture port: `mesh-init iptables`' default `-p`.
+        ISTIO_OUTBOUND, ISTIO_OUTBOUND_TEXT: u16 = 15001;
+        /// Istio's inbound capture port: `mesh-init iptables`' default `-z`.
+        ISTIO_INBOUND, ISTIO_INBOUND_TEXT: u16 = 15006;
+        /// Istio's HBONE tunnel port: `mesh-init iptables`' default `-e`.
+        ISTIO_TUNNEL, ISTIO_TUNNEL_TEXT: u16 = 15008;
+        /// Istio's merged application and proxy metrics, and the health checks it rewrites.
+        ISTIO_MERGED_METRICS, ISTIO_MERGED_METRICS_TEXT: u16 = 15020;
+        /// Istio's readiness port (`/healthz/ready`).
+        ISTIO_READINESS, ISTIO_READINESS_TEXT: u16 = 15021;
+        /// Istio's DNS capture port: mesh-init's default `--dns-port`.
+        ISTIO_DNS, ISTIO_DNS_TEXT: u16 = 15053;
+        /// Istio's Envoy Prometheus port.
+        ISTIO_PROMETHEUS, ISTIO_PROMETHEUS_TEXT: u16 = 15090;
+        /// This project's one proxy port for both directions: the default `-p` of `mesh-init
+        /// ebpf` and `mesh-init inject` (`-z` defaults to it), where the sidecar listens.
+        PROXY, PROXY_TEXT: u16 = 15000;
+    }
 
-    /// mesh-init's default `-p`: the one port the proxy listens on for redirected traffic, in
-    /// both directions (`-z` defaults to it).
-    pub const PROXY: u16 = 15000;
-    /// mesh-init's default `--dns-port` (Istio's).
-    pub const DNS: u16 = ISTIO_DNS;
-    /// mesh-proxy's admin API port (on 127.0.0.1), and the injector's `--proxy-admin-port`.
+    /// mesh-proxy's admin API port (on 127.0.0.1), and the injector's `--proxy-admin-port`:
+    /// Istio's Prometheus port, which injectors already exclude from capture.
     pub const ADMIN: u16 = ISTIO_PROMETHEUS;
     /// The injector's `--proxy-readiness-port`: what the readiness probe targets (Istio's).
     pub const READINESS: u16 = ISTIO_READINESS;
 }
 
-/// The istio-iptables flags that mesh-init accepts (`mesh-init iptables`, `ebpf`, `validate`), by
-/// the names istio-iptables gives them, for the programs that define or pass them.
+/// The istio-iptables flags that another crate passes to mesh-init (the bench), defined here and
+/// used by mesh-init's own flag definitions; the rest of the set lives in mesh-init's `capture`.
 pub mod flags {
     /// One flag: its long name (without `--`), its short letter and its environment variable.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,42 +94,6 @@ pub mod flags {
         pub env: &'static str,
     }
 
-    /// `-p`: the outbound redirect port.
+    /// `-p`: the outbound redirect port, where the proxy listens.
     pub const ENVOY_PORT: Flag = Flag { long: "envoy-port", short: Some('p'), env: "ENVOY_PORT" };
-    /// `-z`: the inbound redirect port.
-    pub const INBOUND_CAPTURE_PORT: Flag =
-        Flag { long: "inbound-capture-port", short: Some('z'), env: "INBOUND_CAPTURE_PORT" };
-    /// `-u`: UIDs never redirected.
-    pub const PROXY_UID: Flag = Flag { long: "proxy-uid", short: Some('u'), env: "PROXY_UID" };
-    /// `-g`: GIDs never redirected.
-    pub const PROXY_GID: Flag = Flag { long: "proxy-gid", short: Some('g'), env: "PROXY_GID" };
-    /// `-i`: outbound CIDRs captured.
-    pub const SERVICE_CIDR: Flag = Flag { long: "istio-service-cidr", short: Some('i'), env: "ISTIO_SERVICE_CIDR" };
-    /// `-x`: outbound CIDRs never captured.
-    pub const SERVICE_EXCLUDE_CIDR: Flag =
-        Flag { long: "istio-service-exclude-cidr", short: Some('x'), env: "ISTIO_SERVICE_EXCLUDE_CIDR" };
-    /// `-q`: outbound ports captured whatever the CIDR.
-    pub const OUTBOUND_PORTS: Flag =
-        Flag { long: "istio-outbound-ports", short: Some('q'), env: "ISTIO_OUTBOUND_PORTS" };
-    /// `-o`: outbound ports never captured.
-    pub const OUTBOUND_PORTS_EXCLUDE: Flag = Flag {
-        long: "istio-local-outbound-ports-exclude",
-        short: Some('o'),
-        env: "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",
-    };
-    /// `-b`: inbound ports captured.
-    pub const INBOUND_PORTS: Flag = Flag { long: "istio-inbound-ports", short: Some('b'), env: "ISTIO_INBOUND_PORTS" };
-    /// `-d`: inbound ports never captured.
-    pub const INBOUND_PORTS_EXCLUDE: Flag =
-        Flag { long: "istio-local-exclude-ports", short: Some('d'), env: "ISTIO_LOCAL_EXCLUDE_PORTS" };
-    /// `-c`: interfaces never captured.
-    pub const EXCLUDE_INTERFACES: Flag =
-        Flag { long: "istio-exclude-interfaces", short: Some('c'), env: "ISTIO_EXCLUDE_INTERFACES" };
-    /// `-m`: REDIRECT or TPROXY for inbound.
-    pub const INBOUND_INTERCEPTION_MODE: Flag =
-        Flag { long: "istio-inbound-interception-mode", short: Some('m'), env: "ISTIO_INBOUND_INTERCEPTION_MODE" };
-    /// `--redirect-dns`: capture DNS to the proxy.
-    pub const REDIRECT_DNS: Flag = Flag { long: "redirect-dns", short: None, env: "REDIRECT_DNS" };
-    /// `--dns-port`: where captured DNS goes.
-    pub const DNS_PORT: Flag = Flag { long: "dns-port", short: None, env: "DNS_PORT" };
 }

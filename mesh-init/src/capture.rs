@@ -19,6 +19,7 @@ use std::{collections::BTreeSet, fmt, net::IpAddr, path::PathBuf};
 
 pub use host::{Host, System};
 use ipnet::{IpNet, Ipv4Net};
+use mesh_common::{flags, ports};
 pub use parse::go_bool;
 use parse::IdKind;
 use serde::Serialize;
@@ -27,16 +28,22 @@ use serde::Serialize;
 #[derive(Debug, Clone, clap::Args)]
 pub struct CaptureArgs {
     /// Port the proxy listens on for redirected outbound traffic.
-    #[arg(short = 'p', long = "envoy-port", visible_alias = "proxy-port", env = "ENVOY_PORT", default_value = "15001")]
+    #[arg(
+        short = flags::ENVOY_PORT.short,
+        long = flags::ENVOY_PORT.long,
+        visible_alias = "proxy-port",
+        env = flags::ENVOY_PORT.env,
+        default_value = ports::ISTIO_OUTBOUND_TEXT
+    )]
     pub envoy_port: String,
 
     /// Port the proxy listens on for redirected inbound traffic.
-    #[arg(short = 'z', long = "inbound-capture-port", env = "INBOUND_CAPTURE_PORT", default_value = "15006")]
+    #[arg(short = 'z', long = "inbound-capture-port", env = "INBOUND_CAPTURE_PORT", default_value = ports::ISTIO_INBOUND_TEXT)]
     pub inbound_capture_port: Option<String>,
 
     /// The proxy's tunnel (HBONE) port: inbound traffic to it is never captured, nor the proxy's
     /// own connections to it through `lo`.
-    #[arg(short = 'e', long = "inbound-tunnel-port", env = "INBOUND_TUNNEL_PORT", default_value = "15008")]
+    #[arg(short = 'e', long = "inbound-tunnel-port", env = "INBOUND_TUNNEL_PORT", default_value = ports::ISTIO_TUNNEL_TEXT)]
     pub inbound_tunnel_port: String,
 
     /// UIDs (numbers or user names) whose traffic is never redirected, comma separated [default:
@@ -117,7 +124,7 @@ pub struct CaptureArgs {
     pub capture_all_dns: bool,
 
     /// The proxy's DNS port, used with --redirect-dns (istio-iptables: always 15053).
-    #[arg(long = "dns-port", env = "DNS_PORT", default_value = "15053")]
+    #[arg(long = "dns-port", env = "DNS_PORT", default_value = ports::ISTIO_DNS_TEXT)]
     pub dns_port: String,
 
     /// The resolv.conf whose nameservers DNS capture is limited to [default: /etc/netns/NAME/resolv.conf
@@ -291,7 +298,7 @@ impl InvalidFlag {
 }
 
 /// istio-iptables' fallback proxy UID when `ENVOY_USER` names no user.
-const DEFAULT_PROXY_UID: u32 = 1337;
+const DEFAULT_PROXY_UID: u32 = mesh_common::PROXY_UID;
 
 impl CaptureArgs {
     /// Parses and cross-checks every flag against the real machine. The first bad value wins,

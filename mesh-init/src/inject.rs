@@ -66,9 +66,9 @@ pub const DEFAULT_INIT_IMAGE: &str = concat!("mesh-init:", env!("CARGO_PKG_VERSI
 /// directions, everything captured), not istio-iptables' (`-p 15001 -z 15006`, nothing captured).
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    mut_arg("envoy_port", |a| a.default_value("15000")),
+    mut_arg("envoy_port", |a| a.default_value(mesh_common::ports::PROXY_TEXT)),
     mut_arg("inbound_capture_port", |a| a.default_value(None::<&'static str>)),
-    mut_arg("proxy_uid", |a| a.default_value("1337")),
+    mut_arg("proxy_uid", |a| a.default_value(mesh_common::PROXY_UID_TEXT)),
     mut_arg("service_cidr", |a| a.default_value("*")),
     mut_arg("inbound_ports", |a| a.default_value("*")),
 )]
@@ -91,12 +91,12 @@ pub struct InjectArgs {
 
     /// mesh-proxy's admin port (on loopback in the config); never captured inbound, as Istio
     /// excludes 15090.
-    #[arg(long = "proxy-admin-port", default_value = "15090", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long = "proxy-admin-port", default_value_t = mesh_common::ports::ADMIN, value_parser = clap::value_parser!(u16).range(1..))]
     pub admin_port: u16,
 
     /// mesh-proxy's readiness port (`readiness.address` in its config): the readiness probe's
     /// target, never captured inbound.
-    #[arg(long = "proxy-readiness-port", default_value = "15021", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long = "proxy-readiness-port", default_value_t = mesh_common::ports::READINESS, value_parser = clap::value_parser!(u16).range(1..))]
     pub readiness_port: u16,
 
     /// ConfigMap holding the sidecar's `config.yaml` [default: WORKLOAD-mesh-proxy, after the workload's name].

@@ -6,20 +6,26 @@
 //! proxy cannot bind that source, and an application listening only on the pod's IPv6 address
 //! is unreachable inbound. Istio's init container adds it for the same reason.
 
+use mesh_common::INBOUND_PASSTHROUGH_V6;
+
 use crate::iptables::{self, Error};
 
-const ADDR: &str = "::6/128";
+/// `::6/128`, as `ip` takes it and shows it.
+fn addr() -> String {
+    format!("{INBOUND_PASSTHROUGH_V6}/128")
+}
 
 /// Puts ::6 on `lo` (a no-op when it is there). Only called when IPv6 is being captured.
 pub fn add_passthrough_v6() -> Result<(), Error> {
-    iptables::command("ip", &["-6", "addr", "replace", ADDR, "dev", "lo"]).map(drop)
+    iptables::command("ip", &["-6", "addr", "replace", &addr(), "dev", "lo"]).map(drop)
 }
 
 /// Removes ::6 from `lo` if it is there (cleanup).
 pub fn remove_passthrough_v6() -> Result<(), Error> {
     let shown = iptables::command("ip", &["-6", "addr", "show", "dev", "lo"])?;
-    if shown.lines().any(|l| l.trim_start().starts_with("inet6 ::6/128")) {
-        iptables::command("ip", &["-6", "addr", "del", ADDR, "dev", "lo"])?;
+    let shown_as = format!("inet6 {}", addr());
+    if shown.lines().any(|l| l.trim_start().starts_with(&shown_as)) {
+        iptables::command("ip", &["-6", "addr", "del", &addr(), "dev", "lo"])?;
     }
     Ok(())
 }

@@ -76,7 +76,7 @@ struct IptablesCmd {
 /// captured) rather than istio-iptables' (`-p 15001 -z 15006`, nothing captured).
 #[derive(clap::Args)]
 #[command(
-    mut_arg("envoy_port", |a| a.default_value("15000")),
+    mut_arg("envoy_port", |a| a.default_value(mesh_common::ports::PROXY_TEXT)),
     mut_arg("inbound_capture_port", |a| a.default_value(None::<&'static str>)),
     mut_arg("service_cidr", |a| a.default_value("*")),
     mut_arg("inbound_ports", |a| a.default_value("*")),

@@ -8,7 +8,7 @@
 mod plan;
 mod render;
 
-use std::{collections::BTreeSet, fmt};
+use std::{collections::BTreeSet, fmt, net::IpAddr};
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -38,8 +38,8 @@ impl Family {
     /// that the OUTPUT rules can tell that hop apart and leave it alone (Istio's convention).
     pub fn inbound_passthrough_source(self) -> IpNet {
         match self {
-            Family::V4 => "127.0.0.6/32".parse().unwrap(),
-            Family::V6 => "::6/128".parse().unwrap(),
+            Family::V4 => IpNet::from(IpAddr::V4(mesh_common::INBOUND_PASSTHROUGH_V4)),
+            Family::V6 => IpNet::from(IpAddr::V6(mesh_common::INBOUND_PASSTHROUGH_V6)),
         }
     }
 }

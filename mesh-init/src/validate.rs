@@ -107,7 +107,7 @@ pub fn istio_probe(ports: &[u16], probe_port: u16, timeout: Duration) -> Result<
         return Err(ValidationError::ListenAny { addrs, cause });
     }
     // 127.0.0.0/8 is local: the kernel picks 127.0.0.1 as the source, as istio-validation binds.
-    let probe: SocketAddr = ([127, 0, 0, 6], probe_port).into();
+    let probe = SocketAddr::from((mesh_common::INBOUND_PASSTHROUGH_V4, probe_port));
     let port = ports[ports.len() - 1];
     let _client =
         TcpStream::connect_timeout(&probe, timeout).map_err(|cause| ValidationError::Connect { probe, port, cause })?;
