@@ -230,10 +230,15 @@ pub const fn is_inbound_passthrough_source(a: &Addr) -> bool {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are #[repr(C)], contain only integers, and have no padding (checked
-    // by the size assertions below), so every bit pattern is a valid value.
+    // aya::Pod promises that every bit pattern is a valid value and that there is no padding to
+    // leak or compare: true of #[repr(C)] structs of integers whose size is the sum of their
+    // fields' (the size assertions below).
+
+    // SAFETY: #[repr(C)], integers only, 8 bytes with no padding (asserted below).
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: #[repr(C)], integers only, 36 bytes with no padding (asserted below).
     unsafe impl aya::Pod for super::SockPair {}
+    // SAFETY: #[repr(C)], integers only, 20 bytes with no padding (asserted below).
     unsafe impl aya::Pod for super::OrigDst {}
 
     const _: () = assert!(core::mem::size_of::<super::Config>() == 8);
