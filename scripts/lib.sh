@@ -36,6 +36,16 @@ mesh_reap_stale() {
     fi
   done
   rmdir /sys/fs/bpf/mesh-init 2>/dev/null || true
+  # Per-namespace configuration (`ip netns exec` mounts /etc/netns/<ns>/resolv.conf), named
+  # after the test's namespace.
+  local etc
+  for etc in /etc/netns/mesh-*; do
+    [ -d "$etc" ] || continue
+    pid=$(basename "$etc" | awk -F- '{print $(NF-1)}')
+    if [[ "$pid" =~ ^[0-9]+$ ]] && [ ! -d "/proc/$pid" ]; then
+      rm -rf "$etc" && echo "[cleanup] removed stale $etc" >&2
+    fi
+  done
 }
 
 # The cgroup path (below the cgroup2 mount) of a mesh-init pin directory's name: '/', '.' and '%'

@@ -26,6 +26,8 @@ declare -A pkg_of=(
   [ip]=iproute2
   [nsenter]=util-linux
   [conntrack]=conntrack
+  [nft]=nftables
+  [dig]=bind9-dnsutils
 )
 missing=()
 for cmd in "${!pkg_of[@]}"; do

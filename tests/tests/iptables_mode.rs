@@ -1,5 +1,6 @@
 //! What only the iptables mode has: dry runs, golden files accepted by the real
-//! `iptables-restore`, both backends, TPROXY, DNS capture and large rule sets.
+//! `iptables-restore`, both backends, TPROXY, istio-validation and large rule sets (DNS capture:
+//! `dns_capture.rs`).
 
 use std::{
     fs,
@@ -201,39 +202,6 @@ fn tproxy_delivers_inbound_with_the_client_address_kept() {
     assert!(net.pod.sh("ip rule").contains("fwmark 0x539 lookup 133"));
     check(Command::new(bin("mesh-init")).args(["iptables", "--netns", net.pod.name(), "--cleanup-only"]));
     assert!(!net.pod.sh("ip rule").contains("lookup 133"), "cleanup removes the policy route");
-}
-
-#[test]
-fn dns_is_captured_to_the_dns_port_except_for_the_proxy() {
-    if !privileged("dns_is_captured_to_the_dns_port_except_for_the_proxy") {
-        return;
-    }
-    let net = PodNet::new("dns");
-    check(Command::new(bin("mesh-init")).args([
-        "iptables",
-        "--netns",
-        net.pod.name(),
-        "--redirect-dns",
-        "--capture-all-dns",
-    ]));
-    // A UDP "DNS server" that answers with its own name, in the pod (the proxy's DNS port) and
-    // on the remote (the real server).
-    let server = |name: &str, port: u16| {
-        format!(
-            "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', {port})); print('ready', flush=True)\n\
-             while True:\n    d, a = s.recvfrom(512); s.sendto(b'{name}', a)"
-        )
-    };
-    let mut proxy_dns = Proc::spawn(net.pod.command_as(1337, 1337, "python3").args(["-c", &server("proxy", 15053)]));
-    proxy_dns.wait_for_line("ready");
-    let mut real_dns = Proc::spawn(net.remote.command("python3").args(["-c", &server("real", 53)]));
-    real_dns.wait_for_line("ready");
-    let ask = "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); \
-               s.sendto(b'q', ('10.200.0.2', 53)); print(s.recvfrom(512)[0].decode())";
-    let app = check(net.pod.command("python3").args(["-c", ask]));
-    assert_eq!(String::from_utf8_lossy(&app.stdout).trim(), "proxy", "the application's DNS goes to the proxy");
-    let proxy = check(net.pod.command_as(1337, 1337, "python3").args(["-c", ask]));
-    assert_eq!(String::from_utf8_lossy(&proxy.stdout).trim(), "real", "the proxy's own DNS goes out");
 }
 
 #[test]
