@@ -1,61 +1,60 @@
-# syntax=docker/dockerfile:1
+# The two images, from binaries built on the host. Use scripts/image.sh, which builds the
+# binaries (stripped, profile `image`), makes the Debian base with debootstrap (nothing comes from
+# Docker Hub), and runs
 #
-# Two images from one build:
-#   docker build --target mesh-init  -t mesh-init:0.1.0  .
-#   docker build --target mesh-proxy -t mesh-proxy:0.1.0 .
-# (the tags `mesh-init inject` writes by default; see deploy/README.md). Built with the `ebpf`
-# feature, so one mesh-init image serves both modes.
+#   podman build --pull=never --network=none --build-arg BASE=<base> --target mesh-init  -t <hub>/mesh-init:<tag>  -f Dockerfile <context>
+#   podman build --pull=never --network=none --build-arg BASE=<base> --target mesh-proxy -t <hub>/mesh-proxy:<tag> -f Dockerfile <context>
+#
+# where <context> holds only `mesh-init` and `mesh-proxy` (the repository, with its target/, is
+# never sent to the builder). Both binaries are built on the host rather than in a build stage:
+# a Rust toolchain image would have to come from a registry, and an in-image build of the eBPF
+# programs (pinned nightly, bpf-linker against its LLVM) takes minutes that the host's cargo cache
+# saves. No stage needs the network.
 
-ARG RUST_VERSION=1.95
-ARG DEBIAN=bookworm
-
-# ---------------------------------------------------------------------------------------------
-FROM rust:${RUST_VERSION}-${DEBIAN} AS build
-# The eBPF programs are built by mesh-init/build.rs with `cargo +nightly -Z build-std` and linked
-# by bpf-linker, which must use nightly's own LLVM (Debian has no LLVM of that major): the
-# recipe of scripts/setup.sh and shared/EBPF-TOOLCHAIN.md. `nightly` is not pinned here, as it is
-# not there; pin both together if builds must be reproducible.
-RUN rustup toolchain install nightly --profile minimal --component rust-src
-RUN set -eu; \
-    sysroot=$(rustc +nightly --print sysroot); \
-    major=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p'); \
-    prefix=/opt/llvm-$major; \
-    mkdir -p "$prefix/lib"; \
-    for f in "$sysroot"/lib/libLLVM*; do ln -sf "$f" "$prefix/lib/"; done; \
-    ln -sf "$sysroot"/lib/libLLVM.so.*-rust-* "$prefix/lib/libLLVM.so"; \
-    LLVM_PREFIX="$prefix" cargo install --locked bpf-linker --version 0.13.0 \
-        --no-default-features --features "llvm-$major"; \
-    bpf-linker --version
-
-WORKDIR /src
-COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked -p mesh-init -p mesh-proxy \
- && mkdir -p /out \
- && cp target/release/mesh-init target/release/mesh-proxy /out/
+# A Debian bookworm minbase with iptables and iproute2, made by debootstrap and `podman import`.
+ARG BASE=localhost/mesh-base:bookworm
 
 # ---------------------------------------------------------------------------------------------
-# The init container: runs once as root with NET_ADMIN/NET_RAW (iptables mode) or BPF/NET_ADMIN
-# (eBPF mode). Debian's `iptables` package carries both backends (iptables-legacy and
-# iptables-nft, xtables-*-multi); mesh-init picks the one the node's rules already use.
-# iproute2 is for debugging a pod's interception (`ip rule`, `ss`), findutils is used by the
-# eBPF mode's cgroup lookup (it is in the base image already; listed so it stays).
-FROM debian:${DEBIAN}-slim AS mesh-init
-RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables iproute2 findutils \
- && rm -rf /var/lib/apt/lists/*
-COPY --from=build /out/mesh-init /usr/local/bin/mesh-init
+# The init container's tree, distroless-style: only what mesh-init runs, with the shared libraries
+# each of them loads. iptables with both the legacy and nf_tables backends (mesh-init follows
+# whichever the node uses; the xtables match and target modules are loaded at run time, so all
+# of them come along), iproute2's `ip` (the loopback ::6 address, debugging), and a shell with
+# find and tr for the eBPF mode's cgroup lookup. The merged-/usr layout of Debian 12 is kept.
+FROM ${BASE} AS init-tree
+COPY mesh-init /usr/local/bin/mesh-init
+RUN set -eu; out=/out; mkdir -p $out/usr/bin $out/usr/sbin $out/usr/lib $out/usr/lib64 $out/etc $out/run/xtables $out/tmp; \
+    chmod 1777 $out/tmp; for d in bin sbin lib lib64; do ln -s usr/$d $out/$d; done; \
+    tools="/usr/bin/dash /usr/bin/find /usr/bin/tr /usr/bin/ip /usr/sbin/xtables-legacy-multi /usr/sbin/xtables-nft-multi"; \
+    modules=$(ls /usr/lib/x86_64-linux-gnu/xtables/*.so); \
+    for f in /usr/bin/sh /usr/sbin/iptables* /usr/sbin/ip6tables* /etc/alternatives/iptables* /etc/alternatives/ip6tables* \
+             $tools $modules /etc/iproute2 /etc/nsswitch.conf /etc/protocols /etc/ethertypes; do \
+      [ -e "$f" ] || [ -L "$f" ] || continue; cp -a --parents "$f" $out/; done; \
+    for elf in /usr/local/bin/mesh-init $tools $modules; do \
+      for lib in $(ldd "$elf" | grep -o '/[^ ]*'); do cp -L --parents "$lib" $out/ 2>/dev/null || cp -L "$lib" "$out$lib"; done; done; \
+    printf 'root:x:0:0:root:/root:/bin/sh\n' > $out/etc/passwd; printf 'root:x:0:\n' > $out/etc/group
+
+FROM scratch AS mesh-init
+COPY --from=init-tree /out /
+COPY mesh-init /usr/local/bin/mesh-init
 ENTRYPOINT ["/usr/local/bin/mesh-init"]
 CMD ["--help"]
 
 # ---------------------------------------------------------------------------------------------
-# The sidecar: UID/GID 1337, the owner the capture rules exempt. No capabilities needed.
-FROM debian:${DEBIAN}-slim AS mesh-proxy
-RUN groupadd --gid 1337 mesh-proxy \
- && useradd --uid 1337 --gid 1337 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mesh-proxy
-COPY --from=build /out/mesh-proxy /usr/local/bin/mesh-proxy
+# The sidecar's tree, distroless-style: the binary's shared libraries (as its dynamic loader
+# resolves them) and a passwd/group naming UID/GID 1337. No shell, no package manager.
+FROM ${BASE} AS proxy-tree
+COPY mesh-proxy /usr/local/bin/mesh-proxy
+RUN set -eu; mkdir -p /out/etc /out/tmp; chmod 1777 /out/tmp; \
+    for lib in $(ldd /usr/local/bin/mesh-proxy | grep -o '/[^ ]*'); do cp --parents -L "$lib" /out/; done; \
+    echo 'root:x:0:0:root:/root:/sbin/nologin' > /out/etc/passwd; \
+    echo 'mesh-proxy:x:1337:1337:mesh-proxy:/nonexistent:/sbin/nologin' >> /out/etc/passwd; \
+    printf 'root:x:0:\nmesh-proxy:x:1337:\n' > /out/etc/group; \
+    cp /etc/nsswitch.conf /out/etc/
+
+# UID/GID 1337: the owner whose traffic the capture rules exempt. No capabilities needed.
+FROM scratch AS mesh-proxy
+COPY --from=proxy-tree /out /
+COPY mesh-proxy /usr/local/bin/mesh-proxy
 USER 1337:1337
-EXPOSE 15090
 ENTRYPOINT ["/usr/local/bin/mesh-proxy"]
 CMD ["--config", "/etc/mesh-proxy/config.yaml"]

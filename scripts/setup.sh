@@ -63,20 +63,22 @@ fi
 [ "$want_ebpf" = 1 ] || exit 0
 
 # --- eBPF toolchain ----------------------------------------------------------
-# aya's eBPF crate is built with nightly + build-std, so nightly needs rust-src.
-if ! rustup toolchain list | grep -q '^nightly'; then
-  log "installing the nightly toolchain"
-  rustup toolchain install nightly --profile minimal
+# aya's eBPF crate is built with nightly + build-std, so nightly needs rust-src. The nightly is
+# pinned in rust-toolchain-nightly (mesh-init/build.rs builds with it).
+nightly=$(cat "$(dirname "$0")/../rust-toolchain-nightly")
+if ! rustup toolchain list | grep -q "^$nightly"; then
+  log "installing the $nightly toolchain"
+  rustup toolchain install "$nightly" --profile minimal
 fi
-if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
-  log "adding rust-src to nightly"
-  rustup component add rust-src --toolchain nightly
+if ! rustup component list --toolchain "$nightly" --installed | grep -q '^rust-src'; then
+  log "adding rust-src to $nightly"
+  rustup component add rust-src --toolchain "$nightly"
 fi
 
 # bpf-linker must link against the same LLVM major as nightly rustc. Debian 12 has no LLVM 22,
 # but the nightly toolchain ships its own libLLVM: build bpf-linker against that.
-sysroot=$(rustc +nightly --print sysroot)
-major=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+sysroot=$(rustc "+$nightly" --print sysroot)
+major=$(rustc "+$nightly" -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 prefix="$HOME/.cache/mesh-init/llvm-$major"   # kept as RUNPATH in the binary: not /tmp
 if command -v bpf-linker >/dev/null 2>&1 && bpf-linker --version >/dev/null 2>&1 \
    && [ -e "$prefix/lib/libLLVM.so" ]; then
