@@ -44,26 +44,50 @@
 mod annotations;
 mod containers;
 mod documents;
+mod metrics;
+mod pod;
+mod probes;
+mod resources;
 mod workload;
 
 use std::io::{Read, Write};
 
 use serde_yaml::Value;
 
-pub use annotations::{CAPTURE as CAPTURE_ANNOTATIONS, CONFIG_MAP, INJECT, MODE, PREFIX, STATUS};
-pub use containers::{INIT_NAME, PROXY_NAME};
+pub use annotations::{CAPTURE as CAPTURE_ANNOTATIONS, PREFIX, SETTINGS as SETTING_ANNOTATIONS, STATUS};
+pub use containers::{INIT_NAME, PROXY_NAME, VALIDATION_NAME};
+pub use pod::{Done, Refusal};
+pub use workload::{template_path, workload_name};
 
-use crate::capture::{CaptureArgs, InvalidFlag};
-use annotations::{Annotations, BadAnnotation};
-use containers::Sidecar;
+use crate::capture::CaptureArgs;
 
-/// The image tags the Dockerfile's targets are built as by default.
-pub const DEFAULT_PROXY_IMAGE: &str = concat!("mesh-proxy:", env!("CARGO_PKG_VERSION"));
-pub const DEFAULT_INIT_IMAGE: &str = concat!("mesh-init:", env!("CARGO_PKG_VERSION"));
+/// The registry and path the images are named under, fully qualified so that a node never reads
+/// `mesh-init:0.1.0` as `docker.io/library/mesh-init`. `MESH_IMAGE_HUB` at build time changes it;
+/// `--hub` at run time too (scripts/image.sh takes the same `--hub`).
+pub const DEFAULT_HUB: &str = match option_env!("MESH_IMAGE_HUB") {
+    Some(hub) => hub,
+    None => "localhost",
+};
+/// The crates' version, which scripts/image.sh tags the images with.
+pub const DEFAULT_TAG: &str = env!("CARGO_PKG_VERSION");
+/// The first Kubernetes minor with native sidecars on by default (beta in 1.29, GA in 1.33).
+pub const MIN_NATIVE_SIDECAR: (u32, u32) = (1, 29);
 
-/// `mesh-init inject`'s flags. The capture flags are those of `mesh-init iptables`, and become
-/// the init container's arguments. Their defaults are the injector's (one proxy port for both
-/// directions, everything captured), not istio-iptables' (`-p 15001 -z 15006`, nothing captured).
+/// `mesh-init inject`'s flags: the file to read and the [`Settings`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct InjectArgs {
+    /// Kubernetes YAML to read (any number of `---` documents); `-` reads standard input.
+    #[arg(short = 'f', long = "filename", default_value = "-")]
+    pub filename: String,
+
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// How pods are injected: shared by `mesh-init inject` and `mesh-init webhook`. The capture
+/// flags are those of `mesh-init iptables`, and become the init container's arguments. Their
+/// defaults are the injector's (one proxy port for both directions, everything captured), not
+/// istio-iptables' (`-p 15001 -z 15006`, nothing captured).
 #[derive(Debug, Clone, clap::Args)]
 #[command(
     mut_arg("envoy_port", |a| a.default_value(mesh_common::ports::PROXY_TEXT)),
@@ -72,20 +96,26 @@ pub const DEFAULT_INIT_IMAGE: &str = concat!("mesh-init:", env!("CARGO_PKG_VERSI
     mut_arg("service_cidr", |a| a.default_value("*")),
     mut_arg("inbound_ports", |a| a.default_value("*")),
 )]
-pub struct InjectArgs {
-    /// Kubernetes YAML to read (any number of `---` documents); `-` reads standard input.
-    #[arg(short = 'f', long = "filename", default_value = "-")]
-    pub filename: String,
+pub struct Settings {
+    /// Registry and path of both images (`<hub>/mesh-init:<tag>`, `<hub>/mesh-proxy:<tag>`).
+    #[arg(long = "hub", default_value = DEFAULT_HUB)]
+    pub hub: String,
 
-    /// Image of the sidecar container.
-    #[arg(long = "proxy-image", default_value = DEFAULT_PROXY_IMAGE)]
-    pub proxy_image: String,
+    /// Tag of both images.
+    #[arg(long = "tag", default_value = DEFAULT_TAG)]
+    pub tag: String,
 
-    /// Image of the init container (the mesh-init binary, iptables and a shell).
-    #[arg(long = "init-image", default_value = DEFAULT_INIT_IMAGE)]
-    pub init_image: String,
+    /// Image of the sidecar container [default: <hub>/mesh-proxy:<tag>].
+    #[arg(long = "proxy-image")]
+    pub proxy_image: Option<String>,
 
-    /// How the init container intercepts traffic.
+    /// Image of the init container (the mesh-init binary, iptables and a shell) [default: <hub>/mesh-init:<tag>].
+    #[arg(long = "init-image")]
+    pub init_image: Option<String>,
+
+    /// How the pod's traffic is captured: the init container installs iptables rules or eBPF
+    /// programs, or (`validation`) the node installs the rules and the init container only
+    /// checks them, with no privileges.
     #[arg(long = "mode", value_enum, default_value = "iptables")]
     pub mode: Mode,
 
@@ -94,22 +124,97 @@ pub struct InjectArgs {
     #[arg(long = "proxy-admin-port", default_value_t = mesh_common::ports::ADMIN, value_parser = clap::value_parser!(u16).range(1..))]
     pub admin_port: u16,
 
-    /// mesh-proxy's readiness port (`readiness.address` in its config): the readiness probe's
-    /// target, never captured inbound.
+    /// mesh-proxy's readiness port (`readiness.address` in its config): the readiness and startup
+    /// probes' target, never captured inbound.
     #[arg(long = "proxy-readiness-port", default_value_t = mesh_common::ports::READINESS, value_parser = clap::value_parser!(u16).range(1..))]
     pub readiness_port: u16,
+
+    /// mesh-proxy's status port: the application's rewritten probes and the merged metrics
+    /// (Istio's 15020), never captured inbound; 0 turns both off.
+    #[arg(long = "proxy-status-port", default_value_t = mesh_common::ports::ISTIO_MERGED_METRICS)]
+    pub status_port: u16,
 
     /// ConfigMap holding the sidecar's `config.yaml` [default: WORKLOAD-mesh-proxy, after the workload's name].
     #[arg(long = "config-map")]
     pub config_map: Option<String>,
 
-    /// Add mesh-proxy as a native sidecar (an init container with restartPolicy: Always,
-    /// Kubernetes 1.29+): it starts before the application and does not keep a Job running.
-    #[arg(long = "native-sidecar")]
-    pub native_sidecar: bool,
+    /// Add mesh-proxy as a native sidecar (an init container with restartPolicy: Always and a
+    /// startup probe): it is ready before the application starts and does not keep a Job
+    /// running. `auto`: when --kubernetes-version is 1.29 or newer.
+    #[arg(long = "native-sidecar", value_enum, default_value = "auto", num_args = 0..=1, default_missing_value = "true")]
+    pub native_sidecar: NativeSidecar,
+
+    /// The cluster's Kubernetes version (`1.30`, `v1.30.2`): decides `--native-sidecar auto`, and
+    /// refuses native sidecars below 1.29.
+    #[arg(long = "kubernetes-version", value_parser = parse_kubernetes_version)]
+    pub kubernetes_version: Option<(u32, u32)>,
+
+    /// Classic sidecar: start the application's containers only once the proxy is ready
+    /// (Istio's holdApplicationUntilProxyStarts).
+    #[arg(long = "hold-application-until-proxy-starts")]
+    pub hold_application_until_proxy_starts: bool,
+
+    /// Send the kubelet's HTTP and TCP probes of the application to the proxy's status port,
+    /// which makes the real probe (Istio's rewriteAppHTTPProbe).
+    #[arg(long = "rewrite-app-probers", default_value_t = true, action = clap::ArgAction::Set)]
+    pub rewrite_app_probers: bool,
+
+    /// Point the pod's prometheus.io annotations at the status port, which serves the proxy's
+    /// metrics merged with the application's (Istio's enablePrometheusMerge).
+    #[arg(long = "merge-metrics", default_value_t = true, action = clap::ArgAction::Set)]
+    pub merge_metrics: bool,
+
+    /// CPU request of the injected containers [default: 100m, Istio's].
+    #[arg(long = "proxy-cpu")]
+    pub proxy_cpu: Option<String>,
+    /// Memory request of the injected containers [default: 128Mi].
+    #[arg(long = "proxy-memory")]
+    pub proxy_memory: Option<String>,
+    /// CPU limit of the injected containers [default: 2000m].
+    #[arg(long = "proxy-cpu-limit")]
+    pub proxy_cpu_limit: Option<String>,
+    /// Memory limit of the injected containers [default: 1024Mi].
+    #[arg(long = "proxy-memory-limit")]
+    pub proxy_memory_limit: Option<String>,
 
     #[command(flatten)]
     pub capture: CaptureArgs,
+}
+
+impl Settings {
+    pub fn proxy_image(&self) -> String {
+        self.proxy_image
+            .clone()
+            .unwrap_or_else(|| format!("{}/mesh-proxy:{}", self.hub.trim_end_matches('/'), self.tag))
+    }
+
+    pub fn init_image(&self) -> String {
+        self.init_image.clone().unwrap_or_else(|| format!("{}/mesh-init:{}", self.hub.trim_end_matches('/'), self.tag))
+    }
+
+    /// The checks that need no workload: made once, before any input is read.
+    pub fn check(&self) -> Result<(), Error> {
+        self.capture.validate().map_err(|e| Error::Flag(e.to_string()))?;
+        let hub = self.hub.trim_end_matches('/');
+        if !(hub.contains('/') || hub.contains('.') || hub.contains(':') || hub == "localhost") {
+            return Err(Error::Flag(format!(
+                "--hub {hub:?} is not a registry host: a name without '.', ':' or '/' is read as docker.io/library/... on a node"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `1.30`, `v1.30.2`, `1.30.1-gke.100`, as `kubectl version` or a node's kubeletVersion shows it.
+fn parse_kubernetes_version(s: &str) -> Result<(u32, u32), String> {
+    let t = s.trim().trim_start_matches('v');
+    let mut parts = t.split(['.', '-', '+']);
+    let major = parts.next().and_then(|p| p.parse().ok());
+    let minor = parts.next().and_then(|p| p.parse().ok());
+    match (major, minor) {
+        (Some(major), Some(minor)) => Ok((major, minor)),
+        _ => Err(format!("{s:?} is not a Kubernetes version such as 1.30 or v1.30.2")),
+    }
 }
 
 /// The interception mode of the injected init container.
@@ -117,6 +222,18 @@ pub struct InjectArgs {
 pub enum Mode {
     Iptables,
     Ebpf,
+    /// The rules are installed on the node (as by Istio's CNI plugin); the init container only
+    /// checks them (`mesh-init iptables --run-validation --skip-rule-apply`, Istio's
+    /// istio-validation), as the proxy's user with no capabilities.
+    Validation,
+}
+
+/// `--native-sidecar`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NativeSidecar {
+    Auto,
+    True,
+    False,
 }
 
 /// Why nothing was written. Each message names the file, document, workload and the field,
@@ -138,7 +255,18 @@ pub enum Error {
     Write(std::io::Error),
 }
 
-/// What an injection produced: the YAML, and one line per workload that was left alone and why.
+impl Error {
+    /// The error for a refused pod at `at`.
+    pub fn refused(at: &str, refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Annotation(b) => Error::Annotation { at: at.into(), annotation: b.name, reason: b.reason },
+            Refusal::Other(reason) => Error::Workload { at: at.into(), reason },
+        }
+    }
+}
+
+/// What an injection produced: the YAML, and one line per workload that was left alone and why,
+/// or per thing about an injected one the user should know.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
     pub yaml: String,
@@ -158,7 +286,7 @@ pub fn run(args: &InjectArgs) -> Result<(), Error> {
             .map_err(|source| Error::Read { path: args.filename.clone(), source })?;
         (args.filename.clone(), text)
     };
-    let outcome = inject(&text, &origin, args)?;
+    let outcome = inject(&text, &origin, &args.settings)?;
     for note in &outcome.notes {
         eprintln!("mesh-init inject: {note}");
     }
@@ -168,9 +296,9 @@ pub fn run(args: &InjectArgs) -> Result<(), Error> {
 
 /// Injects every workload of `text` (`origin` names it in messages). Nothing is returned unless
 /// every document was understood.
-pub fn inject(text: &str, origin: &str, args: &InjectArgs) -> Result<Outcome, Error> {
+pub fn inject(text: &str, origin: &str, settings: &Settings) -> Result<Outcome, Error> {
     // The flags alone must be acceptable before any workload is looked at.
-    args.capture.validate().map_err(|e| Error::Flag(e.to_string()))?;
+    settings.check()?;
     let mut out = Outcome { yaml: String::with_capacity(text.len() * 2), notes: vec![] };
     for doc in documents::split(text) {
         let mut value = doc.parse().map_err(|e| Error::Yaml {
@@ -182,7 +310,7 @@ pub fn inject(text: &str, origin: &str, args: &InjectArgs) -> Result<Outcome, Er
         })?;
         let original = value.clone();
         let at = format!("{origin}: document {} (line {})", doc.number, doc.line);
-        inject_object(&mut value, &at, args, &mut out.notes)?;
+        inject_object(&mut value, &at, settings, &mut out.notes)?;
         // Mapping equality ignores key order: a re-injection that only moved keys keeps the text.
         if value == original {
             out.yaml.push_str(doc.separator);
@@ -202,139 +330,29 @@ pub fn inject(text: &str, origin: &str, args: &InjectArgs) -> Result<Outcome, Er
     Ok(out)
 }
 
-/// Injects one object, or each item of a `v1/List`.
-fn inject_object(obj: &mut Value, at: &str, args: &InjectArgs, notes: &mut Vec<String>) -> Result<(), Error> {
+/// Injects one object, or each item of a `v1/List`. Objects without a pod template pass
+/// through; `at` locates the object in messages.
+pub fn inject_object(obj: &mut Value, at: &str, settings: &Settings, notes: &mut Vec<String>) -> Result<(), Error> {
     let api_version = workload::get_str(obj, &["apiVersion"]).unwrap_or_default().to_string();
     let kind = workload::get_str(obj, &["kind"]).unwrap_or_default().to_string();
     if api_version == "v1" && kind == "List" {
         if let Some(Value::Sequence(items)) = obj.get_mut("items") {
             for (i, item) in items.iter_mut().enumerate() {
-                inject_object(item, &format!("{at}, items[{i}]"), args, notes)?;
+                inject_object(item, &format!("{at}, items[{i}]"), settings, notes)?;
             }
         }
         return Ok(());
     }
     let Some(path) = workload::template_path(&api_version, &kind) else { return Ok(()) };
-    let name = workload::get_str(obj, &["metadata", "name"]).map(str::to_string);
+    let name = workload::workload_name(obj, &kind);
     let at = format!("{at}: {kind} {}", name.as_deref().unwrap_or("(unnamed)"));
-    let fail = |reason: String| Error::Workload { at: at.clone(), reason };
-    let bad = |b: BadAnnotation| Error::Annotation { at: at.clone(), annotation: b.name, reason: b.reason };
-
-    workload::check_template(workload::get(obj, path), path).map_err(fail)?;
-    let mut template_annotations = path.to_vec();
-    template_annotations.extend(["metadata", "annotations"]);
-    let annotations = Annotations::read(&[
-        workload::get(obj, &["metadata", "annotations"]),
-        workload::get(obj, &template_annotations),
-    ])
-    .map_err(bad)?;
-    if !annotations.wants_injection().map_err(bad)? {
-        notes.push(format!("{at}: left as is ({INJECT}: \"false\")"));
-        return Ok(());
-    }
-    let mut spec_path = path.to_vec();
-    spec_path.extend(["spec", "hostNetwork"]);
-    if workload::get(obj, &spec_path).and_then(Value::as_bool) == Some(true) {
-        notes.push(format!("{at}: left as is (hostNetwork: true; capturing would change the node's own traffic)"));
-        return Ok(());
-    }
-    let sidecar = decide(args, &annotations, name.as_deref()).map_err(|e| match e {
-        Decision::Annotation(b) => bad(b),
-        Decision::Flag(reason) => fail(reason),
-    })?;
+    workload::check_template(workload::get(obj, path), path)
+        .map_err(|reason| Error::Workload { at: at.clone(), reason })?;
+    let outer = (!path.is_empty()).then(|| workload::get(obj, &["metadata", "annotations"]).cloned()).flatten();
     let template = workload::get_mut(obj, path).expect("check_template found it");
-    workload::strip(template, annotations.get(STATUS)).map_err(fail)?;
-    workload::apply(template, &sidecar);
+    match pod::inject(template, name.as_deref(), outer.as_ref(), settings).map_err(|r| Error::refused(&at, r))? {
+        Done::Injected(more) => notes.extend(more.into_iter().map(|n| format!("{at}: {n}"))),
+        Done::Skipped(why) => notes.push(format!("{at}: {why}")),
+    }
     Ok(())
-}
-
-/// Why a workload's sidecar could not be decided: a bad annotation, or a command-line value that
-/// only this workload's settings make unusable.
-enum Decision {
-    Annotation(BadAnnotation),
-    Flag(String),
-}
-
-/// The flags with the workload's annotations applied, validated as the init container will.
-fn decide(args: &InjectArgs, annotations: &Annotations, name: Option<&str>) -> Result<Sidecar, Decision> {
-    let bad = |name: &str, reason: String| Decision::Annotation(BadAnnotation { name: name.into(), reason });
-    let mode = match annotations.get(MODE).map(str::trim) {
-        None => args.mode,
-        Some("iptables") => Mode::Iptables,
-        Some("ebpf") => Mode::Ebpf,
-        Some(v) => return Err(bad(MODE, format!("{v:?}: expected \"iptables\" or \"ebpf\""))),
-    };
-    let config_map = match (annotations.get(CONFIG_MAP), &args.config_map, name) {
-        (Some(cm), _, _) => check_name(cm).map_err(|r| bad(CONFIG_MAP, r))?,
-        (None, Some(cm), _) => check_name(cm).map_err(|r| Decision::Flag(format!("--config-map: {r}")))?,
-        (None, None, Some(name)) => check_name(&format!("{name}-mesh-proxy"))
-            .map_err(|r| Decision::Flag(format!("the default ConfigMap name: {r}; set {CONFIG_MAP}")))?,
-        (None, None, None) => {
-            return Err(Decision::Flag(format!(
-                "metadata.name is missing, so the ConfigMap cannot be named after it; set {CONFIG_MAP} or --config-map"
-            )))
-        }
-    };
-
-    let (mut capture, from) = annotations.apply_capture(&args.capture);
-    if args.readiness_port == args.admin_port {
-        return Err(Decision::Flag(format!(
-            "--proxy-readiness-port: {} is also --proxy-admin-port; the readiness port must be its own (Istio's is 15021)",
-            args.readiness_port
-        )));
-    }
-    // The kubelet's readiness probe must reach the readiness port itself, not the proxy's
-    // listener; the admin port is excluded too, as Istio does, so nothing arriving on the pod IP
-    // for it is handed to the proxy. Readiness first: `15021,15090,<the rest>`.
-    for port in [args.admin_port, args.readiness_port] {
-        let port = port.to_string();
-        if !capture.inbound_ports_exclude.split(',').any(|p| p.trim() == port) {
-            capture.inbound_ports_exclude = match capture.inbound_ports_exclude.trim() {
-                "" => port,
-                list => format!("{port},{list}"),
-            };
-        }
-    }
-    let blame = |flag: &str, reason: String| match from.get(flag) {
-        Some(annotation) => bad(annotation, reason),
-        None => Decision::Flag(format!("{flag}: {reason}")),
-    };
-    let config = capture.validate().map_err(|e: InvalidFlag| {
-        let reason = format!("invalid value {:?} (for {}): {}", e.value, e.flag, e.reason);
-        blame(e.flag, reason)
-    })?;
-    if mode == Mode::Ebpf {
-        crate::ebpf_limits::check(&config).map_err(|e| blame(e.flag, e.reason))?;
-    }
-    let (proxy_uid, proxy_gid) = (config.proxy_uids[0], config.proxy_gids[0]);
-    if proxy_uid == 0 {
-        return Err(Decision::Flag(
-            "--proxy-uid: the sidecar runs as the first proxy UID, which must not be root (0)".into(),
-        ));
-    }
-    Ok(Sidecar {
-        mode,
-        init_image: args.init_image.clone(),
-        proxy_image: args.proxy_image.clone(),
-        readiness_port: args.readiness_port,
-        config_map,
-        native: args.native_sidecar,
-        capture_flags: containers::render_flags(&capture),
-        proxy_uid,
-        proxy_gid,
-    })
-}
-
-/// A ConfigMap name: a DNS subdomain (RFC 1123), as the API server requires.
-fn check_name(name: &str) -> Result<String, String> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if ok {
-        Ok(name.to_string())
-    } else {
-        Err(format!("{name:?} is not a valid ConfigMap name (lower-case letters, digits, '-' and '.', at most 253)"))
-    }
 }

@@ -14,6 +14,7 @@
 //! - [`inject`]: adding the init container and the sidecar to Kubernetes workloads;
 //! - [`trace`]: `mesh-init trace`, a packet followed through the plan (or the installed rules);
 //! - [`route`]: the TPROXY mode's policy route;
+//! - [`webhook`]: the same injection as a mutating admission webhook (HTTPS, AdmissionReview v1);
 //! - [`validate`]: proving from inside the namespace that interception works;
 //! - [`loopback`]: the proxy's IPv6 inbound passthrough source (::6 on `lo`);
 //! - [`netns`]: joining a network namespace without `ip netns exec`'s remount of `/sys`;
@@ -32,6 +33,7 @@ pub mod route;
 pub mod rules;
 pub mod trace;
 pub mod validate;
+pub mod webhook;
 
 /// True when the current network namespace has a global-scope IPv6 address, which is when
 /// istio-iptables programs ip6tables without being asked.

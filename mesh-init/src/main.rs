@@ -42,6 +42,8 @@ enum Command {
     Trace(TraceCmd),
     /// Add the mesh-init init container and the mesh-proxy sidecar to Kubernetes workloads.
     Inject(mesh_init::inject::InjectArgs),
+    /// Inject pods as the API server creates them: a mutating admission webhook over HTTPS.
+    Webhook(mesh_init::webhook::WebhookArgs),
 }
 
 /// Selects the network namespace to work in.
@@ -161,6 +163,7 @@ fn run(command: Command) -> Result<()> {
         Command::Status(cmd) => run_status(cmd),
         Command::Trace(cmd) => run_trace(cmd),
         Command::Inject(args) => Ok(mesh_init::inject::run(&args)?),
+        Command::Webhook(args) => Ok(mesh_init::webhook::run(args)?),
     }
 }
 

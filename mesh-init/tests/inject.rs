@@ -82,7 +82,7 @@ fn run_binary(input: &Path) -> std::process::Output {
 }
 
 fn run(text: &str, origin: &str, args: &InjectArgs) -> inject::Outcome {
-    inject::inject(text, origin, args).unwrap_or_else(|e| panic!("{origin}: {e}"))
+    inject::inject(text, origin, &args.settings).unwrap_or_else(|e| panic!("{origin}: {e}"))
 }
 
 #[test]
@@ -143,9 +143,10 @@ fn opted_out_and_host_network_workloads_are_left_alone_with_a_note() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), read(&input));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let notes: Vec<&str> = stderr.lines().collect();
-    assert_eq!(notes.len(), 2, "{stderr}");
+    assert_eq!(notes.len(), 3, "{stderr}");
     assert!(notes[0].contains("Deployment ingress-gateway: left as is (mesh-init.io/inject: \"false\")"), "{stderr}");
     assert!(notes[1].contains("DaemonSet node-exporter: left as is (hostNetwork: true"), "{stderr}");
+    assert!(notes[2].contains("Pod debug: left as is (sidecar.istio.io/inject: \"false\")"), "{stderr}");
 }
 
 #[test]
@@ -168,7 +169,7 @@ fn reinjecting_with_other_flags_replaces_the_previous_injection() {
     let text = read(&testdata().join("deployment.yaml"));
     let first = run(&text, "first", &args_of(&text)).yaml;
     let mut args = args_of(&text);
-    args.capture.envoy_port = "15001".into();
+    args.settings.capture.envoy_port = "15001".into();
     let second = run(&first, "second", &args).yaml;
     assert_eq!(second, run(&text, "direct", &args).yaml);
     assert_eq!(second.matches("name: mesh-proxy\n").count(), 1, "{second}");
@@ -199,8 +200,8 @@ fn bad_input_is_refused_naming_document_line_and_annotation() {
 #[test]
 fn bad_flags_are_refused_before_reading() {
     let mut args = args_of("");
-    args.capture.service_exclude_cidr = "10.0.0.0/33".into();
-    let e = inject::inject("", "-", &args).unwrap_err().to_string();
+    args.settings.capture.service_exclude_cidr = "10.0.0.0/33".into();
+    let e = inject::inject("", "-", &args.settings).unwrap_err().to_string();
     assert!(e.contains("--istio-service-exclude-cidr"), "{e}");
 }
 
@@ -307,11 +308,11 @@ fn ebpf_init_script_finds_the_pod_cgroup() {
 /// Every traffic annotation is checked as the flag it replaces, and a refusal names both.
 #[test]
 fn every_traffic_annotation_is_validated_as_its_flag() {
-    for (annotation, flag, _) in inject::CAPTURE_ANNOTATIONS {
+    for (annotation, _, flag, _) in inject::CAPTURE_ANNOTATIONS {
         let pod = format!(
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  annotations:\n    {annotation}: \"not valid!\"\nspec:\n  containers: [{{name: web, image: nginx}}]\n"
         );
-        let e = inject::inject(&pod, "pod.yaml", &args_of("")).expect_err(annotation).to_string();
+        let e = inject::inject(&pod, "pod.yaml", &args_of("").settings).expect_err(annotation).to_string();
         let want = format!("pod.yaml: document 1 (line 1): Pod web: annotation {annotation}: invalid value \"not valid!\" (for {flag})");
         assert!(e.starts_with(&want), "{e}\nwanted: {want}");
     }
@@ -369,14 +370,91 @@ fn collect_templates<'a>(v: &'a serde_yaml::Value, out: &mut Vec<&'a serde_yaml:
 fn readiness_port_flag_moves_the_probe_and_the_exclude() {
     let text = read(&testdata().join("pod.yaml"));
     let mut args = args_of(&text);
-    args.readiness_port = 16021;
+    args.settings.readiness_port = 16021;
     let yaml = run(&text, "pod.yaml", &args).yaml;
     let probe = yaml.split("readinessProbe:").nth(1).unwrap_or_else(|| panic!("no probe: {yaml}"));
     assert!(probe.contains("path: /ready\n") && probe.contains("port: 16021\n"), "{yaml}");
-    assert!(yaml.contains("- 16021,15090\n"), "{yaml}");
+    assert!(yaml.contains("- 16021,15090,15020\n"), "{yaml}");
     assert!(yaml.contains("containerPort: 16021\n") && !yaml.contains("containerPort: 15090"), "{yaml}");
 
-    args.readiness_port = args.admin_port;
-    let e = inject::inject(&text, "pod.yaml", &args).unwrap_err().to_string();
+    args.settings.readiness_port = args.settings.admin_port;
+    let e = inject::inject(&text, "pod.yaml", &args.settings).unwrap_err().to_string();
     assert!(e.contains("--proxy-readiness-port: 15090 is also --proxy-admin-port"), "{e}");
+}
+
+/// The Pod Security Standards level (Kubernetes' `pod-security.kubernetes.io/enforce` values)
+/// that the injected containers and volumes need, by the standards' rules on the fields the
+/// injector writes: baseline forbids privileged containers, capabilities beyond its list and
+/// hostPath volumes; restricted also requires no privilege escalation, a non-root user, the
+/// runtime's (or a local) seccomp profile, and all capabilities dropped (NET_BIND_SERVICE alone may
+/// be added). This reads the standard as published; no API server runs here.
+fn pod_security_level(containers: &[&serde_yaml::Value], volumes: &[&serde_yaml::Value]) -> &'static str {
+    const BASELINE_CAPS: &[&str] = &[
+        "AUDIT_WRITE",
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "MKNOD",
+        "NET_BIND_SERVICE",
+        "SETFCAP",
+        "SETGID",
+        "SETPCAP",
+        "SETUID",
+        "SYS_CHROOT",
+    ];
+    let strs = |v: &serde_yaml::Value| -> Vec<String> {
+        v.as_sequence().into_iter().flatten().filter_map(|s| s.as_str()).map(str::to_string).collect()
+    };
+    let mut baseline = volumes.iter().all(|v| v.get("hostPath").is_none());
+    let mut restricted = baseline;
+    for c in containers {
+        let sc = &c["securityContext"];
+        let added = strs(&sc["capabilities"]["add"]);
+        if sc["privileged"] == true || added.iter().any(|a| !BASELINE_CAPS.contains(&a.as_str())) {
+            baseline = false;
+        }
+        let seccomp = sc["seccompProfile"]["type"].as_str();
+        restricted &= sc["allowPrivilegeEscalation"] == false
+            && sc["runAsNonRoot"] == true
+            && sc["runAsUser"].as_u64().is_some_and(|u| u != 0)
+            && matches!(seccomp, Some("RuntimeDefault" | "Localhost"))
+            && strs(&sc["capabilities"]["drop"]).iter().any(|d| d == "ALL")
+            && added.iter().all(|a| a == "NET_BIND_SERVICE");
+    }
+    match (baseline, restricted && baseline) {
+        (_, true) => "restricted",
+        (true, false) => "baseline",
+        _ => "privileged",
+    }
+}
+
+/// What each mode's injected containers need from the namespace's Pod Security level; the
+/// README's table says the same.
+#[test]
+fn pod_security_level_of_each_mode() {
+    for (case, want) in
+        [("validation", "restricted"), ("pod", "privileged"), ("ebpf", "privileged"), ("native-auto", "privileged")]
+    {
+        let golden = read(&testdata().join(format!("{case}.golden.yaml")));
+        let doc: serde_yaml::Value = serde_yaml::from_str(golden.split("---\n").next().unwrap()).unwrap();
+        let mut templates = vec![];
+        collect_templates(&doc, &mut templates);
+        let spec = templates[0];
+        let ours =
+            ["mesh-init", "mesh-validation", "mesh-proxy", "mesh-proxy-config", "mesh-host-cgroup", "mesh-host-bpffs"];
+        let injected = |list: &str| -> Vec<&serde_yaml::Value> {
+            spec[list]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .filter(|c| ours.contains(&c["name"].as_str().unwrap_or("")))
+                .collect()
+        };
+        let mut containers = injected("initContainers");
+        containers.extend(injected("containers"));
+        assert!(containers.len() >= 2, "{case}");
+        assert_eq!(pod_security_level(&containers, &injected("volumes")), want, "{case}");
+    }
 }

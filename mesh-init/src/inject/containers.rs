@@ -1,18 +1,19 @@
 //! What is added to a pod, as plain data: the init container, the sidecar, their volumes and the
-//! status annotation. [`Sidecar`] is decided once per workload (flags and annotations already
-//! merged and validated); `workload` puts its parts into the pod template.
+//! status annotation. [`Sidecar`] is decided once per pod (flags and annotations already merged
+//! and validated); `pod` puts its parts into the pod template.
 //!
 //! The types below are the few Kubernetes fields the injector writes, serialised with the API's
 //! camelCase names; they are not a Kubernetes client model.
 
 use serde::{Deserialize, Serialize};
 
-use super::Mode;
+use super::{metrics, probes, resources::Resources, Mode};
 use crate::capture::CaptureArgs;
 
 /// Container, volume and port names the injector owns. A pod that already has one of them
 /// without the status annotation is refused rather than merged.
 pub const INIT_NAME: &str = "mesh-init";
+pub const VALIDATION_NAME: &str = "mesh-validation";
 pub const PROXY_NAME: &str = "mesh-proxy";
 pub const CONFIG_VOLUME: &str = "mesh-proxy-config";
 pub const CGROUP_VOLUME: &str = "mesh-host-cgroup";
@@ -25,6 +26,12 @@ pub const CONFIG_DIR: &str = "/etc/mesh-proxy";
 /// container runtimes' default AppArmor profile denies writes below /sys/fs/ except cgroup.
 pub const HOST_CGROUP: &str = "/host/sys/fs/cgroup";
 pub const HOST_BPFFS: &str = "/host/sys/fs/bpf";
+/// mesh-proxy's binary in its image.
+pub const PROXY_BINARY: &str = "/usr/local/bin/mesh-proxy";
+/// The variable through which mesh-proxy learns where to serve the status port (application
+/// probes, merged metrics). A variable rather than a flag: a proxy built before the status server
+/// ignores it instead of refusing to start.
+pub const STATUS_ADDRESS_ENV: &str = "MESH_PROXY_STATUS_ADDRESS";
 
 /// Finds the pod's own cgroup in the node's tree from the pod UID (the downward API's
 /// `metadata.uid`), then runs `mesh-init ebpf` on it with the capture flags ("$@"). The name is
@@ -37,31 +44,57 @@ if [ -z "$cg" ]; then echo "mesh-init: no cgroup for pod $POD_UID under /host/sy
 exec mesh-init ebpf --cgroup "$cg" --bpffs /host/sys/fs/bpf "$@"
 "#;
 
+/// When and how often the kubelet asks the sidecar whether it is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadinessTiming {
+    pub initial_delay: u32,
+    pub period: u32,
+    pub failure_threshold: u32,
+}
+
 /// Everything injected into one workload.
 #[derive(Debug, Clone)]
 pub struct Sidecar {
     pub mode: Mode,
     pub init_image: String,
     pub proxy_image: String,
-    /// mesh-proxy's readiness port: the readiness probe's target, so it is never captured inbound.
+    /// mesh-proxy's readiness port: the readiness and startup probes' target, never captured.
     pub readiness_port: u16,
+    pub readiness: ReadinessTiming,
+    /// mesh-proxy's status port (application probes, merged metrics); None when turned off.
+    pub status_port: Option<u16>,
     pub config_map: String,
     /// The sidecar as an init container with `restartPolicy: Always` (Kubernetes 1.29+), which
-    /// starts before the application and lets a Job finish.
+    /// starts, and passes its startup probe, before anything after it starts.
     pub native: bool,
+    /// Classic sidecar only: first among the containers, with a postStart hook that returns when
+    /// the proxy is ready; the kubelet starts the next container only then.
+    pub hold: bool,
     /// The validated capture flags, as the init container's arguments.
     pub capture_flags: Vec<String>,
     pub proxy_uid: u32,
     pub proxy_gid: u32,
+    pub resources: Resources,
+    /// mesh-proxy's `--workers` (Istio's `concurrency`).
+    pub workers: Option<u16>,
+    /// [`probes::PROBERS_ENV`]: the application's original probes.
+    pub probers: Option<String>,
+    /// [`metrics::PROMETHEUS_ENV`]: the application's own scrape annotations.
+    pub prometheus: Option<String>,
+    /// Whether the pod's scrape annotations were pointed at the status port.
+    pub metrics_merged: bool,
 }
 
-/// The status annotation's value: what was added, by name.
+/// The status annotation's value: what was added, by name, and what was changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Status {
     pub init_containers: Vec<String>,
     pub containers: Vec<String>,
     pub volumes: Vec<String>,
+    /// The pod's `prometheus.io/*` annotations were pointed at the status port.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub metrics_merged: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -76,8 +109,14 @@ pub struct Container {
     pub env: Vec<EnvVar>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<ContainerPort>,
+    #[serde(skip_serializing_if = "Resources::is_empty")]
+    pub resources: Resources,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub readiness_probe: Option<Probe>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub startup_probe: Option<Probe>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restart_policy: Option<&'static str>,
     pub security_context: SecurityContext,
@@ -89,7 +128,10 @@ pub struct Container {
 #[serde(rename_all = "camelCase")]
 pub struct EnvVar {
     pub name: &'static str,
-    pub value_from: EnvVarSource,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<EnvVarSource>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -116,7 +158,10 @@ pub struct ContainerPort {
 #[serde(rename_all = "camelCase")]
 pub struct Probe {
     pub http_get: HttpGet,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_delay_seconds: Option<u32>,
     pub period_seconds: u32,
+    pub timeout_seconds: u32,
     pub failure_threshold: u32,
 }
 
@@ -124,6 +169,22 @@ pub struct Probe {
 pub struct HttpGet {
     pub path: &'static str,
     pub port: u16,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lifecycle {
+    pub post_start: ExecHandler,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecHandler {
+    pub exec: Exec,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Exec {
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -136,7 +197,19 @@ pub struct SecurityContext {
     pub run_as_group: u32,
     pub run_as_non_root: bool,
     pub run_as_user: u32,
+    /// The runtime's default filter: what Pod Security's restricted level asks for. Not on the
+    /// eBPF init container, whose bpf() and perf_event_open() some runtimes' defaults refuse.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seccomp_profile: Option<SeccompProfile>,
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SeccompProfile {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+}
+
+const RUNTIME_DEFAULT: Option<SeccompProfile> = Some(SeccompProfile { kind: "RuntimeDefault" });
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Capabilities {
@@ -176,8 +249,19 @@ pub struct HostPath {
 }
 
 impl Sidecar {
+    /// The init container's name in this mode.
+    pub fn init_name(&self) -> &'static str {
+        if self.mode == Mode::Validation {
+            VALIDATION_NAME
+        } else {
+            INIT_NAME
+        }
+    }
+
     /// Runs `mesh-init iptables` or `mesh-init ebpf` with the capture flags, as root with only
-    /// the capabilities that mode needs.
+    /// the capabilities that mode needs; or, when the rules are installed by the node,
+    /// `mesh-init iptables --run-validation --skip-rule-apply` (Istio's istio-validation) as the
+    /// proxy's user with none.
     pub fn init_container(&self) -> Container {
         let (command, args, env, mounts, add) = match self.mode {
             // NET_RAW: iptables opens a raw socket to talk to the kernel's xtables.
@@ -194,7 +278,8 @@ impl Sidecar {
                 self.capture_flags.clone(),
                 vec![EnvVar {
                     name: "POD_UID",
-                    value_from: EnvVarSource { field_ref: FieldRef { field_path: "metadata.uid" } },
+                    value: None,
+                    value_from: Some(EnvVarSource { field_ref: FieldRef { field_path: "metadata.uid" } }),
                 }],
                 vec![
                     VolumeMount { name: CGROUP_VOLUME, mount_path: HOST_CGROUP, read_only: true },
@@ -202,17 +287,20 @@ impl Sidecar {
                 ],
                 vec!["BPF", "NET_ADMIN", "PERFMON"],
             ),
+            // istio-validation's arguments: the rules' flags, then check without installing.
+            Mode::Validation => {
+                let mut args = vec!["iptables".to_string()];
+                args.extend(self.capture_flags.iter().cloned());
+                args.extend(["--run-validation".to_string(), "--skip-rule-apply".to_string()]);
+                (vec![], args, vec![], vec![], vec![])
+            }
         };
-        Container {
-            name: INIT_NAME.into(),
-            image: self.init_image.clone(),
-            command,
-            args,
-            env,
-            ports: vec![],
-            readiness_probe: None,
-            restart_policy: None,
-            security_context: SecurityContext {
+        let security_context = if self.mode == Mode::Validation {
+            // Istio CNI's istio-validation: the proxy's user, nothing added, read-only: what Pod
+            // Security's baseline and restricted levels admit.
+            self.unprivileged()
+        } else {
+            SecurityContext {
                 allow_privilege_escalation: false,
                 capabilities: Capabilities { add, drop: vec!["ALL"] },
                 privileged: false,
@@ -221,42 +309,102 @@ impl Sidecar {
                 run_as_group: 0,
                 run_as_non_root: false,
                 run_as_user: 0,
-            },
+                seccomp_profile: if self.mode == Mode::Iptables { RUNTIME_DEFAULT } else { None },
+            }
+        };
+        Container {
+            name: self.init_name().into(),
+            image: self.init_image.clone(),
+            command,
+            args,
+            env,
+            ports: vec![],
+            resources: self.resources.clone(),
+            lifecycle: None,
+            readiness_probe: None,
+            startup_probe: None,
+            restart_policy: None,
+            security_context,
             volume_mounts: mounts,
+        }
+    }
+
+    /// The proxy's user and group, no capabilities, read-only root, the runtime's seccomp filter.
+    fn unprivileged(&self) -> SecurityContext {
+        SecurityContext {
+            allow_privilege_escalation: false,
+            capabilities: Capabilities { add: vec![], drop: vec!["ALL"] },
+            privileged: false,
+            read_only_root_filesystem: true,
+            run_as_group: self.proxy_gid,
+            run_as_non_root: true,
+            run_as_user: self.proxy_uid,
+            seccomp_profile: RUNTIME_DEFAULT,
         }
     }
 
     /// mesh-proxy as the UID the capture exempts, with no capabilities.
     pub fn proxy_container(&self) -> Container {
+        let mut args = vec!["--config".into(), format!("{CONFIG_DIR}/config.yaml")];
+        if let Some(workers) = self.workers {
+            args.extend(["--workers".into(), workers.to_string()]);
+        }
+        let mut env = vec![];
+        if let Some(port) = self.status_port {
+            env.push(EnvVar { name: STATUS_ADDRESS_ENV, value: Some(format!("0.0.0.0:{port}")), value_from: None });
+        }
+        for (name, value) in [(probes::PROBERS_ENV, &self.probers), (metrics::PROMETHEUS_ENV, &self.prometheus)] {
+            if let Some(value) = value {
+                env.push(EnvVar { name, value: Some(value.clone()), value_from: None });
+            }
+        }
+        let ready = |initial_delay, period, timeout, failure_threshold| Probe {
+            http_get: HttpGet { path: "/ready", port: self.readiness_port },
+            initial_delay_seconds: initial_delay,
+            period_seconds: period,
+            timeout_seconds: timeout,
+            failure_threshold,
+        };
+        let r = self.readiness;
         Container {
             name: PROXY_NAME.into(),
             image: self.proxy_image.clone(),
             command: vec![],
-            args: vec!["--config".into(), format!("{CONFIG_DIR}/config.yaml")],
-            env: vec![],
+            args,
+            env,
             // The admin port is not declared: the admin API stays on loopback.
             ports: vec![ContainerPort {
                 name: READINESS_PORT_NAME,
                 container_port: self.readiness_port,
                 protocol: "TCP",
             }],
-            // The kubelet probes the pod IP, so the config binds the readiness port (which serves
-            // `GET /ready` alone) to 0.0.0.0; see deploy/README.md.
-            readiness_probe: Some(Probe {
-                http_get: HttpGet { path: "/ready", port: self.readiness_port },
-                period_seconds: 2,
-                failure_threshold: 30,
+            resources: self.resources.clone(),
+            // The kubelet runs a postStart hook to its end before it starts the next container.
+            lifecycle: (self.hold && !self.native).then(|| Lifecycle {
+                post_start: ExecHandler {
+                    exec: Exec {
+                        command: vec![
+                            PROXY_BINARY.into(),
+                            "wait".into(),
+                            "--readiness-port".into(),
+                            self.readiness_port.to_string(),
+                        ],
+                    },
+                },
             }),
+            // The kubelet probes the pod IP, so the config binds the readiness port (which serves
+            // `GET /ready` alone) to 0.0.0.0; see deploy/README.md. Istio's timings: readiness
+            // every 15 s once started; the startup probe every second until the proxy is ready
+            // (10 minutes at most), which for a native sidecar is what holds the application back.
+            readiness_probe: Some(ready(
+                (r.initial_delay > 0).then_some(r.initial_delay),
+                r.period,
+                3,
+                r.failure_threshold,
+            )),
+            startup_probe: Some(ready(None, 1, 3, 600)),
             restart_policy: self.native.then_some("Always"),
-            security_context: SecurityContext {
-                allow_privilege_escalation: false,
-                capabilities: Capabilities { add: vec![], drop: vec!["ALL"] },
-                privileged: false,
-                read_only_root_filesystem: true,
-                run_as_group: self.proxy_gid,
-                run_as_non_root: true,
-                run_as_user: self.proxy_uid,
-            },
+            security_context: self.unprivileged(),
             volume_mounts: vec![VolumeMount { name: CONFIG_VOLUME, mount_path: CONFIG_DIR, read_only: true }],
         }
     }
@@ -283,15 +431,14 @@ impl Sidecar {
     }
 
     pub fn status(&self) -> Status {
-        let (init, containers) = if self.native {
-            (vec![INIT_NAME.into(), PROXY_NAME.into()], vec![])
-        } else {
-            (vec![INIT_NAME.into()], vec![PROXY_NAME.into()])
-        };
+        let init = self.init_name().to_string();
+        let (init, containers) =
+            if self.native { (vec![init, PROXY_NAME.into()], vec![]) } else { (vec![init], vec![PROXY_NAME.into()]) };
         Status {
             init_containers: init,
             containers,
             volumes: self.volumes().iter().map(|v| v.name.to_string()).collect(),
+            metrics_merged: self.metrics_merged,
         }
     }
 }
