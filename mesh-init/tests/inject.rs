@@ -223,9 +223,10 @@ fn deploy_manifests_are_current() {
 
 fn deploy_manifests() -> Vec<PathBuf> {
     let mut out = vec![];
-    for dir in ["deploy/iptables", "deploy/ebpf"] {
+    for dir in ["deploy/iptables", "deploy/ebpf", "deploy/validation"] {
         out.extend(yaml_files(&repo().join(dir)));
     }
+    out.push(repo().join("deploy/webhook.yaml"));
     assert!(!out.is_empty(), "no manifests under deploy/");
     out
 }
