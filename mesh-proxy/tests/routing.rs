@@ -1,5 +1,8 @@
 //! The data plane on loopback: weighted HTTP routing on keep-alive connections, header routes,
 //! retries, 503 and recovery, HTTP error handling, TCP with half-close and server-first protocols.
+//!
+//! The proxy runs in this process (`app::build`), except where a test reads its log: the real
+//! binary writes one.
 
 mod support;
 
@@ -27,7 +30,7 @@ async fn weighted_split_is_per_request_on_one_keepalive_connection() {
     let listen = free_addr();
     let yaml =
         listener_route(listen, "http", SPLIT_RULES, &[("v1", &[v1.addr]), ("v2", &[v2.addr]), ("v3", &[v3.addr])]);
-    let proxy = ProxyProcess::start(&yaml).await;
+    let proxy = InProcess::start(&yaml).await;
 
     let mut client = HttpClient::connect(listen).await.unwrap();
     let mut counts: HashMap<String, u32> = HashMap::new();
@@ -52,7 +55,7 @@ async fn header_and_path_rules_pick_their_cluster() {
     let listen = free_addr();
     let yaml =
         listener_route(listen, "auto", SPLIT_RULES, &[("v1", &[v1.addr]), ("v2", &[v2.addr]), ("v3", &[v3.addr])]);
-    let _proxy = ProxyProcess::start(&yaml).await;
+    let _proxy = InProcess::start(&yaml).await;
 
     // curl, a real client, with the header.
     for _ in 0..20 {
@@ -85,7 +88,7 @@ endpoints: [{{ cluster: v1, addresses: [\"{}\"] }}, {{ cluster: v2, addresses: [
 ",
         v1.addr, v2.addr
     );
-    let _proxy = ProxyProcess::start(&yaml).await;
+    let _proxy = InProcess::start(&yaml).await;
     let curl = |host: &str| {
         let out = std::process::Command::new("curl")
             .args([
@@ -163,7 +166,7 @@ async fn malformed_and_oversized_requests_get_400_and_431() {
     let v1 = Backend::start("v1").await;
     let listen = free_addr();
     let yaml = listener_route(listen, "http", "      - clusters: [{ name: v1 }]", &[("v1", &[v1.addr])]);
-    let proxy = ProxyProcess::start(&yaml).await;
+    let proxy = InProcess::start(&yaml).await;
 
     let answer = raw_exchange(listen, b"GET / HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
@@ -216,7 +219,7 @@ async fn tcp_route_forwards_with_half_close() {
     let upstream = count_until_eof_server().await;
     let listen = free_addr();
     let yaml = listener_route(listen, "tcp", "      - clusters: [{ name: db }]", &[("db", &[upstream])]);
-    let proxy = ProxyProcess::start(&yaml).await;
+    let proxy = InProcess::start(&yaml).await;
 
     let mut s = TcpStream::connect(listen).await.unwrap();
     let payload = vec![7u8; 300_000];
@@ -235,7 +238,7 @@ async fn an_idle_tcp_session_is_closed_after_tcp_idle_timeout() {
     let upstream = count_until_eof_server().await;
     let listen = free_addr();
     let yaml = listener_route(listen, "tcp", "      - clusters: [{ name: db }]", &[("db", &[upstream])]);
-    let _proxy = ProxyProcess::start(&format!("tcp_idle_timeout: 300ms\n{yaml}")).await;
+    let _proxy = InProcess::start(&format!("tcp_idle_timeout: 300ms\n{yaml}")).await;
     let mut s = TcpStream::connect(listen).await.unwrap();
     s.write_all(b"hello").await.unwrap();
     // Nothing more either way: the proxy closes both sides; the client sees EOF, not a hang.
@@ -266,7 +269,7 @@ async fn server_first_protocol_works_under_auto() {
     });
     let listen = free_addr();
     let yaml = listener_route(listen, "auto", "      - clusters: [{ name: mail }]", &[("mail", &[upstream])]);
-    let _proxy = ProxyProcess::start(&yaml).await;
+    let _proxy = InProcess::start(&yaml).await;
 
     let start = std::time::Instant::now();
     let mut s = TcpStream::connect(listen).await.unwrap();
@@ -293,7 +296,7 @@ async fn http2_prior_knowledge_is_forwarded_intact_as_tcp_under_auto() {
     });
     let listen = free_addr();
     let yaml = listener_route(listen, "auto", "      - clusters: [{ name: h2 }]", &[("h2", &[upstream])]);
-    let _proxy = ProxyProcess::start(&yaml).await;
+    let _proxy = InProcess::start(&yaml).await;
     let mut s = TcpStream::connect(listen).await.unwrap();
     s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
     let mut echo = [0u8; 24];
@@ -323,7 +326,7 @@ async fn python_http_server_backend_http10_keeps_the_downstream_connection() {
     }
     let listen = free_addr();
     let yaml = listener_route(listen, "http", "      - clusters: [{ name: py }]", &[("py", &[upstream])]);
-    let _proxy = ProxyProcess::start(&yaml).await;
+    let _proxy = InProcess::start(&yaml).await;
     let out = std::process::Command::new("curl")
         .args(["-sS", "-w", " %{num_connects}\n", &format!("http://{listen}/"), &format!("http://{listen}/")])
         .output()

@@ -109,7 +109,8 @@ impl RawBootstrap {
                 let address = socket_addr("readiness.address", &r.address)?;
                 let same_ip =
                     address.ip() == admin.ip() || address.ip().is_unspecified() || admin.ip().is_unspecified();
-                if address.port() == admin.port() && same_ip {
+                // Port 0 is a fresh port for each socket.
+                if address.port() == admin.port() && address.port() != 0 && same_ip {
                     let reason =
                         format!("{address} overlaps admin.address {admin}; use its own port (Istio's is 15021)");
                     return Err(invalid("readiness.address", reason));

@@ -242,10 +242,12 @@ impl RawRouting {
             if !addrs.insert(address) {
                 return Err(invalid(format!("{field}.address"), format!("{address} is used by two listeners")));
             }
-            if address == bootstrap.admin {
+            // Port 0 is a fresh port for each socket (tests start whole proxies that way).
+            let fixed = address.port() != 0;
+            if fixed && address == bootstrap.admin {
                 return Err(invalid(format!("{field}.address"), format!("{address} is the admin address")));
             }
-            if bootstrap.readiness.is_some_and(|r| r.address == address) {
+            if fixed && bootstrap.readiness.is_some_and(|r| r.address == address) {
                 return Err(invalid(format!("{field}.address"), format!("{address} is the readiness address")));
             }
             listeners.push(Listener { name: l.name.clone(), address });

@@ -1,5 +1,6 @@
-//! Test fixtures: the real `mesh-proxy` binary on loopback, real HTTP and TCP servers, and a
-//! keep-alive HTTP client.
+//! Test fixtures: a whole proxy on loopback — in this process ([`InProcess`], `app::build`) or as
+//! the real `mesh-proxy` binary ([`ProxyProcess`], for the command line, signals, reloads and
+//! logs) — real HTTP and TCP servers, and a keep-alive HTTP client.
 //!
 //! Loopback connections carry no `SO_ORIGINAL_DST`, so the proxy routes them by the listener
 //! address the client dialled: each test's config has routes whose destination is a listener
@@ -93,6 +94,43 @@ impl ProxyProcess {
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let proc = &mut self.proc;
         wait_until_async(timeout, "mesh-proxy to exit", || std::future::ready(proc.exit_status())).await
+    }
+}
+
+/// A whole proxy started in this process by `app::build`, its admin API on a port the kernel
+/// chose; stopped on drop. Its log lines go wherever the test's subscriber sends them (none is
+/// installed), so tests that read the proxy's log use [`ProxyProcess`].
+pub struct InProcess {
+    pub bound: mesh_proxy::app::Bound,
+    pub config: PathBuf,
+    _dir: TempDir,
+}
+
+impl InProcess {
+    /// Starts the proxy with two data-plane workers; `{admin}` in `yaml` becomes `127.0.0.1:0`.
+    pub async fn start(yaml: &str) -> Self {
+        let dir = TempDir::new("proxy");
+        let config = dir.path().join("proxy.yaml");
+        std::fs::write(&config, yaml.replace("{admin}", "127.0.0.1:0")).unwrap();
+        let loaded = mesh_proxy::config::load(&config).unwrap();
+        let options = mesh_proxy::app::Options { workers: 2, log: None };
+        let bound = mesh_proxy::app::build(loaded, options).await.unwrap();
+        Self { bound, config, _dir: dir }
+    }
+
+    /// Rewrites the config file (`{admin}` substituted as at start).
+    pub fn rewrite(&self, yaml: &str) {
+        write_atomic(&self.config, &yaml.replace("{admin}", "127.0.0.1:0"));
+    }
+
+    pub async fn admin(&self, path: &str) -> (u16, String) {
+        admin_get(self.bound.admin, path).await.unwrap()
+    }
+
+    pub async fn config_dump(&self) -> serde_json::Value {
+        let (status, body) = self.admin("/config_dump").await;
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).unwrap()
     }
 }
 
