@@ -199,5 +199,5 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Bytes> {
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
-    mesh_proxy::config::parse_duration(s)
+    mesh_proxy::parse::duration(s)
 }
