@@ -9,13 +9,14 @@
 //! - [`http`]: a hyper server per downstream connection, a route per request, the request forwarded
 //!   on a connection from the endpoint's [`pool`];
 //! - [`tcp`]: a session per connection (routed or passthrough), bytes copied with half-close;
-//!   [`inbound`]: to the local application from 127.0.0.6;
+//!   [`inbound`]: to the local application from 127.0.0.6; [`socket`]: connecting upstream;
 //! - [`snapshot`]: the routing state the control side builds and swaps: the [`route`] table and the
 //!   [`cluster`]s with their endpoints (connecting, with one retry on another endpoint);
 //!   [`balance`]: the load-balancing choices.
 //!
-//! [`Proxy`] is what every connection task shares. Nothing here imports the control side: it
-//! only reads the snapshot it is handed.
+//! [`Proxy`] is what every connection task shares. Nothing here imports the control side, and no
+//! two files here import each other: the leaves ([`socket`], [`pool`], [`balance`]) know nothing
+//! of clusters or routes, which know nothing of sessions.
 
 pub mod accept;
 pub mod balance;
@@ -29,6 +30,7 @@ pub mod orig_dst;
 pub mod pool;
 pub mod route;
 pub mod snapshot;
+pub mod socket;
 pub mod tcp;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};

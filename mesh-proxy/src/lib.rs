@@ -3,17 +3,24 @@
 //! dialled → weighted clusters), clusters (equivalent endpoints and how to balance them) and
 //! endpoints (`ip:port`).
 //!
-//! Layout:
-//! - [`data`]: the data plane, every accepted connection from the listening socket to the
-//!   upstream (accept, dispatch, detect, http, tcp, inbound, route table, clusters, balancing).
-//! - [`control`]: applying updates from the file (inotify, SIGHUP) and from discovery (polling)
-//!   and swapping the snapshot the data plane reads.
+//! Layout, each layer using only those below it:
+//! - [`app`]: a whole proxy: [`app::build`] binds everything and returns [`app::Bound`] (the bound
+//!   addresses, so a config may say port 0), [`app::Bound::wait_termination`] drains on SIGTERM.
+//!   `main.rs` is the command line around it; tests start proxies in-process with it.
 //! - [`admin`]: the operator's API, and the readiness port (`GET /ready` alone, for the kubelet).
-//! - [`config`]: the file format and its validation; [`metrics`], [`logging`], [`drain`]: shared
-//!   by the three.
+//! - [`control`]: applying updates from the file (inotify, SIGHUP) and from discovery (polling):
+//!   validate, bind new listeners, build a snapshot, swap it in; the NACK when any step fails.
+//! - [`data`]: the data plane, every accepted connection from the listening socket to the
+//!   upstream (accept, dispatch, detect, http, tcp, inbound, route table, clusters, pool,
+//!   balancing). It reads the snapshot it is handed and never imports the control side.
+//! - [`config`]: the file in two parts — the bootstrap, fixed at start, and the routing, which
+//!   updates replace — and its validation; [`parse`]: the grammars of durations, addresses and
+//!   authorities, for the config and the request path alike.
+//! - [`metrics`], [`logging`], [`drain`]: written by the data and control sides, read by admin.
 //!
-//! Threads: the data plane (accept loops, connections) runs on a multi-thread runtime of
-//! `--workers` threads; admin, reloads and discovery on a separate current-thread runtime.
+//! Threads: the data plane (accept loops, connections) runs on a runtime of `--workers` threads
+//! (current-thread for one); admin, reloads and discovery on the caller's runtime, which `main`
+//! makes a separate current-thread one.
 
 #![forbid(unsafe_code)]
 

@@ -19,13 +19,18 @@ use std::{
     time::Duration,
 };
 
+use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::{
     config::{self, LbPolicy},
-    data::{balance, pool::Pool, tcp},
+    data::{
+        balance,
+        pool::{self, Pool, Upstream},
+        socket,
+    },
     metrics::Metrics,
 };
 
@@ -91,10 +96,24 @@ impl Endpoint {
 
     /// Opens a counted TCP connection.
     pub async fn connect(self: &Arc<Self>, timeout: Duration) -> io::Result<(TcpStream, ConnectionGuard)> {
-        let stream = tcp::connect(self.addr, None, timeout).await?;
+        let stream = socket::connect(self.addr, None, timeout).await?;
         self.stats.active_connections.fetch_add(1, Ordering::Relaxed);
         self.stats.total_connections.fetch_add(1, Ordering::Relaxed);
         Ok((stream, ConnectionGuard(self.clone())))
+    }
+
+    /// A pooled HTTP/1.1 connection if one is usable, else a new one.
+    pub async fn http(self: &Arc<Self>, connect_timeout: Duration) -> io::Result<Upstream> {
+        match self.pool.checkout().await {
+            Some(sender) => Ok(Upstream { sender, reused: true }),
+            None => Ok(Upstream { sender: self.connect_http(connect_timeout).await?, reused: false }),
+        }
+    }
+
+    /// Opens a new, counted HTTP/1.1 connection.
+    pub async fn connect_http(self: &Arc<Self>, timeout: Duration) -> io::Result<SendRequest<Incoming>> {
+        let (stream, guard) = self.connect(timeout).await?;
+        pool::handshake(stream, self.addr, guard).await
     }
 }
 

@@ -38,7 +38,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, drain
     let snapshot = proxy.snapshot.load_full();
     let idle = proxy.tcp_idle_timeout;
     let (protocol, fallback, opaque) = match dispatch::plan(&snapshot, dst, &proxy.local_addrs.load()) {
-        Plan::Inbound(addr) => return inbound::serve(&proxy, stream, peer, addr, idle).await,
+        Plan::Inbound(addr) => return inbound::serve(&proxy.inbound_tcp, stream, peer, addr, idle).await,
         Plan::Route { route, protocol, fallback } => (protocol, fallback, Opaque::Route(route)),
         Plan::Detect { fallback } => (Protocol::Auto, fallback, Opaque::Unrouted(fallback)),
         Plan::Unrouted(fallback) => (Protocol::Tcp, fallback, Opaque::Unrouted(fallback)),
@@ -54,7 +54,13 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, drain
     }
     match opaque {
         Opaque::Route(route) => tcp::route(&snapshot.routes.routes[route], stream, peer, idle).await,
-        Opaque::Unrouted(Fallback::Passthrough(dst)) => tcp::passthrough(&proxy, stream, peer, dst, idle).await,
+        Opaque::Unrouted(Fallback::Passthrough(dst)) => {
+            let counters = tcp::PassthroughCounters {
+                sessions: &proxy.passthrough_tcp,
+                connect_failures: &proxy.passthrough_connect_failures,
+            };
+            tcp::passthrough(counters, stream, peer, dst, idle).await
+        }
         Opaque::Unrouted(Fallback::Refuse(why)) => {
             tracing::info!(target: "access", kind = "tcp", %peer, reason = why.reason(), "connection refused");
         }

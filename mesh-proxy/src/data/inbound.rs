@@ -14,11 +14,12 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
 use crate::{
     config::DEFAULT_CONNECT_TIMEOUT,
-    data::{tcp, Proxy},
+    data::{socket, tcp},
 };
 
 pub const INBOUND_SOURCE_V4: IpAddr = IpAddr::V4(mesh_common::INBOUND_PASSTHROUGH_V4);
@@ -55,8 +56,9 @@ impl LocalAddrs {
 }
 
 /// Hands a connection redirected to this namespace's `dst` to the local application listening there.
-pub async fn serve(proxy: &Proxy, stream: TcpStream, peer: SocketAddr, dst: SocketAddr, idle: Duration) {
-    proxy.inbound_tcp.inc();
+/// `sessions` counts them.
+pub async fn serve(sessions: &Counter, stream: TcpStream, peer: SocketAddr, dst: SocketAddr, idle: Duration) {
+    sessions.inc();
     let upstream = connect_local(dst, DEFAULT_CONNECT_TIMEOUT).await;
     tcp::splice_logged(idle, stream, upstream, peer, dst, "inbound", "InboundPassthroughCluster").await;
 }
@@ -64,13 +66,13 @@ pub async fn serve(proxy: &Proxy, stream: TcpStream, peer: SocketAddr, dst: Sock
 /// Connects to the local application at `dst` from the inbound passthrough source.
 pub async fn connect_local(dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     match dst {
-        SocketAddr::V4(_) => tcp::connect(dst, Some(INBOUND_SOURCE_V4), timeout).await,
-        SocketAddr::V6(_) => match tcp::connect(dst, Some(INBOUND_SOURCE_V6), timeout).await {
+        SocketAddr::V4(_) => socket::connect(dst, Some(INBOUND_SOURCE_V4), timeout).await,
+        SocketAddr::V6(_) => match socket::connect(dst, Some(INBOUND_SOURCE_V6), timeout).await {
             Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => {
                 // From the pod's own address the connection would be redirected back to us.
                 let local = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), dst.port());
                 tracing::debug!(%dst, %local, "::6 is not on lo; connecting to the app over ::1");
-                tcp::connect(local, None, timeout).await
+                socket::connect(local, None, timeout).await
             }
             r => r,
         },

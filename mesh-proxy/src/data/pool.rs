@@ -1,15 +1,15 @@
-//! Upstream HTTP/1.1 connections: opened per endpoint, kept idle between requests in the
-//! endpoint's [`Pool`], handed out again when still usable.
+//! Upstream HTTP/1.1 connections: started on a connected stream, kept idle between requests in the
+//! endpoint's [`Pool`], handed out again when still usable. Knows nothing of endpoints: the
+//! [`cluster`](crate::data::cluster) side owns a pool per endpoint and counts its connections.
 //!
 //! A connection is a hyper client connection: a [`SendRequest`] the request path holds and a
 //! driver task that owns the socket and ends when the connection closes.
 
-use std::{io, sync::Arc, sync::Mutex, time::Duration};
+use std::{io, net::SocketAddr, sync::Mutex};
 
 use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::rt::TokioIo;
-
-use crate::data::cluster::Endpoint;
+use tokio::net::TcpStream;
 
 /// Idle upstream connections kept per endpoint; more are closed when they come back.
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
@@ -58,28 +58,23 @@ impl Pool {
     }
 }
 
-/// A pooled connection to `endpoint` if one is usable, else a new one.
-pub async fn get(endpoint: &Arc<Endpoint>, connect_timeout: Duration) -> io::Result<Upstream> {
-    match endpoint.pool.checkout().await {
-        Some(sender) => Ok(Upstream { sender, reused: true }),
-        None => Ok(Upstream { sender: connect(endpoint, connect_timeout).await?, reused: false }),
-    }
-}
-
-/// Opens a new HTTP/1.1 connection; its driver task ends when the connection closes.
-pub async fn connect(endpoint: &Arc<Endpoint>, timeout: Duration) -> io::Result<SendRequest<Incoming>> {
-    let (stream, guard) = endpoint.connect(timeout).await?;
+/// Starts HTTP/1.1 on a connected `stream` to `addr`. The connection's driver task runs until the
+/// connection closes, and then drops `on_close` (the endpoint's count of open connections).
+pub async fn handshake<G: Send + 'static>(
+    stream: TcpStream,
+    addr: SocketAddr,
+    on_close: G,
+) -> io::Result<SendRequest<Incoming>> {
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .writev(false)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(io::Error::other)?;
-    let addr = endpoint.addr;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
         }
-        drop(guard);
+        drop(on_close);
     });
     Ok(sender)
 }

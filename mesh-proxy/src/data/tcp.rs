@@ -1,38 +1,26 @@
 //! Opaque TCP: a routed session (a cluster per connection), passthrough to the original
-//! destination, connecting upstream, and the session's access-log line. The bytes are copied by
+//! destination, and the session's access-log line. The bytes are copied by
 //! [`splice`](mod@splice).
 
 pub mod splice;
 
 use std::{
     io,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 pub use splice::{splice, Transfer};
+
+use prometheus_client::metrics::counter::Counter;
 
 use crate::data::{
     cluster::{PASSTHROUGH_CLUSTER, PASSTHROUGH_CONNECT_TIMEOUT},
     route::RouteEntry,
-    Proxy,
+    socket,
 };
-
-/// Connects to `addr` within `timeout`, optionally from source address `bind` (port chosen by the
-/// kernel), with Nagle off: the proxy forwards what it gets and must not add latency.
-pub async fn connect(addr: SocketAddr, bind: Option<IpAddr>, timeout: Duration) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    if let Some(ip) = bind {
-        socket.bind(SocketAddr::new(ip, 0))?;
-    }
-    let stream = tokio::time::timeout(timeout, socket.connect(addr))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect timed out after {timeout:?}")))??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
 
 /// A TCP route: one cluster per connection by weight, one endpoint by the cluster's policy.
 pub async fn route(entry: &RouteEntry, mut stream: TcpStream, peer: SocketAddr, idle: Duration) {
@@ -67,12 +55,24 @@ pub async fn route(entry: &RouteEntry, mut stream: TcpStream, peer: SocketAddr, 
     }
 }
 
+/// Passthrough sessions and their failed connects, counted under the PassthroughCluster.
+pub struct PassthroughCounters<'a> {
+    pub sessions: &'a Counter,
+    pub connect_failures: &'a Counter,
+}
+
 /// Unrouted traffic under `allow_any`: to the destination the application dialled.
-pub async fn passthrough(proxy: &Proxy, stream: TcpStream, peer: SocketAddr, dst: SocketAddr, idle: Duration) {
-    proxy.passthrough_tcp.inc();
-    let upstream = connect(dst, None, PASSTHROUGH_CONNECT_TIMEOUT).await;
+pub async fn passthrough(
+    counters: PassthroughCounters<'_>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    idle: Duration,
+) {
+    counters.sessions.inc();
+    let upstream = socket::connect(dst, None, PASSTHROUGH_CONNECT_TIMEOUT).await;
     if upstream.is_err() {
-        proxy.passthrough_connect_failures.inc();
+        counters.connect_failures.inc();
     }
     splice_logged(idle, stream, upstream, peer, dst, "passthrough", PASSTHROUGH_CLUSTER).await;
 }

@@ -14,7 +14,7 @@ use super::{
 use crate::{
     data::{
         cluster::{Cluster, ConnectError, Endpoint},
-        pool::{self, Upstream},
+        pool::Upstream,
     },
     metrics::RequestCounters,
 };
@@ -30,7 +30,7 @@ pub(super) async fn forward(
 ) -> Response<ProxyBody> {
     let log = log.with_route(route).with_cluster(&cluster.name);
     prepare_upstream_request(&mut req);
-    let (ep, upstream) = match cluster.connect(|ep| pool::get(ep, cluster.connect_timeout)).await {
+    let (ep, upstream) = match cluster.connect(|ep| ep.http(cluster.connect_timeout)).await {
         Ok(c) => c,
         Err(e) => {
             counters.record(503);
@@ -96,7 +96,7 @@ async fn send(
         Ok(resp) => Ok((resp, sender)),
         Err(mut e) => match e.take_message() {
             Some(req) if reused => {
-                let mut fresh = match pool::connect(ep, cluster.connect_timeout).await {
+                let mut fresh = match ep.connect_http(cluster.connect_timeout).await {
                     Ok(s) => s,
                     Err(ce) => {
                         cluster.record_connect_failure(ep, &ce);
