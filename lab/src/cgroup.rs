@@ -30,11 +30,15 @@ pub fn cgroup2_mount() -> PathBuf {
         .expect("no cgroup2 mount in /proc/self/mountinfo")
 }
 
-/// A cgroup directory `mesh-<tag>-<pid>-<n>` directly under the cgroup2 mount. On drop its
-/// processes are killed and the directory removed (programs attached to it go with it).
+/// A cgroup directory `mesh-<tag>-<pid>-<n>` directly under the cgroup2 mount, or one nested in
+/// such a directory ([`Cgroup::nested`]). On drop the directories it created are removed, with
+/// every cgroup below them (leaves first, their processes killed): programs attached to them go
+/// with them.
 pub struct Cgroup {
     /// The directory; what `mesh-init ebpf --cgroup` takes.
     path: PathBuf,
+    /// The outermost directory this guard created: what its drop removes.
+    created: PathBuf,
 }
 
 impl Cgroup {
@@ -42,7 +46,20 @@ impl Cgroup {
     pub fn new(tag: &str) -> Cgroup {
         let path = cgroup2_mount().join(unique(tag));
         fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        Cgroup { path }
+        Cgroup { created: path.clone(), path }
+    }
+
+    /// Creates `relative` (one or more components, `kubepods.slice/kubepods-pod1.slice`) below
+    /// this cgroup, for tests of cgroups nested and named as a kubelet makes them. The guard
+    /// removes what it created; this cgroup's own drop removes it too, whichever drops first.
+    pub fn nested(&self, relative: impl AsRef<Path>) -> Cgroup {
+        let relative = relative.as_ref();
+        let first = relative.components().next().expect("a relative path with at least one component");
+        let created = self.path.join(first);
+        assert!(!created.exists(), "{} exists already", created.display());
+        let path = self.path.join(relative);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir -p {}: {e}", path.display()));
+        Cgroup { path, created }
     }
 
     /// The directory.
@@ -81,30 +98,37 @@ impl Cgroup {
             cmd.pre_exec(join);
         }
     }
+}
 
-    /// The PIDs in the cgroup now (none when it is gone).
-    fn pids(&self) -> Vec<i32> {
-        fs::read_to_string(self.path.join("cgroup.procs"))
+/// Removes the cgroup `dir` and every cgroup below it, leaves first. A cgroup with processes or
+/// children cannot be removed; killed processes leave it asynchronously, hence the retries.
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&entry.path());
+            }
+        }
+    }
+    for _ in 0..50 {
+        let pids: Vec<i32> = fs::read_to_string(dir.join("cgroup.procs"))
             .unwrap_or_default()
             .split_whitespace()
             .filter_map(|p| p.parse().ok())
-            .collect()
+            .collect();
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let _ = fs::remove_dir(dir);
 }
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        // A cgroup with processes cannot be removed; killed ones leave it asynchronously.
-        for _ in 0..50 {
-            let pids = self.pids();
-            if pids.is_empty() {
-                break;
-            }
-            for pid in pids {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = fs::remove_dir(&self.path);
+        remove_tree(&self.created);
     }
 }

@@ -65,6 +65,33 @@ fn a_process_runs_in_the_namespace_and_cgroup_as_the_user_asked() {
 }
 
 #[test]
+fn nested_cgroups_go_with_their_guard_or_their_parent() {
+    if !privileged("nested_cgroups_go_with_their_guard_or_their_parent") {
+        return;
+    }
+    let parent = Cgroup::new("lab-nest");
+    let leaf = parent.nested("kubepods.slice/kubepods-pod1.slice");
+    assert!(leaf.path().ends_with("kubepods.slice/kubepods-pod1.slice") && leaf.path().is_dir());
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("60");
+    leaf.enter(&mut cmd);
+    let _sleeper = Proc::spawn(&mut cmd);
+    drop(leaf);
+    assert!(!parent.path().join("kubepods.slice").exists(), "the nested guard removes what it created");
+
+    // The parent dropping first takes the nested cgroups (and their processes) with it.
+    let leaf = parent.nested("a.slice/b.slice");
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("60");
+    leaf.enter(&mut cmd);
+    let _sleeper = Proc::spawn(&mut cmd);
+    let top = parent.path().to_path_buf();
+    drop(parent);
+    assert!(!top.exists(), "{} left behind", top.display());
+    drop(leaf);
+}
+
+#[test]
 fn a_wait_that_never_ends_names_what_it_waited_for() {
     let e = panic::catch_unwind(|| wait_until(Duration::from_millis(50), "the sun to rise in the west", || None::<()>))
         .unwrap_err();

@@ -266,7 +266,8 @@ fn ebpf_init_script_finds_the_pod_cgroup() {
     let args: Vec<String> = serde_yaml::from_value(init["args"].clone()).expect("an args list");
     assert_eq!(command[..2], ["/bin/sh", "-c"]);
 
-    let root = std::env::temp_dir().join(format!("mesh-init-inject-{}", std::process::id()));
+    let dir = mesh_lab::TempDir::new("inject");
+    let root = dir.path();
     let tree = root.join("cgroup");
     let systemd = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0b4f_77.slice";
     let cgroupfs = "kubepods/besteffort/pod5a1e-9c";
@@ -303,7 +304,6 @@ fn ebpf_init_script_finds_the_pod_cgroup() {
     let out = run("ffff-00");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no cgroup for pod ffff-00"));
-    std::fs::remove_dir_all(&root).unwrap();
 }
 
 /// Every traffic annotation is checked as the flag it replaces, and a refusal names both.

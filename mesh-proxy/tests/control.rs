@@ -152,31 +152,23 @@ async fn invalid_update_is_rejected_and_the_last_good_config_keeps_serving() {
     // An unknown field on line 3, then a reference to a missing cluster.
     let typo = good.replace("listeners:\n  - { name: main,", "listeners:\n  - { nmae: main,");
     proxy.rewrite(&typo);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let rejected = loop {
-        let dump = proxy.config_dump().await;
-        if !dump["last_rejected"].is_null() {
-            break dump;
-        }
-        assert!(Instant::now() < deadline, "rejection not visible");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let p = &proxy;
+    let rejected = wait_until_async(Duration::from_secs(5), "the rejection in /config_dump", || async move {
+        let dump = p.config_dump().await;
+        (!dump["last_rejected"].is_null()).then_some(dump)
+    })
+    .await;
     let error = rejected["last_rejected"]["error"].as_str().unwrap().to_string();
     assert!(error.contains("unknown field `nmae`") && error.contains("line 3"), "{error}");
     assert_eq!(rejected["version"], version_before, "the good config is still the one in force");
 
     proxy.rewrite(&good.replace("clusters: [{ name: v1, weight: 1 }]", "clusters: [{ name: v9, weight: 1 }]"));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let dump = proxy.config_dump().await;
-        let e = dump["last_rejected"]["error"].as_str().unwrap_or("").to_string();
-        if e.contains("v9") {
-            assert_eq!(e, "routes[0].rules[0].clusters[0].name: cluster \"v9\" is not defined in clusters");
-            break;
-        }
-        assert!(Instant::now() < deadline, "second rejection not visible: {dump}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let e = wait_until_async(Duration::from_secs(5), "the second rejection in /config_dump", || async move {
+        let dump = p.config_dump().await;
+        dump["last_rejected"]["error"].as_str().filter(|e| e.contains("v9")).map(str::to_string)
+    })
+    .await;
+    assert_eq!(e, "routes[0].rules[0].clusters[0].name: cluster \"v9\" is not defined in clusters");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (total, failures, stale) = load.finish().await;
     assert!(total > 50);
@@ -209,14 +201,10 @@ async fn sighup_reloads_and_unchanged_listeners_keep_their_sockets() {
         );
     std::fs::write(&proxy.config, with_second.replace("{admin}", &proxy.admin.to_string())).unwrap();
     proxy.signal(nix::sys::signal::Signal::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut c2 = loop {
-        if let Ok(c) = HttpClient::connect(second).await {
-            break c;
-        }
-        assert!(Instant::now() < deadline, "second listener not started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut c2 = wait_until_async(Duration::from_secs(5), "the second listener", || async {
+        HttpClient::connect(second).await.ok()
+    })
+    .await;
     assert_eq!(c2.get("/", &[]).await.unwrap().1, "v2");
     // The first listener's established connection was not touched.
     assert_eq!(old_conn.get("/", &[]).await.unwrap().1, "v1");
@@ -228,11 +216,10 @@ async fn sighup_reloads_and_unchanged_listeners_keep_their_sockets() {
 
     // Removing the second listener stops it accepting; its open connection carries on.
     proxy.rewrite(&base);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while HttpClient::connect(second).await.is_ok() {
-        assert!(Instant::now() < deadline, "second listener still accepting");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_async(Duration::from_secs(5), "the second listener to stop accepting", || async {
+        HttpClient::connect(second).await.is_err().then_some(())
+    })
+    .await;
     // The route for it is gone, so the kept connection now gets 404 (not a reset).
     assert_eq!(c2.get("/", &[]).await.unwrap().0, 404);
     assert_eq!(old_conn.get("/", &[]).await.unwrap().1, "v1");
@@ -285,17 +272,15 @@ async fn discovery_from_python_http_server_switches_under_load() {
     // The file has only the admin address and the discovery source.
     let yaml = format!("admin: {{ address: \"{{admin}}\" }}\ndiscovery:\n  url: http://127.0.0.1:{port}/mesh\n  poll_interval: 100ms\n");
     let proxy = ProxyProcess::start(&yaml).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(mut c) = HttpClient::connect(listen).await {
-            if let Ok((200, b)) = c.get("/", &[]).await {
-                assert_eq!(b, "v1");
-                break;
-            }
+    let what = format!("the discovered config serving (log: {})", proxy.log.display());
+    let b = wait_until_async(Duration::from_secs(10), &what, || async {
+        match HttpClient::connect(listen).await.ok()?.get("/", &[]).await {
+            Ok((200, b)) => Some(b),
+            _ => None,
         }
-        assert!(Instant::now() < deadline, "discovered config not serving; log:\n{}", proxy.log_text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert_eq!(b, "v1");
     let dump = proxy.config_dump().await;
     assert_eq!(dump["source"], format!("discovery:http://127.0.0.1:{port}/mesh"));
     assert!(dump["version"].as_str().unwrap().contains("rds=1"), "{dump}");
@@ -310,17 +295,14 @@ async fn discovery_from_python_http_server_switches_under_load() {
 
     // A NACK: the server now names a cluster that does not exist; v2 keeps serving.
     write_atomic(&v1dir.join("routes"), &routes("3", "nope"));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let dump = proxy.config_dump().await;
-        if dump["last_rejected"]["version"].as_str().is_some_and(|v| v.contains("rds=3")) {
-            assert!(dump["last_rejected"]["error"].as_str().unwrap().contains("\"nope\" is not defined"), "{dump}");
-            assert!(dump["version"].as_str().unwrap().contains("rds=2"), "{dump}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "discovery rejection not visible: {dump}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let p = &proxy;
+    let dump = wait_until_async(Duration::from_secs(5), "the discovery rejection in /config_dump", || async move {
+        let dump = p.config_dump().await;
+        dump["last_rejected"]["version"].as_str().is_some_and(|v| v.contains("rds=3")).then_some(dump)
+    })
+    .await;
+    assert!(dump["last_rejected"]["error"].as_str().unwrap().contains("\"nope\" is not defined"), "{dump}");
+    assert!(dump["version"].as_str().unwrap().contains("rds=2"), "{dump}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (total, failures, stale) = load.finish().await;
     assert!(total > 100);
@@ -443,18 +425,15 @@ async fn readiness_port_serves_only_ready() {
 
     let elsewhere = free_addr();
     proxy.rewrite(&with_ready(elsewhere));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let dump = proxy.config_dump().await;
-        if let Some(e) = dump["last_rejected"]["error"].as_str() {
-            let want =
-                format!("readiness.address cannot change while running ({ready} → {elsewhere}); restart to change it");
-            assert_eq!(e, want);
-            break;
-        }
-        assert!(Instant::now() < deadline, "rejection not visible: {dump}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let p = &proxy;
+    let e = wait_until_async(Duration::from_secs(5), "the rejection in /config_dump", || async move {
+        p.config_dump().await["last_rejected"]["error"].as_str().map(str::to_string)
+    })
+    .await;
+    assert_eq!(
+        e,
+        format!("readiness.address cannot change while running ({ready} → {elsewhere}); restart to change it")
+    );
     assert_eq!(admin_get(ready, "/ready").await.unwrap().0, 200);
 
     // A slow request in flight keeps the proxy draining long enough to ask.

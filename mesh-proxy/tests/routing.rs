@@ -128,16 +128,15 @@ async fn dead_endpoint_is_retried_on_another_then_503_then_recovery() {
     // Only the dead one: 503, the connection stays usable, and the reason is logged.
     let only_dead = listener_route(listen, "http", "      - clusters: [{ name: solo }]", &[("solo", &[dead])]);
     proxy.rewrite(&only_dead);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let (status, body) = c.get("/", &[]).await.unwrap();
-        if status == 503 {
-            assert_eq!(body, "no healthy upstream");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "reload not seen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The same keep-alive connection for every poll (a mutex: each poll's future borrows it).
+    let shared = tokio::sync::Mutex::new(c);
+    let body = wait_until_async(Duration::from_secs(5), "the reload (a 503)", || async {
+        let (status, body) = shared.lock().await.get("/", &[]).await.unwrap();
+        (status == 503).then_some(body)
+    })
+    .await;
+    let mut c = shared.into_inner();
+    assert_eq!(body, "no healthy upstream");
     assert_eq!(c.get("/", &[]).await.unwrap().0, 503);
     assert!(proxy.log_text().contains("upstream connect failed"), "{}", proxy.log_text());
 
@@ -311,19 +310,19 @@ async fn python_http_server_backend_http10_keeps_the_downstream_connection() {
     let dir = TempDir::new("py");
     std::fs::write(dir.path().join("index.html"), "from python").unwrap();
     let port = free_port();
-    let mut py = std::process::Command::new("python3")
-        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let log = TempDir::new("py-log");
+    let py = Proc::spawn_logged(
+        "python3 -m http.server",
+        std::process::Command::new("python3")
+            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+            .current_dir(dir.path()),
+        &log.path().join("http.log"),
+    );
     let upstream: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(upstream).await.is_err() {
-        assert!(std::time::Instant::now() < deadline, "python http.server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_async(Duration::from_secs(10), "python http.server to listen", || async {
+        TcpStream::connect(upstream).await.ok()
+    })
+    .await;
     let listen = free_addr();
     let yaml = listener_route(listen, "http", "      - clusters: [{ name: py }]", &[("py", &[upstream])]);
     let _proxy = InProcess::start(&yaml).await;
@@ -331,8 +330,7 @@ async fn python_http_server_backend_http10_keeps_the_downstream_connection() {
         .args(["-sS", "-w", " %{num_connects}\n", &format!("http://{listen}/"), &format!("http://{listen}/")])
         .output()
         .unwrap();
-    let _ = py.kill();
-    let _ = py.wait();
+    drop(py);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "from python 1\nfrom python 0\n");
 }
 

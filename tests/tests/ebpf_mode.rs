@@ -7,14 +7,12 @@
 //! on failure); programs are attached only to that cgroup and that pod namespace.
 
 use std::{
-    ffi::CString,
-    os::unix::{ffi::OsStringExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Command, Output},
     time::Duration,
 };
 
-use mesh_e2e::{bin, origdst_server, script, PodNet, REMOTE_V4};
+use mesh_e2e::{bin, ebpf_status_of, origdst_server, script, PodNet, REMOTE_V4};
 use mesh_lab::{cgroup2_mount, check, privileged, wait_until, Cgroup, Proc};
 
 const PROXY_UID: u32 = 1337;
@@ -23,7 +21,7 @@ const PROXY_UID: u32 = 1337;
 struct Pod {
     /// A pod-like cgroup inside `cgroup`, named as a kubelet names it, when the test needs one:
     /// then everything attaches there and the pod's processes run there.
-    leaf: Option<Nested>,
+    leaf: Option<Cgroup>,
     cgroup: Cgroup,
     net: PodNet,
     procs: Vec<Proc>,
@@ -37,13 +35,13 @@ impl Pod {
     /// A pod whose cgroup is `components` below the test's own cgroup.
     fn nested(tag: &str, components: &[&str]) -> Pod {
         let mut pod = Pod::new(tag);
-        pod.leaf = Some(Nested::new(pod.cgroup.path(), components));
+        pod.leaf = Some(pod.cgroup.nested(components.join("/")));
         pod
     }
 
     /// The cgroup mesh-init attaches to.
     fn cgroup_path(&self) -> &Path {
-        self.leaf.as_ref().map_or(self.cgroup.path(), Nested::leaf)
+        self.leaf.as_ref().map_or(self.cgroup.path(), Cgroup::path)
     }
 
     fn mesh_init(&self, args: &[&str]) -> Output {
@@ -111,20 +109,7 @@ impl Pod {
 
     /// This cgroup's block of `mesh-init status`.
     fn status(&self) -> String {
-        let out = check(Command::new(bin("mesh-init")).args(["status", "--netns", self.net.pod.name()]));
-        let ours = format!("cgroup {} ", self.cgroup_path().display());
-        let mut in_block = false;
-        let mut block = String::new();
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if !line.starts_with(' ') {
-                in_block = line.contains(&ours);
-            }
-            if in_block {
-                block += line;
-                block.push('\n');
-            }
-        }
-        block
+        ebpf_status_of(&self.net.pod, self.leaf.as_ref().unwrap_or(&self.cgroup), &[])
     }
 
     /// Entry count of `map` in the status's "map entries" line.
@@ -143,72 +128,6 @@ impl Drop for Pod {
     fn drop(&mut self) {
         self.procs.clear();
         let _ = self.mesh_init(&["--cleanup-only"]);
-    }
-}
-
-/// Cgroups nested inside a test's own, as a kubelet nests a pod's (`kubepods.slice/...`). On
-/// drop their processes are killed and the directories removed, leaves first (the test's own
-/// cgroup, their parent, goes after them).
-struct Nested {
-    /// Outermost first.
-    dirs: Vec<PathBuf>,
-}
-
-impl Nested {
-    fn new(parent: &Path, components: &[&str]) -> Nested {
-        let mut dirs = Vec::new();
-        let mut dir = parent.to_path_buf();
-        for c in components {
-            dir.push(c);
-            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-            dirs.push(dir.clone());
-        }
-        Nested { dirs }
-    }
-
-    fn leaf(&self) -> &Path {
-        self.dirs.last().expect("at least one component")
-    }
-
-    /// Makes `cmd`'s process join the innermost cgroup before it executes.
-    fn enter(&self, cmd: &mut Command) {
-        let procs = CString::new(self.leaf().join("cgroup.procs").into_os_string().into_vec()).expect("no NUL");
-        // SAFETY: between fork and exec only open, write and close run, on a string built
-        // before the fork: no allocation, no lock.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if written == 1 {
-                    Ok(())
-                } else {
-                    Err(err)
-                }
-            });
-        }
-    }
-}
-
-impl Drop for Nested {
-    fn drop(&mut self) {
-        for dir in self.dirs.iter().rev() {
-            for _ in 0..50 {
-                let pids = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-                if pids.trim().is_empty() {
-                    break;
-                }
-                for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = std::fs::remove_dir(dir);
-        }
     }
 }
 

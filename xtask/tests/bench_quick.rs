@@ -19,29 +19,25 @@ fn bin_dir() -> PathBuf {
 
 #[test]
 fn quick_mode_on_a_tiny_load_writes_every_table() {
-    if !nix::unistd::geteuid().is_root() {
-        if std::env::var_os("CI").is_some() {
-            panic!("the benchmark harness test needs root for network namespaces, and CI is set: failing instead of skipping");
-        }
-        eprintln!("skipped quick_mode_on_a_tiny_load_writes_every_table: needs root (network namespaces)");
+    if !mesh_lab::privileged("quick_mode_on_a_tiny_load_writes_every_table") {
         return;
     }
     let bins = bin_dir();
     for b in ["mesh-init", "mesh-proxy"] {
         assert!(bins.join(b).is_file(), "{} is missing: build the workspace's binaries first", bins.join(b).display());
     }
-    let out = std::env::temp_dir().join(format!("mesh-bench-test-{}", std::process::id()));
+    let dir = mesh_lab::TempDir::new("bench-test");
+    let out = dir.path();
     let status = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args(["bench", "--quick", "--paths", "direct,haproxy", "--repeats", "1", "--duration", "1"])
         .args(["--rate", "200", "--idle-conns", "200", "--bin-dir"])
         .arg(&bins)
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .status()
         .expect("run xtask bench");
     let md = std::fs::read_to_string(out.join("results.md"));
     let svg = std::fs::read_to_string(out.join("latency.svg"));
-    let _ = std::fs::remove_dir_all(&out);
     assert!(status.success(), "xtask bench failed ({status}); results.md:\n{}", md.as_deref().unwrap_or("(none)"));
     let md = md.expect("results.md");
     for heading in [
