@@ -5,9 +5,13 @@
 //! `/clusters` and `/listeners` answer Envoy's text format (`name::address::stat::value`) by
 //! default and JSON with `?format=json`.
 //!
-//! [`readiness`]: the second port with `GET /ready` alone, for the kubelet.
+//! [`readiness`]: the second port with `GET /ready` alone, for the kubelet. [`status`]: the
+//! status port (Istio's 15020), the application's probes and the merged metrics. [`wait`]:
+//! `mesh-proxy wait`, the postStart hook that holds the application until the proxy is ready.
 
 pub mod readiness;
+pub mod status;
+pub mod wait;
 
 use std::{convert::Infallible, fmt::Write, sync::atomic::Ordering, sync::Arc};
 

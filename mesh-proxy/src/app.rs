@@ -16,7 +16,7 @@ use tokio::{
 };
 
 use crate::{
-    admin::{self, readiness, Admin},
+    admin::{self, readiness, status, Admin},
     config::Loaded,
     control::{discovery, file, interfaces, Control, UpdateError},
     data::{accept::ListenerInfo, inbound::LocalAddrs},
@@ -35,6 +35,8 @@ pub struct Options {
     /// The installed log filter, which `POST /logging` changes; `None` when the embedder (a test)
     /// installed its own subscriber, and the endpoint then says so.
     pub log: Option<LogHandle>,
+    /// The status port (application probes, merged metrics), when the injector asked for one.
+    pub status: Option<status::Settings>,
 }
 
 /// Why the proxy could not start, or stopped waiting.
@@ -60,6 +62,8 @@ pub struct Bound {
     pub admin: SocketAddr,
     /// Where the readiness port listens, if the config asks for one.
     pub readiness: Option<SocketAddr>,
+    /// Where the status port listens, if the options ask for one.
+    pub status: Option<SocketAddr>,
     /// The first config's listeners, one entry per bound socket.
     pub listeners: Vec<ListenerInfo>,
     control: Arc<Control>,
@@ -87,6 +91,14 @@ pub async fn build(config: Loaded, options: Options) -> Result<Bound, Error> {
         }
         None => (None, None),
     };
+    let (status_listener, status_addr) = match &options.status {
+        Some(st) => {
+            let listener = bind("--status-address", st.address).await?;
+            let bound = listener.local_addr().map_err(|error| bind_error("--status-address", st.address, error))?;
+            (Some(listener), Some(bound))
+        }
+        None => (None, None),
+    };
 
     let data = DataPlane::start(options.workers).map_err(Error::Runtime)?;
     let local = LocalAddrs::discover().map_err(Error::LocalAddrs)?;
@@ -108,6 +120,10 @@ pub async fn build(config: Loaded, options: Options) -> Result<Bound, Error> {
         tracing::info!(%address, "readiness listening");
         tasks.spawn(readiness::serve(drain.clone(), listener));
     }
+    if let (Some(listener), Some(address), Some(settings)) = (status_listener, status_addr, options.status) {
+        tracing::info!(%address, probes = settings.probers.len(), "status listening");
+        tasks.spawn(status::serve(Arc::new(settings), control.clone(), listener));
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     let watcher = match file::watch_file(&path, tx) {
         Ok(w) => Some(w),
@@ -125,6 +141,7 @@ pub async fn build(config: Loaded, options: Options) -> Result<Bound, Error> {
     Ok(Bound {
         admin,
         readiness,
+        status: status_addr,
         listeners: control.listeners.bound(),
         control,
         drain,

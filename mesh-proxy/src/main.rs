@@ -1,20 +1,55 @@
-//! `mesh-proxy --config FILE [--workers N]`: see the crate docs and README.md.
+//! `mesh-proxy --config FILE [--workers N] [--status-address ADDR]` and `mesh-proxy wait`: see the
+//! crate docs and README.md.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use anyhow::Context;
 use clap::Parser;
 use mesh_proxy::{
+    admin::{self, status},
     app, config,
     logging::{self, LogFormat},
 };
 
 #[derive(Debug, Parser)]
-#[command(version, about = "The mesh's sidecar proxy")]
+#[command(
+    version,
+    about = "The mesh's sidecar proxy",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Return once this pod's proxy answers GET /ready (the postStart hook of a held sidecar).
+    Wait(WaitArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct WaitArgs {
+    /// The proxy's readiness port, on 127.0.0.1.
+    #[arg(long, default_value_t = mesh_common::ports::READINESS)]
+    readiness_port: u16,
+    /// How long to wait (`600s`, `2m`): the injected startup probe's 10 minutes.
+    #[arg(long, default_value = "600s", value_parser = mesh_proxy::parse::duration)]
+    timeout: std::time::Duration,
+}
+
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Configuration file (YAML or JSON); reloaded on change and on SIGHUP.
-    #[arg(short, long, env = "MESH_PROXY_CONFIG")]
-    config: PathBuf,
+    #[arg(short, long, env = "MESH_PROXY_CONFIG", required = true)]
+    config: Option<PathBuf>,
     /// Data-plane threads [default: the number of cores].
     #[arg(long, env = "MESH_PROXY_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     workers: Option<u16>,
@@ -23,10 +58,21 @@ struct Args {
     log_level: String,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Serve the status port here (Istio's 15020): the application's probes and merged metrics,
+    /// from the injector's ISTIO_KUBE_APP_PROBERS and ISTIO_PROMETHEUS_ANNOTATIONS.
+    #[arg(long, env = "MESH_PROXY_STATUS_ADDRESS")]
+    status_address: Option<SocketAddr>,
+    /// The pod's IP, where the application's probes go (the downward API's status.podIP).
+    #[arg(long, env = "INSTANCE_IP")]
+    pod_ip: Option<IpAddr>,
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Command::Wait(w)) = cli.command {
+        return wait(w);
+    }
+    let args = cli.args;
     let log = match logging::init(&args.log_level, args.log_format) {
         Ok(h) => h,
         Err(e) => {
@@ -43,8 +89,39 @@ fn main() -> ExitCode {
     }
 }
 
+fn wait(args: WaitArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mesh-proxy wait: starting a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let interval = std::time::Duration::from_millis(200);
+    match rt.block_on(admin::wait::wait_ready(args.readiness_port, args.timeout, interval)) {
+        Ok(took) => {
+            println!("mesh-proxy wait: ready after {took:?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mesh-proxy wait: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn run(args: Args, log: logging::LogHandle) -> anyhow::Result<()> {
-    let config = config::load(&args.config)?;
+    let path = args.config.expect("clap requires --config without a subcommand");
+    let config = config::load(&path)?;
+    let status = match args.status_address {
+        Some(address) => Some(status::Settings::new(
+            address,
+            std::env::var(status::PROBERS_ENV).ok().as_deref(),
+            std::env::var(status::PROMETHEUS_ENV).ok().as_deref(),
+            args.pod_ip,
+        )?),
+        None => None,
+    };
     let workers = match args.workers {
         Some(n) => usize::from(n),
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -53,7 +130,7 @@ fn run(args: Args, log: logging::LogHandle) -> anyhow::Result<()> {
     let control =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the control runtime")?;
     control.block_on(async {
-        let bound = app::build(config, app::Options { workers, log: Some(log) }).await?;
+        let bound = app::build(config, app::Options { workers, log: Some(log), status }).await?;
         bound.wait_termination().await
     })?;
     Ok(())

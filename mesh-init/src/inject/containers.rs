@@ -29,8 +29,7 @@ pub const HOST_BPFFS: &str = "/host/sys/fs/bpf";
 /// mesh-proxy's binary in its image.
 pub const PROXY_BINARY: &str = "/usr/local/bin/mesh-proxy";
 /// The variable through which mesh-proxy learns where to serve the status port (application
-/// probes, merged metrics). A variable rather than a flag: a proxy built before the status server
-/// ignores it instead of refusing to start.
+/// probes, merged metrics): mesh-proxy's `--status-address`.
 pub const STATUS_ADDRESS_ENV: &str = "MESH_PROXY_STATUS_ADDRESS";
 
 /// Finds the pod's own cgroup in the node's tree from the pod UID (the downward API's
@@ -352,6 +351,12 @@ impl Sidecar {
         let mut env = vec![];
         if let Some(port) = self.status_port {
             env.push(EnvVar { name: STATUS_ADDRESS_ENV, value: Some(format!("0.0.0.0:{port}")), value_from: None });
+            // Where the application's probes go, as the kubelet's would (Istio's variable).
+            env.push(EnvVar {
+                name: "INSTANCE_IP",
+                value: None,
+                value_from: Some(EnvVarSource { field_ref: FieldRef { field_path: "status.podIP" } }),
+            });
         }
         for (name, value) in [(probes::PROBERS_ENV, &self.probers), (metrics::PROMETHEUS_ENV, &self.prometheus)] {
             if let Some(value) = value {

@@ -22,8 +22,9 @@ pub const PROBERS_ENV: &str = "ISTIO_KUBE_APP_PROBERS";
 /// Probe field, and the last part of its URL on the status port.
 const KINDS: [(&str, &str); 3] =
     [("readinessProbe", "readyz"), ("livenessProbe", "livez"), ("startupProbe", "startupz")];
-/// The handlers that are rewritten; `exec` runs in the container and needs nothing, gRPC probes
-/// are left to pass through the proxy (mesh-proxy's status server speaks HTTP and TCP only).
+/// The handlers that are rewritten; `exec` runs in the container and needs nothing, gRPC and
+/// HTTPS probes are left to pass through the proxy (mesh-proxy's status server makes plain HTTP
+/// and TCP probes only).
 const REWRITTEN: [&str; 2] = ["httpGet", "tcpSocket"];
 
 /// The path the kubelet will ask for.
@@ -59,6 +60,14 @@ pub fn rewrite(
                     continue;
                 }
                 let Some(handler) = REWRITTEN.iter().find(|h| probe.contains_key(**h)).copied() else { continue };
+                let scheme = probe.get("httpGet").and_then(|g| g.get("scheme")).and_then(Value::as_str);
+                if scheme.is_some_and(|s| !s.eq_ignore_ascii_case("HTTP")) {
+                    notes.push(format!(
+                        "container {name}: the HTTPS {field} is not rewritten (mesh-proxy's status server probes over \
+                         HTTP only); it reaches the application through the proxy"
+                    ));
+                    continue;
+                }
                 let mut action = probe[handler].clone();
                 let port = match action.get("port") {
                     Some(Value::Number(n)) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
@@ -158,7 +167,7 @@ mod tests {
 containers:
 - name: web
   ports: [{name: http, containerPort: 8080}]
-  readinessProbe: {httpGet: {path: /ready, port: http, scheme: HTTPS}, periodSeconds: 3, timeoutSeconds: 2}
+  readinessProbe: {httpGet: {path: /ready, port: http, scheme: HTTP}, periodSeconds: 3, timeoutSeconds: 2}
   livenessProbe: {tcpSocket: {port: 8080}, failureThreshold: 5}
   startupProbe: {exec: {command: [true]}}
 - name: admin
@@ -179,7 +188,7 @@ containers:
         let json = json.unwrap();
         assert_eq!(
             json,
-            r#"{"/app-health/web/livez":{"tcpSocket":{"port":8080}},"/app-health/web/readyz":{"httpGet":{"path":"/ready","port":8080,"scheme":"HTTPS"},"timeoutSeconds":2}}"#
+            r#"{"/app-health/web/livez":{"tcpSocket":{"port":8080}},"/app-health/web/readyz":{"httpGet":{"path":"/ready","port":8080,"scheme":"HTTP"},"timeoutSeconds":2}}"#
         );
         let web = &s["containers"][0];
         assert_eq!(web["readinessProbe"]["httpGet"]["path"], "/app-health/web/readyz");
@@ -198,15 +207,16 @@ containers:
     }
 
     #[test]
-    fn grpc_probes_and_unknown_port_names_are_noted() {
+    fn grpc_and_https_probes_and_unknown_port_names_are_noted() {
         let mut s: Mapping = serde_yaml::from_str(
-            "containers:\n- {name: g, readinessProbe: {grpc: {port: 9000}}, livenessProbe: {httpGet: {port: nope}}}\n",
+            "containers:\n- {name: g, readinessProbe: {grpc: {port: 9000}}, livenessProbe: {httpGet: {port: nope}},\n   startupProbe: {httpGet: {port: 443, scheme: HTTPS}}}\n",
         )
         .unwrap();
         let (json, notes) = rewrite(&mut s, &[], 15020, &|_| true);
         assert!(json.is_none());
-        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert_eq!(notes.len(), 3, "{notes:?}");
         assert!(notes[0].contains("gRPC readinessProbe"));
         assert!(notes[1].contains("does not declare"));
+        assert!(notes[2].contains("HTTPS startupProbe"));
     }
 }
