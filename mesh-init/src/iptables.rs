@@ -7,6 +7,7 @@
 //! into them are ever touched; foreign rules stay where they are.
 
 mod backend;
+mod nft;
 mod state;
 
 use std::{
@@ -17,6 +18,7 @@ use std::{
 use clap::ArgAction;
 
 pub use backend::{Backend, BackendChoice};
+pub use nft::{available as nft_available, NftInstalled};
 pub use state::Installed;
 
 use crate::{
@@ -68,6 +70,10 @@ pub struct IptablesArgs {
     /// the node's /run/xtables.lock (which kube-proxy holds). Needs --netns.
     #[arg(long = "cni-mode", env = "CNI_MODE", action = ArgAction::SetTrue, value_parser = go_bool)]
     pub cni_mode: bool,
+    /// Write native nftables rules (tables `istio-proxy-nat`, `-mangle`, `-raw` of family ip and
+    /// ip6) with `nft -f`, instead of iptables rules.
+    #[arg(long = "native-nftables", env = "NATIVE_NFTABLES", action = ArgAction::SetTrue, value_parser = go_bool)]
+    pub native_nftables: bool,
     /// istio-iptables' switch to replace rules that differ from the wanted ones. mesh-init always
     /// does that, in one transaction, so this is accepted and changes nothing.
     #[arg(long = "reconcile", env = "RECONCILE", action = ArgAction::SetTrue, value_parser = go_bool)]
@@ -90,6 +96,10 @@ pub enum Error {
     Restore { cmd: String, family: Family, status: std::process::ExitStatus, stderr: String },
     #[error("`{cmd}` failed ({status}): {stderr}")]
     Command { cmd: String, status: std::process::ExitStatus, stderr: String },
+    #[error(
+        "--native-nftables: `nft` is not installed; install the Debian package `nftables` (apt-get install nftables)"
+    )]
+    NftMissing,
     #[error("--cni-mode: the pod's xtables lock is its namespace file; give --netns (--network-namespace)")]
     CniModeWithoutNetns,
     #[error(transparent)]
@@ -103,7 +113,6 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Outcome {
     pub family: Family,
-    pub backend: Backend,
     /// Rules of a previous run that this transaction replaced or removed.
     pub removed: usize,
     pub added: usize,
@@ -141,40 +150,100 @@ fn install(args: &IptablesArgs, capture: &CaptureConfig) -> Result<(), Error> {
     if args.dry_run {
         let mut text = String::new();
         for family in families {
-            let restore = if family == Family::V4 { "iptables-restore" } else { "ip6tables-restore" };
-            text += &format!("# {family}: {restore} --noflush\n");
-            text += &rules::render(&rules::plan(capture, family));
+            let plan = rules::plan(capture, family);
+            if args.native_nftables {
+                text += &format!("# {family}: nft -f -\n");
+                text += &rules::render_nft(&plan);
+            } else {
+                let restore = if family == Family::V4 { "iptables-restore" } else { "ip6tables-restore" };
+                text += &format!("# {family}: {restore} --noflush\n");
+                text += &rules::render(&plan);
+            }
         }
         // A reader that stops early (`| head`) is not an error.
         let _ = std::io::stdout().write_all(text.as_bytes());
         return Ok(());
     }
-    let backend = Backend::select(args.backend)?;
-    tracing::info!(%backend, "iptables backend");
+    let writer = if args.native_nftables { Writer::Nftables } else { Writer::Iptables(Backend::select(args.backend)?) };
+    tracing::info!(%writer, "rules backend");
     if args.cleanup_only {
+        // Whatever the backend: rules of ours from a run with the other one go too.
         for family in [Family::V4, Family::V6] {
-            let done = cleanup(backend, family)?;
-            println!("{family}: removed {} mesh-init rules ({backend})", done.removed);
+            let done = writer.cleanup(family)?;
+            println!("{family}: removed {} mesh-init rules ({writer})", done.removed);
+            for other in writer.others() {
+                let done = other.cleanup(family)?;
+                if done.removed > 0 {
+                    println!("{family}: removed {} mesh-init rules ({other})", done.removed);
+                }
+            }
         }
         crate::loopback::remove_passthrough_v6()?;
         return Ok(());
     }
     for family in [Family::V4, Family::V6] {
+        // Rules a run with the other backend left would fight these: they go first.
+        for other in writer.others() {
+            let done = other.cleanup(family)?;
+            if done.removed > 0 {
+                println!("{family}: removed {} rules of a previous run ({other})", done.removed);
+            }
+        }
         if families.contains(&family) {
-            let done = apply(backend, &rules::plan(capture, family))?;
+            let done = writer.apply(&rules::plan(capture, family))?;
             if family == Family::V6 {
                 crate::loopback::add_passthrough_v6()?;
             }
-            println!("{family}: {} rules in place, {} replaced ({backend})", done.added, done.removed);
+            println!("{family}: {} rules in place, {} replaced ({writer})", done.added, done.removed);
         } else {
             // A previous dual-stack run may have left IPv6 rules that this run no longer wants.
-            let done = cleanup(backend, family)?;
+            let done = writer.cleanup(family)?;
             if done.removed > 0 {
-                println!("{family}: removed {} rules of a previous run ({backend})", done.removed);
+                println!("{family}: removed {} rules of a previous run ({writer})", done.removed);
             }
         }
     }
     Ok(())
+}
+
+/// Where the rules are written: an iptables flavour, or nftables itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writer {
+    Iptables(Backend),
+    Nftables,
+}
+
+impl std::fmt::Display for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Writer::Iptables(b) => write!(f, "{b}"),
+            Writer::Nftables => f.write_str("native nftables"),
+        }
+    }
+}
+
+impl Writer {
+    fn apply(self, plan: &Plan) -> Result<Outcome, Error> {
+        match self {
+            Writer::Iptables(b) => apply(b, plan),
+            Writer::Nftables => nft::apply(plan),
+        }
+    }
+
+    fn cleanup(self, family: Family) -> Result<Outcome, Error> {
+        match self {
+            Writer::Iptables(b) => cleanup(b, family),
+            Writer::Nftables => nft::cleanup(family),
+        }
+    }
+
+    /// The other backends whose rules of ours may be installed, where their tools exist.
+    fn others(self) -> Vec<Writer> {
+        match self {
+            Writer::Iptables(_) => nft::available().then_some(Writer::Nftables).into_iter().collect(),
+            Writer::Nftables => Backend::installed().into_iter().map(Writer::Iptables).collect(),
+        }
+    }
 }
 
 /// A boolean environment variable istio-iptables reads besides a flag's own (`ISTIO_DUAL_STACK`).
@@ -194,7 +263,7 @@ pub fn apply(backend: Backend, plan: &Plan) -> Result<Outcome, Error> {
     if plan.tproxy_route.is_some() || installed.tproxy_mark().is_some() {
         route::reconcile(plan.family, plan.tproxy_route, installed.tproxy_mark())?;
     }
-    Ok(Outcome { family: plan.family, backend, removed: installed.rule_count(), added: plan.rule_count() })
+    Ok(Outcome { family: plan.family, removed: installed.rule_count(), added: plan.rule_count() })
 }
 
 /// Removes every chain and jump mesh-init owns for `family`, and nothing else.
@@ -207,7 +276,7 @@ pub fn cleanup(backend: Backend, family: Family) -> Result<Outcome, Error> {
     if let Some(mark) = installed.tproxy_mark() {
         route::reconcile(family, None, Some(mark))?;
     }
-    Ok(Outcome { family, backend, removed: installed.rule_count(), added: 0 })
+    Ok(Outcome { family, removed: installed.rule_count(), added: 0 })
 }
 
 /// Feeds `text` to `iptables-restore --noflush`. Both backends commit table by table, so a

@@ -238,6 +238,14 @@ fn run_status(cmd: StatusCmd) -> Result<()> {
         }
         Err(e) => println!("iptables: {e}"),
     }
+    if iptables::nft_available() {
+        for family in [Family::V4, Family::V6] {
+            let installed = iptables::NftInstalled::read(family)?;
+            if installed.rule_count() > 0 {
+                print!("nftables {family} (native):\n{installed}");
+            }
+        }
+    }
     #[cfg(feature = "ebpf")]
     mesh_init::ebpf::status(&mut std::io::stdout())?;
     Ok(())

@@ -1,10 +1,12 @@
 //! The iptables rules mesh-init wants, as plain data.
 //!
 //! [`plan`] decides (from a [`CaptureConfig`](crate::capture::CaptureConfig) and an IP family)
-//! which chains and rules exist; [`render`] turns a [`Plan`] into `iptables-restore` text. Nothing
+//! which chains and rules exist; [`render`] turns a [`Plan`] into `iptables-restore` text and
+//! [`render_nft`] into an `nft -f` script (`--native-nftables`). Nothing
 //! here runs a command: the plan is what golden tests snapshot and what `--dry-run` prints.
 //! Applying it is [`crate::iptables`]'s job.
 
+mod nft;
 mod plan;
 mod render;
 
@@ -13,6 +15,7 @@ use std::{collections::BTreeSet, fmt, net::IpAddr};
 use ipnet::IpNet;
 use serde::Serialize;
 
+pub use nft::{family_name as nft_family, parse_nft_json, render_nft, render_nft_removal, render_nft_rule};
 pub use plan::plan;
 pub use render::{render, render_rule, render_transaction};
 

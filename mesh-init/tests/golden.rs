@@ -1,9 +1,10 @@
 //! Golden files of the rendered rules for a table of flag combinations.
 //!
-//! Each case renders the IPv4 and the IPv6 plan into `tests/golden/<case>.rules`. A change to the
+//! Each case renders the IPv4 and the IPv6 plan into `tests/golden/<case>.rules` (iptables-restore
+//! input) and `tests/golden/<case>.nft` (`nft -f` input, `--native-nftables`). A change to the
 //! rules shows up as a diff of these files in review. Regenerate with `UPDATE_GOLDEN=1 cargo test
 //! -p mesh-init --test golden` and read the diff before committing it. The e2e crate feeds every
-//! file to the real `iptables-restore --test`.
+//! file to the real `iptables-restore --test` and `nft -c -f`.
 
 use std::{fmt::Write, path::PathBuf};
 
@@ -19,21 +20,34 @@ struct Cli {
     capture: CaptureArgs,
 }
 
-fn render(argv: &[&str]) -> String {
+/// The rendering of `argv`'s plans: iptables-restore input, or with `nft` an `nft -f` script.
+fn render(argv: &[&str], nft: bool) -> String {
     let mut full = vec!["mesh-init"];
     full.extend_from_slice(argv);
     let cfg = Cli::try_parse_from(full).expect("flags parse").capture.validate().expect("flags validate");
     let mut out = String::new();
     for family in [Family::V4, Family::V6] {
-        let restore = if family == Family::V4 { "iptables-restore" } else { "ip6tables-restore" };
-        writeln!(out, "# {family}: {restore} --noflush").unwrap();
-        out.push_str(&rules::render(&rules::plan(&cfg, family)));
+        let plan = rules::plan(&cfg, family);
+        if nft {
+            writeln!(out, "# {family}: nft -f -").unwrap();
+            out.push_str(&rules::render_nft(&plan));
+        } else {
+            let restore = if family == Family::V4 { "iptables-restore" } else { "ip6tables-restore" };
+            writeln!(out, "# {family}: {restore} --noflush").unwrap();
+            out.push_str(&rules::render(&plan));
+        }
     }
     out
 }
 
 fn check(case: &str, argv: &[&str]) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(format!("{case}.rules"));
+    check_one(case, argv, false);
+    check_one(case, argv, true);
+}
+
+fn check_one(case: &str, argv: &[&str], nft: bool) {
+    let ext = if nft { "nft" } else { "rules" };
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(format!("{case}.{ext}"));
     // iptables-restore reads lines into a fixed buffer: long lists are summarised in the header.
     // Paths are shown relative to the crate, so the file does not depend on the checkout.
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/");
@@ -41,7 +55,8 @@ fn check(case: &str, argv: &[&str]) {
         .iter()
         .map(|a| if a.len() > 60 { format!("<{} items>", a.split(',').count()) } else { a.replace(dir, "") })
         .collect();
-    let got = format!("# mesh-init iptables {}\n{}", shown.join(" "), render(argv));
+    let native = if nft { " --native-nftables" } else { "" };
+    let got = format!("# mesh-init iptables{native} {}\n{}", shown.join(" "), render(argv, nft));
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, &got).unwrap();
         return;
@@ -160,7 +175,7 @@ fn thousand_ports_and_cidrs() {
     let (ports, cidrs) = thousand_ports_and_cidrs_flags();
     let argv = ["-i", "*", "-b", "*", "-d", &ports, "-o", &ports, "-x", &cidrs];
     check("scale", &argv);
-    let rendered = render(&argv);
+    let rendered = render(&argv, false);
     let port_rules = rendered.lines().filter(|l| l.contains("--dports")).count();
     // 1,000 isolated ports, 15 a rule: inbound once, outbound for TCP and UDP, in two families.
     assert_eq!(port_rules, 2 * 3 * 1000_usize.div_ceil(15));

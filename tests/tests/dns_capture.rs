@@ -113,3 +113,11 @@ fn dns_resolves_through_the_capture_iptables() {
     }
     dns_capture(&[]);
 }
+
+#[test]
+fn dns_resolves_through_the_capture_native_nftables() {
+    if !privileged("dns_resolves_through_the_capture_native_nftables") {
+        return;
+    }
+    dns_capture(&["--native-nftables"]);
+}

@@ -15,10 +15,22 @@ use mesh_lab::{check, Cgroup, Proc};
 const PROXY_UID: u32 = 1337;
 const APP_UID: u32 = 0;
 
+/// How interception is installed: `mesh-init iptables` through each of its backends, or eBPF.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    Iptables,
+    /// iptables-legacy (x_tables).
+    Legacy,
+    /// iptables-nft (iptables rules in nf_tables).
+    IptablesNft,
+    /// `--native-nftables`: nftables tables of mesh-init's own.
+    Nftables,
     Ebpf,
+}
+
+impl Mode {
+    fn is_netfilter(self) -> bool {
+        self != Mode::Ebpf
+    }
 }
 
 /// One parsed reply line of `origdst_server.py`.
@@ -63,7 +75,9 @@ impl Harness {
     fn mesh_init(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(bin("mesh-init"));
         match self.mode {
-            Mode::Iptables => cmd.arg("iptables"),
+            Mode::Legacy => cmd.args(["iptables", "--iptables-backend", "legacy"]),
+            Mode::IptablesNft => cmd.args(["iptables", "--iptables-backend", "nft"]),
+            Mode::Nftables => cmd.args(["iptables", "--native-nftables"]),
             Mode::Ebpf => cmd.arg("ebpf").arg("--cgroup").arg(self.cgroup.path()),
         };
         cmd.args(["--netns", self.net.pod.name()]).args(with_suite_defaults(args));
@@ -126,26 +140,29 @@ impl Harness {
 
     /// What mesh-init has installed, as text that changes when anything is added or removed.
     fn footprint(&self) -> String {
-        match self.mode {
-            Mode::Iptables => {
-                // Rules and user chains per table; an empty table that nf_tables keeps after its
-                // last rule is gone is not state anyone can observe.
-                let mut s = String::new();
-                for save in ["iptables-save", "ip6tables-save"] {
-                    let out = check(&mut self.net.pod.command(save));
-                    let mut table = String::new();
-                    for line in String::from_utf8_lossy(&out.stdout).lines() {
-                        if let Some(t) = line.strip_prefix('*') {
-                            table = t.to_string();
-                        } else if line.starts_with("-A")
-                            || (line.starts_with(':') && line.split_whitespace().nth(1) == Some("-"))
-                        {
-                            s += &format!("{save} {table} {line}\n");
-                        }
+        let saved = |flavour: &str| {
+            // Rules and user chains per table; an empty table that nf_tables keeps after its
+            // last rule is gone is not state anyone can observe.
+            let mut s = String::new();
+            for save in [format!("iptables-{flavour}-save"), format!("ip6tables-{flavour}-save")] {
+                let out = check(&mut self.net.pod.command(&save));
+                let mut table = String::new();
+                for line in String::from_utf8_lossy(&out.stdout).lines() {
+                    if let Some(t) = line.strip_prefix('*') {
+                        table = t.to_string();
+                    } else if line.starts_with("-A")
+                        || (line.starts_with(':') && line.split_whitespace().nth(1) == Some("-"))
+                    {
+                        s += &format!("{save} {table} {line}\n");
                     }
                 }
-                s
             }
+            s
+        };
+        match self.mode {
+            Mode::Legacy => saved("legacy"),
+            Mode::IptablesNft => saved("nft"),
+            Mode::Nftables => self.net.pod.sh("nft list ruleset"),
             // This pod's block of `mesh-init status`, without the traffic counters.
             Mode::Ebpf => ebpf_status_of(&self.net.pod, &self.cgroup, &["counters:"]),
         }
@@ -325,12 +342,25 @@ fn validate_proves_interception(mode: Mode) {
 
 fn cleanup_removes_everything_it_installed(mode: Mode) {
     let mut h = Harness::new(mode, "clean");
-    if mode == Mode::Iptables {
-        h.net.pod.sh("iptables -t nat -N FOREIGN && iptables -t nat -A OUTPUT -p tcp --dport 9 -j FOREIGN \
-                      && iptables -t nat -A PREROUTING -p tcp -j FOREIGN");
+    let foreign = |ipt: &str| {
+        format!(
+            "{ipt} -t nat -N FOREIGN && {ipt} -t nat -A OUTPUT -p tcp --dport 9 -j FOREIGN \
+             && {ipt} -t nat -A PREROUTING -p tcp -j FOREIGN"
+        )
+    };
+    match mode {
+        Mode::Legacy => drop(h.net.pod.sh(&foreign("iptables-legacy"))),
+        Mode::IptablesNft => drop(h.net.pod.sh(&foreign("iptables-nft"))),
+        Mode::Nftables => drop(
+            h.net
+                .pod
+                .sh("nft add table ip foreign && nft add chain ip foreign out '{ type nat hook output priority 0; }' \
+             && nft add rule ip foreign out tcp dport 9 accept"),
+        ),
+        Mode::Ebpf => {}
     }
     let before = h.footprint();
-    h.install(&["--redirect-dns"].filter_for(mode));
+    h.install(&["--redirect-dns", "--capture-all-dns"].filter_for(mode));
     assert_ne!(h.footprint(), before);
     h.install(&["--cleanup-only"]);
     assert_eq!(h.footprint(), before, "cleanup restores the state before mesh-init, foreign rules included");
@@ -348,11 +378,11 @@ trait ForMode {
 
 impl<const N: usize> ForMode for [&'static str; N] {
     fn filter_for(self, mode: Mode) -> Vec<&'static str> {
-        match mode {
-            Mode::Iptables => self.to_vec(),
-            // Dual stack is always on in the eBPF mode; DNS capture is iptables-only.
-            Mode::Ebpf => self.into_iter().filter(|f| !matches!(*f, "--dual-stack" | "--redirect-dns")).collect(),
+        if mode.is_netfilter() {
+            return self.to_vec();
         }
+        // Dual stack is always on in the eBPF mode; DNS capture is netfilter-only.
+        self.into_iter().filter(|f| !matches!(*f, "--dual-stack" | "--redirect-dns" | "--capture-all-dns")).collect()
     }
 }
 
@@ -393,4 +423,4 @@ macro_rules! all_modes {
     };
 }
 
-all_modes!(Iptables => iptables, Ebpf => ebpf);
+all_modes!(Legacy => iptables_legacy, IptablesNft => iptables_nft, Nftables => nftables, Ebpf => ebpf);

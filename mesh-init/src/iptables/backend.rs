@@ -106,6 +106,13 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// The iptables flavours whose tools are installed (where rules of ours may be).
+    pub fn installed() -> Vec<Backend> {
+        [Backend::Legacy, Backend::Nft].into_iter().filter(|b| find(&b.name(Family::V4, "restore")).is_some()).collect()
+    }
+}
+
 /// True when the backend's tables hold any rule (not just empty built-in chains).
 fn has_rules(b: Backend) -> bool {
     [Family::V4, Family::V6]
@@ -114,7 +121,7 @@ fn has_rules(b: Backend) -> bool {
 }
 
 /// Where a binary is: `PATH`, then the sbin directories a non-login root shell may lack.
-fn find(name: &str) -> Option<PathBuf> {
+pub(super) fn find(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
@@ -122,6 +129,6 @@ fn find(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn resolve(name: &str) -> String {
+pub(super) fn resolve(name: &str) -> String {
     find(name).map_or_else(|| name.to_string(), |p| p.to_string_lossy().into_owned())
 }
