@@ -216,6 +216,9 @@ fn run_validate(cmd: ValidateCmd) -> Result<()> {
 fn run_trace(cmd: TraceCmd) -> Result<()> {
     let host = mesh_init::capture::System::new(cmd.capture.resolv_conf.as_deref(), cmd.netns.netns.as_deref());
     let capture = cmd.capture.validate_with(&host)?;
+    if cmd.trace.live {
+        cmd.netns.enter()?;
+    }
     let mut out = String::new();
     mesh_init::trace::run(&cmd.trace, &capture, &host, &mut out)?;
     // A reader that stops early (`| head`) is not an error.

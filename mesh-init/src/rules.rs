@@ -9,6 +9,7 @@
 mod nft;
 mod plan;
 mod render;
+mod saved;
 
 use std::{collections::BTreeSet, fmt, net::IpAddr};
 
@@ -18,6 +19,7 @@ use serde::Serialize;
 pub use nft::{family_name as nft_family, parse_nft_json, render_nft, render_nft_removal, render_nft_rule};
 pub use plan::plan;
 pub use render::{render, render_rule, render_transaction};
+pub use saved::parse_saved;
 
 /// IPv4 (`iptables`) or IPv6 (`ip6tables`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

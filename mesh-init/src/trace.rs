@@ -2,12 +2,14 @@
 //! the answer to "why is this connection (not) intercepted", in one command.
 //!
 //! - [`packet`]: the packet, from flags (`--dst 10.96.0.20:9080 --uid 1000 ...`);
-//! - [`eval`]: following it through a [`Plan`] as netfilter would.
+//! - [`eval`]: following it through a [`Plan`] as netfilter would;
+//! - [`live`]: the rules installed in a namespace, read back as plans (`--live`).
 //!
 //! The plan is the one `mesh-init iptables` would install for the same capture flags (no root
 //! needed), or with `--live` the rules installed in a namespace, read back.
 
 pub mod eval;
+pub mod live;
 pub mod packet;
 
 use std::{fmt::Write as _, io::BufRead, path::PathBuf};
@@ -29,6 +31,13 @@ pub struct TraceArgs {
     /// prints `NAME VERDICT` for each. `-` reads standard input.
     #[arg(long = "packets", conflicts_with = "dst")]
     pub packets: Option<PathBuf>,
+    /// Follow the rules installed in the namespace (--netns), read back with iptables-save or
+    /// nft, instead of those the capture flags mean (which are then ignored).
+    #[arg(long = "live")]
+    pub live: bool,
+    /// With --live: which iptables to read (native nftables tables of ours are read first).
+    #[arg(long = "iptables-backend", value_parser = crate::iptables::BackendChoice::parse, default_value = "auto")]
+    pub backend: crate::iptables::BackendChoice,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,11 +50,25 @@ pub enum Error {
     PacketLine { file: String, line: usize, reason: String },
     #[error("reading {file}: {cause}")]
     Read { file: String, cause: std::io::Error },
+    #[error("--live: {0}")]
+    Live(#[from] crate::iptables::Error),
 }
 
-/// Traces the packet(s) of `args` through the plan for `capture`, and writes the answer to `out`.
+/// Traces the packet(s) of `args` through the plan for `capture` (with `--live`: through the
+/// rules installed in the current namespace), and writes the answer to `out`.
 pub fn run(args: &TraceArgs, capture: &CaptureConfig, host: &dyn Host, out: &mut String) -> Result<(), Error> {
-    let plans = [rules::plan(capture, Family::V4), rules::plan(capture, Family::V6)];
+    let plans = if args.live {
+        let live = live::read(args.backend)?;
+        if args.packets.is_none() {
+            writeln!(out, "rules: installed, read from {}", live.source).unwrap();
+        }
+        for rule in &live.unknown {
+            writeln!(out, "warning: not followed (not mesh-init's vocabulary): {rule}").unwrap();
+        }
+        live.plans
+    } else {
+        [rules::plan(capture, Family::V4), rules::plan(capture, Family::V6)]
+    };
     let plan_for = |p: &Packet| &plans[usize::from(p.family() == Family::V6)];
     if let Some(file) = &args.packets {
         let name = file.display().to_string();
