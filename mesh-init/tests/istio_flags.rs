@@ -69,3 +69,20 @@ fn dual_stack_follows_istio_dual_stack() {
     let out = cmd.output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("# IPv6"), "ISTIO_DUAL_STACK programs IPv6 too");
 }
+
+/// istio-iptables' operational flags are accepted; `--reconcile` and `--force-apply` describe
+/// what mesh-init always does, so the rules are the same.
+#[test]
+fn operational_flags_are_accepted() {
+    let plain = dry_run(&["-i", "*"], &[]);
+    for flags in
+        [&["--reconcile"][..], &["--force-apply"], &["--iptables-probe-port", "15003", "--probe-timeout", "2s"]]
+    {
+        assert_eq!(dry_run(&[&["-i", "*"][..], flags].concat(), &[]), plain, "{flags:?}");
+    }
+    assert_eq!(dry_run(&["-i", "*"], &[("RECONCILE", "true"), ("FORCE_IPTABLES_BINARY", "")]), plain);
+    // The CNI plugin's mode locks the pod's namespace file: without a namespace there is none.
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-init")).args(["iptables", "--cni-mode"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cni-mode"), "the error names the flag");
+}
