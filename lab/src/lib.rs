@@ -7,7 +7,8 @@
 //!
 //! - [`Netns`] (`netns.rs`): a network namespace, veth pairs between two of them, commands and
 //!   threads inside it.
-//! - [`Cgroup`] (`cgroup.rs`): a cgroup v2 directory under the cgroup2 mount, and commands in it.
+//! - [`Cgroup`] (`cgroup.rs`): a cgroup v2 directory under the cgroup2 mount (or nested in one,
+//!   as a kubelet nests a pod's), and commands in it.
 //! - [`Proc`], [`run`], [`check`], [`output`] (`process.rs`): long-running children killed on
 //!   drop, with line waits on stdout; commands run to completion within a time limit.
 //! - [`TempDir`], [`write_atomic`] (`tempdir.rs`): a scratch directory the proxy's user can read,

@@ -13,37 +13,19 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Write},
+    io::Write,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
 };
 
 use base64::Engine;
+use mesh_lab::{Proc, TempDir};
 use serde_json::{json, Value as Json};
 
 const HOST: &str = "mesh-init-webhook.mesh-system.svc";
 
 fn testdata() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata")
-}
-
-/// A temporary directory named after this process, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("mesh-{tag}-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A CA, and a server certificate it signed for `names`, written as PEM files.
@@ -76,46 +58,37 @@ impl Certs {
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.0.join(name)
+        self.dir.path().join(name)
     }
 }
 
 /// The webhook binary, stopped on drop.
 struct Webhook {
-    child: Child,
+    _proc: Proc,
     port: u16,
 }
 
 impl Webhook {
     fn start(certs: &Certs, args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-init"))
-            .arg("webhook")
-            .arg("--tls-cert")
-            .arg(certs.path("tls.crt"))
-            .arg("--tls-key")
-            .arg(certs.path("tls.key"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("mesh-init runs");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let mut proc = Proc::spawn(
+            Command::new(env!("CARGO_BIN_EXE_mesh-init"))
+                .arg("webhook")
+                .arg("--tls-cert")
+                .arg(certs.path("tls.crt"))
+                .arg("--tls-key")
+                .arg(certs.path("tls.key"))
+                .args(["--listen", "127.0.0.1:0"])
+                .args(args),
+        );
+        // Its first line names the address it listens on.
+        let line = proc.wait_for_line("");
         let port = line
             .trim()
             .rsplit(':')
             .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("mesh-init webhook {args:?} did not start: {line:?}"));
-        Self { child, port }
-    }
-}
-
-impl Drop for Webhook {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Self { _proc: proc, port }
     }
 }
 

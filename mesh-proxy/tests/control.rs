@@ -259,15 +259,8 @@ async fn discovery_from_python_http_server_switches_under_load() {
     };
     write_atomic(&v1dir.join("routes"), &routes("1", "v1"));
 
-    let port = free_port();
-    let log = TempDir::new("xds-log");
-    let _py = Proc::spawn_logged(
-        "python3 -m http.server",
-        std::process::Command::new("python3")
-            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
-            .current_dir(dir.path()),
-        &log.path().join("http.log"),
-    );
+    let py = PythonHttpServer::start(dir.path()).await;
+    let port = py.addr.port();
 
     // The file has only the admin address and the discovery source.
     let yaml = format!("admin: {{ address: \"{{admin}}\" }}\ndiscovery:\n  url: http://127.0.0.1:{port}/mesh\n  poll_interval: 100ms\n");

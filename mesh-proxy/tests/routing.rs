@@ -309,20 +309,8 @@ async fn python_http_server_backend_http10_keeps_the_downstream_connection() {
     // keep the client's connection open and open a new upstream connection per request.
     let dir = TempDir::new("py");
     std::fs::write(dir.path().join("index.html"), "from python").unwrap();
-    let port = free_port();
-    let log = TempDir::new("py-log");
-    let py = Proc::spawn_logged(
-        "python3 -m http.server",
-        std::process::Command::new("python3")
-            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
-            .current_dir(dir.path()),
-        &log.path().join("http.log"),
-    );
-    let upstream: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_until_async(Duration::from_secs(10), "python http.server to listen", || async {
-        TcpStream::connect(upstream).await.ok()
-    })
-    .await;
+    let py = PythonHttpServer::start(dir.path()).await;
+    let upstream = py.addr;
     let listen = free_addr();
     let yaml = listener_route(listen, "http", "      - clusters: [{ name: py }]", &[("py", &[upstream])]);
     let _proxy = InProcess::start(&yaml).await;

@@ -228,6 +228,34 @@ impl Drop for Backend {
     }
 }
 
+/// python's http.server (HTTP/1.0, a connection per response) serving `dir` on a free loopback
+/// port; its request log goes to a directory of its own. Killed on drop.
+pub struct PythonHttpServer {
+    pub addr: SocketAddr,
+    _proc: Proc,
+    _log: TempDir,
+}
+
+impl PythonHttpServer {
+    /// Starts it and returns once it accepts connections.
+    pub async fn start(dir: &std::path::Path) -> Self {
+        let addr = free_addr();
+        let log = TempDir::new("py-log");
+        let proc = Proc::spawn_logged(
+            "python3 -m http.server",
+            Command::new("python3")
+                .args(["-m", "http.server", &addr.port().to_string(), "--bind", "127.0.0.1"])
+                .current_dir(dir),
+            &log.path().join("http.log"),
+        );
+        wait_until_async(Duration::from_secs(10), "python http.server to listen", || async {
+            tokio::net::TcpStream::connect(addr).await.ok()
+        })
+        .await;
+        Self { addr, _proc: proc, _log: log }
+    }
+}
+
 /// A YAML config with one HTTP listener whose own address routes to `rules`.
 pub fn listener_route(listen: SocketAddr, protocol: &str, rules: &str, clusters: &[(&str, &[SocketAddr])]) -> String {
     let mut y = format!(
