@@ -6,18 +6,18 @@
 #
 #   --hub HUB    registry and path the images are named under [default: localhost]
 #   --tag TAG    [default: the crates' version, 0.1.0]
-#   --test-app   also build HUB/mesh-test-app:TAG (busybox from Debian's busybox-static: httpd, wget,
+#   --test-app   also build HUB/mesh-test-app:TAG (busybox from Debian's busybox-static: httpd, nc,
 #                sh), the application the container-runtime test runs (`cargo xtask pod-test`)
 #
 # Last run (2026-11-28, shared 2-core VM, cold cargo cache for the profile): binaries 13 min,
-# debootstrap 1 min, images seconds; mesh-init 13.3 MB, mesh-proxy 7.5 MB, mesh-test-app 2.0 MB.
+# debootstrap 1 min, images seconds; mesh-init 16.0 MB, mesh-proxy 7.8 MB, mesh-test-app 2.0 MB.
 #
 # Gives HUB/mesh-init:TAG and HUB/mesh-proxy:TAG, fully qualified, as `mesh-init inject --hub HUB
 # --tag TAG` refers to them. Push them with `podman push`, or load them into kind with
 # `podman save ... | kind load image-archive /dev/stdin`.
 #
-# Steps: install podman, debootstrap and runc when missing; build both binaries on the host with
-# the `image` profile (release, stripped; the eBPF programs with the pinned nightly of
+# Steps: install podman, debootstrap, runc and catatonit (the pods' infra process) when missing;
+# build both binaries on the host with the `image` profile (release, stripped; the eBPF programs with the pinned nightly of
 # rust-toolchain-nightly); debootstrap bookworm minbase (+ iptables, iproute2) once into
 # ~/.cache/mesh-init/images and `podman import` it as localhost/mesh-base:bookworm; `podman build`
 # both targets of the Dockerfile with no network. podman reads scripts/containers.conf (runc,
@@ -49,7 +49,7 @@ export CONTAINERS_CONF=$PWD/scripts/containers.conf
 export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
 
 missing=()
-for cmd in podman debootstrap runc; do command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd"); done
+for cmd in podman debootstrap runc catatonit; do command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd"); done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -94,10 +94,6 @@ for target in mesh-init mesh-proxy; do
     -t "$hub/$target:$tag" -f Dockerfile "$work/context" >/dev/null
 done
 
-for id in $(comm -13 <(echo "$dangling_before") <(podman images --quiet --filter dangling=true | sort -u)); do
-  podman rmi "$id" >/dev/null 2>&1 || true
-done
-
 if [ "$test_app" = 1 ]; then
   # Static busybox from Debian's package: one binary that is httpd, wget, sh, sleep, ...
   if [ ! -s "$cache/busybox" ]; then
@@ -109,10 +105,15 @@ if [ "$test_app" = 1 ]; then
   fi
   mkdir -p "$work/app/bin" "$work/app/www" "$work/app/tmp"
   cp "$cache/busybox" "$work/app/bin/busybox"
-  for applet in sh httpd wget sleep cat echo date kill; do ln -s busybox "$work/app/bin/$applet"; done
+  # (Debian 12's static wget crashes on every request; nc is the client.)
+  for applet in sh httpd nc sleep cat echo date kill mkdir; do ln -s busybox "$work/app/bin/$applet"; done
   log "building $hub/mesh-test-app:$tag"
   tar -C "$work/app" -c . | podman import --quiet --change 'ENTRYPOINT ["/bin/sh"]' - "$hub/mesh-test-app:$tag" >/dev/null
 fi
+
+for id in $(comm -13 <(echo "$dangling_before") <(podman images --quiet --filter dangling=true | sort -u)); do
+  podman rmi "$id" >/dev/null 2>&1 || true
+done
 
 for target in mesh-init mesh-proxy $([ "$test_app" = 1 ] && echo mesh-test-app); do
   size=$(podman image inspect --format '{{.Size}}' "$hub/$target:$tag")

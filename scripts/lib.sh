@@ -46,6 +46,18 @@ mesh_reap_stale() {
       rm -rf "$etc" && echo "[cleanup] removed stale $etc" >&2
     fi
   done
+  # podman pods of the container-runtime test (tests/tests/containers.rs); podman removes their
+  # network namespaces and containers with them.
+  if command -v podman >/dev/null 2>&1; then
+    local conf pod
+    conf="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/containers.conf"
+    for pod in $(CONTAINERS_CONF="$conf" podman pod ls --format '{{.Name}}' 2>/dev/null | grep '^mesh-' || true); do
+      pid=$(echo "$pod" | awk -F- '{print $(NF-1)}')
+      if [[ "$pid" =~ ^[0-9]+$ ]] && [ ! -d "/proc/$pid" ]; then
+        CONTAINERS_CONF="$conf" podman pod rm -f "$pod" >/dev/null 2>&1 && echo "[cleanup] removed stale pod $pod" >&2
+      fi
+    done
+  fi
 }
 
 # The cgroup path (below the cgroup2 mount) of a mesh-init pin directory's name: '/', '.' and '%'
