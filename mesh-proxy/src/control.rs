@@ -209,27 +209,13 @@ impl Control {
         let mut raw = state.file.clone();
         let mut version = format!("file={}", state.file_version);
         let d = &state.discovered;
-        let mut from_discovery = false;
-        if let Some((v, l)) = &d.listeners {
-            raw.listeners = l.clone();
-            version.push_str(&format!(",lds={v}"));
-            from_discovery = true;
-        }
-        if let Some((v, r)) = &d.routes {
-            raw.routes = r.clone();
-            version.push_str(&format!(",rds={v}"));
-            from_discovery = true;
-        }
-        if let Some((v, c)) = &d.clusters {
-            raw.clusters = c.clone();
-            version.push_str(&format!(",cds={v}"));
-            from_discovery = true;
-        }
-        if let Some((v, e)) = &d.endpoints {
-            raw.endpoints = e.clone();
-            version.push_str(&format!(",eds={v}"));
-            from_discovery = true;
-        }
+        let from_discovery = [
+            replace(&mut raw.listeners, &d.listeners, "lds", &mut version),
+            replace(&mut raw.routes, &d.routes, "rds", &mut version),
+            replace(&mut raw.clusters, &d.clusters, "cds", &mut version),
+            replace(&mut raw.endpoints, &d.endpoints, "eds", &mut version),
+        ]
+        .contains(&true);
         let source = match (&self.bootstrap.discovery, from_discovery) {
             (Some(disc), true) => format!("discovery:{}", disc.url),
             _ => self.file_source.clone(),
@@ -278,6 +264,20 @@ impl Control {
         let r = self.rejection(source, version, e);
         self.state.lock().expect("state lock poisoned").last_rejected = Some(r);
     }
+}
+
+/// Replaces a section of the file by a discovery answer, if there is one, and adds its version as
+/// `kind=version_info`. Returns whether it did.
+fn replace<T: Clone>(
+    section: &mut Vec<T>,
+    answer: &Option<(String, Vec<T>)>,
+    kind: &str,
+    version: &mut String,
+) -> bool {
+    let Some((v, resources)) = answer else { return false };
+    *section = resources.clone();
+    version.push_str(&format!(",{kind}={v}"));
+    true
 }
 
 /// The snapshot of `routing` once `prepared` is committed: its own addresses are where its

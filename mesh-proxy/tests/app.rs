@@ -6,7 +6,6 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_0_is_bound_reported_and_known_as_the_proxys_own() {
@@ -22,13 +21,7 @@ async fn port_0_is_bound_reported_and_known_as_the_proxys_own() {
     // Straight to the listener, no route: refused as the proxy's own address. Were the listener
     // known by its configured 127.0.0.1:0, the connection would look inbound (loopback is local)
     // and the proxy would connect to itself, again and again.
-    let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
-    let _ = s.write_all(b"hello").await;
-    let mut rest = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.expect("closed");
-    assert!(rest.is_empty());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let stats = proxy.admin("/stats/prometheus").await.1;
+    let stats = unrouted_connection_closed(listen, proxy.bound.admin).await;
     assert!(
         stats.contains("mesh_proxy_downstream_connections_total{listener=\"main\"} 1"),
         "one connection, no loop: {stats}"

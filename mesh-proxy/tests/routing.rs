@@ -327,14 +327,7 @@ async fn a_connection_straight_to_the_listener_without_a_route_is_closed_not_loo
     let listen = free_addr();
     let yaml = format!("admin: {{ address: \"{{admin}}\" }}\noutbound_policy: allow_any\nlisteners: [{{ name: main, address: \"{listen}\" }}]\n");
     let proxy = ProxyProcess::start(&yaml).await;
-    let mut s = TcpStream::connect(listen).await.unwrap();
-    let _ = s.write_all(b"hello").await;
-    let mut rest = Vec::new();
-    // Closed at once (EOF or reset), not passed through to itself.
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.expect("closed");
-    assert!(rest.is_empty());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let stats = proxy.admin("/stats/prometheus").await.1;
+    let stats = unrouted_connection_closed(listen, proxy.admin).await;
     assert!(
         stats.contains("mesh_proxy_downstream_connections_total{listener=\"main\"} 1"),
         "one connection, no loop: {stats}"

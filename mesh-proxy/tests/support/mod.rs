@@ -134,6 +134,21 @@ impl InProcess {
     }
 }
 
+/// Connects straight to `listen`, which no route claims, sends a few bytes and waits for the
+/// proxy to close the connection without an answer (it must not pass it on to itself); returns
+/// the proxy's `/stats/prometheus` a moment later, whose connection count shows any loop.
+pub async fn unrouted_connection_closed(listen: SocketAddr, admin: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let _ = s.write_all(b"hello").await;
+    let mut rest = Vec::new();
+    // Closed at once (EOF or reset), not passed through to itself.
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.expect("closed");
+    assert!(rest.is_empty());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    admin_get(admin, "/stats/prometheus").await.unwrap().1
+}
+
 pub async fn admin_get(admin: SocketAddr, path: &str) -> Result<(u16, String), String> {
     let mut c = HttpClient::connect(admin).await.map_err(|e| e.to_string())?;
     c.get(path, &[]).await.map_err(|e| e.to_string())
