@@ -6,7 +6,6 @@
 //! |--------------------|----------------------------|--------------------------------------|
 //! | `bpf_sock_addr`    | -                          | `user_port`: network order, low 16   |
 //! | `bpf_sock_ops`     | `local_port`: host order   | `remote_port`: network order, << 16  |
-//! | `sk_msg_md`        | `local_port`: host order   | `remote_port`: network order, << 16  |
 //! | `bpf_sock`         | `src_port`: host order     | `dst_port`: network order (`__be16`) |
 //! | `bpf_sk_lookup`    | `local_port`: host order   | `remote_port`: network order         |
 //!
@@ -28,6 +27,7 @@ use mesh_ebpf_common::{mapped_v4, Addr, SockPair, AF_INET};
 #[inline(always)]
 pub unsafe fn read_ip6(p: *const [u32; 4]) -> Addr {
     let w = p as *const u32;
+    // SAFETY: the caller's promise: `p` points to the four words of a context field.
     unsafe { [read_volatile(w), read_volatile(w.add(1)), read_volatile(w.add(2)), read_volatile(w.add(3))] }
 }
 
@@ -37,6 +37,7 @@ pub unsafe fn read_ip6(p: *const [u32; 4]) -> Addr {
 /// Both pointers must point into the program's context.
 #[inline(always)]
 pub unsafe fn addr(family: u32, ip4: *const u32, ip6: *const [u32; 4]) -> Addr {
+    // SAFETY: the caller's promise: both point into the context.
     let (v4, v6) = unsafe { (read_volatile(ip4), read_ip6(ip6)) };
     if family == AF_INET as u32 {
         mapped_v4(v4)
@@ -45,7 +46,7 @@ pub unsafe fn addr(family: u32, ip4: *const u32, ip6: *const [u32; 4]) -> Addr {
     }
 }
 
-/// A `remote_port` field of `bpf_sock_ops` / `sk_msg_md` in host order.
+/// A `remote_port` field of `bpf_sock_ops` in host order.
 #[inline(always)]
 pub fn shifted_be_port(v: u32) -> u16 {
     u16::from_be((v >> 16) as u16)
@@ -66,27 +67,13 @@ pub fn sock_ops_pair(ops: *const aya_ebpf::bindings::bpf_sock_ops) -> SockPair {
     }
 }
 
-/// The connection of an `sk_msg` socket, seen from that socket.
-#[inline(always)]
-pub fn sk_msg_pair(msg: *const aya_ebpf::bindings::sk_msg_md) -> SockPair {
-    // SAFETY: `msg` is the program's context.
-    unsafe {
-        let family = read_volatile(addr_of!((*msg).family));
-        SockPair {
-            src_ip: addr(family, addr_of!((*msg).local_ip4), addr_of!((*msg).local_ip6)),
-            dst_ip: addr(family, addr_of!((*msg).remote_ip4), addr_of!((*msg).remote_ip6)),
-            src_port: read_volatile(addr_of!((*msg).local_port)) as u16,
-            dst_port: shifted_be_port(read_volatile(addr_of!((*msg).remote_port))),
-        }
-    }
-}
-
 /// The connection of a `bpf_sock` (the socket of a `getsockopt` call), seen from that socket.
 ///
 /// # Safety
 /// `sk` must be the non-null socket pointer of the program's context.
 #[inline(always)]
 pub unsafe fn bpf_sock_pair(sk: *const aya_ebpf::bindings::bpf_sock) -> SockPair {
+    // SAFETY: the caller's promise; fields read at their own width.
     unsafe {
         let family = read_volatile(addr_of!((*sk).family));
         SockPair {

@@ -1,20 +1,25 @@
 //! `getsockopt(SOL_IP, SO_ORIGINAL_DST)` and `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` as
 //! netfilter would answer them, so the proxy's code is the same in both modes:
-//! - a redirected connection (in `ORIG_BY_PAIR` under the application's 4-tuple): the address
-//!   the application asked for;
+//! - the proxy's end of a redirected connection (`conn` put the destination in its socket's
+//!   state when it was established): the address the application asked for;
 //! - any other socket, which no NAT touched (inbound connections steered by `sk_lookup` keep
 //!   their destination): its own local address, as conntrack answers for an un-NATed
 //!   connection. The proxy's outbound port is left out: there, no entry means a lost entry, and
 //!   the kernel's error is the honest answer.
 
-use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use core::{
+    ffi::c_void,
+    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
+};
 
 use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
-use mesh_ebpf_common::{is_mapped_v4, Counter, OrigDst, AF_INET, AF_INET6, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST};
+use mesh_ebpf_common::{
+    is_mapped_v4, Counter, OrigDst, AF_INET, AF_INET6, SOCK_ANSWER, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
+};
 
 use crate::{
     ctx::{bpf_sock_pair, bytes},
-    maps::{config, count, ORIG_BY_PAIR},
+    maps::{count, settings, sock_state},
 };
 
 /// Let the call return (with whatever `retval` now says) rather than fail it with EPERM.
@@ -35,20 +40,25 @@ fn answer(ctx: &SockoptContext) {
     if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
         return;
     }
+    // SAFETY: the context's socket field, read at its own width.
     let sk = unsafe { read_volatile(addr_of!((*so).__bindgen_anon_1.sk)) };
     if sk.is_null() {
         return;
     }
-    let Some(cfg) = config() else { return };
-    // SAFETY: non-null socket of the context.
-    let pair = unsafe { bpf_sock_pair(sk) };
-    // SAFETY: copied out at once.
-    let orig = match unsafe { ORIG_BY_PAIR.get(pair.reversed()) }.copied() {
+    // SAFETY: the context's non-null socket; the state is copied out at once.
+    let answer = unsafe {
+        let state = sock_state(sk as *mut c_void);
+        (!state.is_null() && (*state).flags & SOCK_ANSWER != 0).then(|| (*state).orig)
+    };
+    let orig = match answer {
         Some(orig) => orig,
         None => {
+            let Some((_, cfg)) = settings() else { return };
+            // SAFETY: non-null socket of the context.
+            let pair = unsafe { bpf_sock_pair(sk) };
             if pair.src_port == cfg.outbound_port {
                 count(Counter::OrigDstMissed);
-                log_debug!(ctx, cfg, "no original destination for [{:i}]:{}", bytes(&pair.dst_ip), pair.dst_port);
+                log_debug!(ctx, "no original destination for [{:i}]:{}", bytes(&pair.dst_ip), pair.dst_port);
                 return;
             }
             let v4 = is_mapped_v4(&pair.src_ip);
@@ -58,7 +68,7 @@ fn answer(ctx: &SockoptContext) {
     let written = if level == SOL_IP { write_v4(ctx, &orig) } else { write_v6(ctx, &orig) };
     if written {
         count(Counter::OrigDstAnswered);
-        log_debug!(ctx, cfg, "SO_ORIGINAL_DST [{:i}]:{}", bytes(&orig.ip), orig.port);
+        log_debug!(ctx, "SO_ORIGINAL_DST [{:i}]:{}", bytes(&orig.ip), orig.port);
     }
 }
 

@@ -178,20 +178,7 @@ fn run_iptables(cmd: IptablesCmd) -> Result<()> {
 fn run_ebpf(cmd: EbpfCmd) -> Result<()> {
     let capture = cmd.capture.validate()?;
     cmd.netns.enter()?;
-    // IPv6 is always captured in this mode. A namespace without IPv6 cannot take ::6, and
-    // needs no IPv6 passthrough source either: a warning, not a failure.
-    let passthrough = if cmd.ebpf.cleanup_only {
-        mesh_init::ebpf::run(&cmd.ebpf, &capture)?;
-        mesh_init::loopback::remove_passthrough_v6()
-    } else {
-        let added = mesh_init::loopback::add_passthrough_v6();
-        mesh_init::ebpf::run(&cmd.ebpf, &capture)?;
-        added
-    };
-    if let Err(e) = passthrough {
-        tracing::warn!("IPv6 inbound passthrough source ::6: {e}");
-    }
-    Ok(())
+    Ok(mesh_init::ebpf::run(&cmd.ebpf, &capture)?)
 }
 
 #[cfg(not(feature = "ebpf"))]

@@ -7,7 +7,8 @@ answers every connection with one line saying where it was going and who sent it
 `orig` comes from SO_ORIGINAL_DST (IPv4) / IP6T_SO_ORIGINAL_DST (IPv6), or is `none` when the
 socket has none (a connection that was not redirected, or one steered without NAT).
 Usage: origdst_server.py PORT [PORT...]   (prints "ready" once every socket listens)
-With TRANSPARENT=1 in the environment the sockets set IP_TRANSPARENT, as a TPROXY listener must.
+With TRANSPARENT=1 in the environment the sockets set IP_TRANSPARENT, as a TPROXY listener must;
+BACKLOG=N sets the listen backlog (default 128).
 """
 import os, selectors, socket, struct, sys
 
@@ -49,7 +50,7 @@ def main():
             if fam == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s.bind((host, port))
-            s.listen(128)
+            s.listen(int(os.environ.get("BACKLOG", "128")))
             sel.register(s, selectors.EVENT_READ, port)
     print("ready", flush=True)
     while True:

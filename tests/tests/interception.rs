@@ -135,7 +135,11 @@ impl Harness {
     }
 
     fn dial_from_remote(&self, addr: &str) -> Reply {
-        Self::probe(self.net.remote.command("python3"), addr).unwrap_or_else(|e| panic!("remote -> {addr}: {e}"))
+        Self::probe_from_remote(self, addr).unwrap_or_else(|e| panic!("remote -> {addr}: {e}"))
+    }
+
+    fn probe_from_remote(&self, addr: &str) -> Result<Reply, String> {
+        Self::probe(self.net.remote.command("python3"), addr)
     }
 
     /// What mesh-init has installed, as text that changes when anything is added or removed.
@@ -371,6 +375,92 @@ fn cleanup_removes_everything_it_installed(mode: Mode) {
     assert!(again.status.success(), "cleanup of nothing succeeds");
 }
 
+fn inbound_and_outbound_are_refused_while_the_proxy_is_down(mode: Mode) {
+    let mut h = Harness::new(mode, "down");
+    h.install(&[]);
+    h.pod_app(&[8080]);
+    h.remote(&[80]);
+    let (to_app, to_remote) = (format!("{POD_V4}:8080"), format!("{REMOTE_V4}:80"));
+    h.proxy(&[15000]);
+    assert_eq!(h.dial_from_remote(&to_app).port, 15000, "inbound goes to the proxy");
+    // SIGKILL, as a crash or an OOM kill would: the proxy's sockets close with it.
+    h.procs.pop().expect("the proxy is the last process started");
+    let inbound = h.probe_from_remote(&to_app);
+    assert!(inbound.is_err(), "inbound is refused, not handed to the application: {inbound:?}");
+    let outbound = h.dial_from_pod(APP_UID, APP_UID, &to_remote);
+    assert!(outbound.is_err(), "outbound is refused, not sent to the destination: {outbound:?}");
+}
+
+fn the_application_sees_the_dialled_destination_as_its_peer(mode: Mode) {
+    let mut h = Harness::new(mode, "peer");
+    h.install(&["--dual-stack"].filter_for(mode));
+    h.proxy(&[15000]);
+    for (family, addr) in [("AF_INET", REMOTE_V4), ("AF_INET6", REMOTE_V6)] {
+        let code = format!(
+            "import socket\n\
+             s = socket.create_connection(('{addr}', 80), timeout=2)\n\
+             print(s.getpeername()[0], s.getpeername()[1])\n"
+        );
+        let out = check(h.pod_cmd(APP_UID, APP_UID, "python3").args(["-c", &code]));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{addr} 80"), "{family}");
+    }
+}
+
+/// iptables' owner match tests the socket's owner (the credentials that created it), not the
+/// thread that calls connect(); the three ways they differ.
+fn the_proxy_exemption_follows_the_socket_owner(mode: Mode) {
+    let mut h = Harness::new(mode, "sockown");
+    h.install(&[]);
+    h.proxy(&[15000]);
+    h.remote(&[80]);
+    let code = format!(
+        r#"
+import ctypes, os, socket, sys, threading
+DEST = ('{REMOTE_V4}', 80)
+def answer(s):
+    s.settimeout(2)
+    s.connect(DEST)
+    line = s.makefile().readline()
+    return [f for f in line.split() if f.startswith('port=')][0]
+case = sys.argv[1]
+if case == 'created-by-app-connected-by-proxy':
+    s = socket.socket()
+    os.setresgid(1337, 1337, 1337); os.setresuid(1337, 1337, 1337)
+    print(answer(s))
+elif case == 'created-by-proxy-connected-by-app':
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if os.fork() == 0:
+        os.setresgid(1337, 1337, 1337); os.setresuid(1337, 1337, 1337)
+        made = socket.socket()
+        socket.send_fds(b, [b'fd'], [made.fileno()])
+        os._exit(0)
+    b.close()
+    _, fds, _, _ = socket.recv_fds(a, 16, 1)
+    print(answer(socket.socket(fileno=fds[0])))
+elif case == 'created-by-proxy-thread-connected-by-app-thread':
+    libc = ctypes.CDLL(None, use_errno=True)
+    made = []
+    def make():
+        # Raw system calls (x86-64 numbers) change this thread's credentials only; glibc's
+        # wrappers would change every thread's.
+        assert os.uname().machine == 'x86_64'
+        assert libc.syscall(119, 1337, 1337, 1337) == 0  # setresgid
+        assert libc.syscall(117, 1337, 1337, 1337) == 0  # setresuid
+        made.append(socket.socket())
+    t = threading.Thread(target=make); t.start(); t.join()
+    print(answer(made[0]))
+"#
+    );
+    for (case, want) in [
+        ("created-by-app-connected-by-proxy", "port=15000"),
+        ("created-by-proxy-connected-by-app", "port=80"),
+        ("created-by-proxy-thread-connected-by-app-thread", "port=80"),
+    ] {
+        let out = check(h.pod_cmd(APP_UID, APP_UID, "python3").args(["-c", &code, case]));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want, "{case}");
+    }
+}
+
 /// Flags that only one mode has.
 trait ForMode {
     fn filter_for(self, mode: Mode) -> Vec<&'static str>;
@@ -417,6 +507,9 @@ macro_rules! all_modes {
                     bad_input_changes_nothing,
                     validate_proves_interception,
                     cleanup_removes_everything_it_installed,
+                    inbound_and_outbound_are_refused_while_the_proxy_is_down,
+                    the_application_sees_the_dialled_destination_as_its_peer,
+                    the_proxy_exemption_follows_the_socket_owner,
                 );
             }
         )*

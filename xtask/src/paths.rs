@@ -26,13 +26,10 @@ pub enum PathKind {
     MeshProxy,
     /// mesh-proxy behind `mesh-init ebpf`.
     Ebpf,
-    /// mesh-proxy behind `mesh-init ebpf --accelerate` (sockmap between app and proxy).
-    EbpfAccel,
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 5] =
-        [PathKind::Direct, PathKind::Haproxy, PathKind::MeshProxy, PathKind::Ebpf, PathKind::EbpfAccel];
+    pub const ALL: [PathKind; 4] = [PathKind::Direct, PathKind::Haproxy, PathKind::MeshProxy, PathKind::Ebpf];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -40,12 +37,11 @@ impl PathKind {
             PathKind::Haproxy => "haproxy (iptables)",
             PathKind::MeshProxy => "mesh-proxy (iptables)",
             PathKind::Ebpf => "mesh-proxy (eBPF)",
-            PathKind::EbpfAccel => "mesh-proxy (eBPF + accelerate)",
         }
     }
 
     pub fn uses_ebpf(self) -> bool {
-        matches!(self, PathKind::Ebpf | PathKind::EbpfAccel)
+        matches!(self, PathKind::Ebpf)
     }
 }
 
@@ -113,7 +109,6 @@ impl BenchPath {
             PathKind::Haproxy => "haproxy",
             PathKind::MeshProxy => "meshproxy",
             PathKind::Ebpf => "ebpf",
-            PathKind::EbpfAccel => "ebpfaccel",
         };
         let pod = backend.pod(tag, kind.uses_ebpf());
         let dir = TempDir::new("bench-tmp");
@@ -138,7 +133,7 @@ impl BenchPath {
                     Duration::from_secs(20),
                 )?;
             }
-            PathKind::Ebpf | PathKind::EbpfAccel => {
+            PathKind::Ebpf => {
                 let cgroup = path.pod.cgroup.as_ref().expect("eBPF pods have a cgroup").path().to_path_buf();
                 path.ebpf = Some(EbpfAttachment {
                     mesh_init: bins.mesh_init.clone(),
@@ -150,9 +145,6 @@ impl BenchPath {
                     .args([format!("--{}", flags::ENVOY_PORT.long), PROXY_PORT.to_string()])
                     .arg("--cgroup")
                     .arg(&cgroup);
-                if kind == PathKind::EbpfAccel {
-                    cmd.arg("--accelerate");
-                }
                 run(&mut cmd, Duration::from_secs(30))?;
             }
         }
@@ -264,7 +256,7 @@ pub fn unavailable(kind: PathKind, bins: &Bins) -> Option<String> {
     match kind {
         PathKind::Direct | PathKind::MeshProxy => None,
         PathKind::Haproxy => which("haproxy").err().map(|e| e.to_string()),
-        PathKind::Ebpf | PathKind::EbpfAccel => {
+        PathKind::Ebpf => {
             let out = Command::new(&bins.mesh_init).args(["ebpf", "--help"]).output();
             match out {
                 Ok(o) if o.status.success() => None,

@@ -255,7 +255,7 @@ pub fn markdown(run: &Run) -> Result<String> {
         "- **mesh-proxy (iptables)**: the same rules, `mesh-proxy --workers 1 --log-level warn`, an `http` route for nginx; \
          iperf3's port matches no route and passes through to its original destination (`outbound_policy: allow_any`)."
     )?;
-    writeln!(o, "- **mesh-proxy (eBPF)** / **(eBPF + accelerate)**: `mesh-init ebpf --cgroup <a cgroup of the run> --netns <pod>` [`--accelerate`], client and proxy in that cgroup.\n")?;
+    writeln!(o, "- **mesh-proxy (eBPF)**: `mesh-init ebpf --cgroup <a cgroup of the run> --netns <pod>`, client and proxy in that cgroup.\n")?;
     if !run.not_measured.is_empty() {
         writeln!(o, "**Not measured:**\n")?;
         for (k, why) in &run.not_measured {
@@ -412,35 +412,34 @@ pub fn markdown(run: &Run) -> Result<String> {
         tp.map_or("—".into(), |t| format!("{:.0}%", t * 100.0)),
         met(tp.map(|t| t >= 0.8))
     )?;
-    for (k, label) in [(PathKind::Ebpf, "eBPF"), (PathKind::EbpfAccel, "eBPF + accelerate")] {
-        let e = get(k);
-        let cmp = v(e, |f| f.rate[2]).zip(v(mp, |f| f.rate[2]));
-        let measured = match (e, cmp) {
-            (Some(e), Some((a, b))) => format!(
-                "p50 {} vs {}, p99 {} vs {} (iptables)",
-                us(e.rate[0]),
-                us(mp.and_then(|m| m.rate[0])),
-                us(Some(a)),
-                us(Some(b))
-            ),
-            _ => run
-                .not_measured
-                .iter()
-                .find(|(p, _)| *p == k)
-                .map_or("—".into(), |(_, w)| format!("not measured: {}", w.replace('\n', " "))),
-        };
-        let ok = match (e, mp) {
-            (Some(e), Some(m)) => {
-                e.rate[0].zip(m.rate[0]).zip(e.rate[2].zip(m.rate[2])).map(|((a, b), (c, d))| a < b && c < d)
-            }
-            _ => None,
-        };
-        writeln!(
-            o,
-            "| {label} mode lower latency than iptables mode (fixed rate p50 and p99) | {measured} | {} |",
-            met(ok)
-        )?;
-    }
+    let (k, label) = (PathKind::Ebpf, "eBPF");
+    let e = get(k);
+    let cmp = v(e, |f| f.rate[2]).zip(v(mp, |f| f.rate[2]));
+    let measured = match (e, cmp) {
+        (Some(e), Some((a, b))) => format!(
+            "p50 {} vs {}, p99 {} vs {} (iptables)",
+            us(e.rate[0]),
+            us(mp.and_then(|m| m.rate[0])),
+            us(Some(a)),
+            us(Some(b))
+        ),
+        _ => run
+            .not_measured
+            .iter()
+            .find(|(p, _)| *p == k)
+            .map_or("—".into(), |(_, w)| format!("not measured: {}", w.replace('\n', " "))),
+    };
+    let ok = match (e, mp) {
+        (Some(e), Some(m)) => {
+            e.rate[0].zip(m.rate[0]).zip(e.rate[2].zip(m.rate[2])).map(|((a, b), (c, d))| a < b && c < d)
+        }
+        _ => None,
+    };
+    writeln!(
+        o,
+        "| {label} mode lower latency than iptables mode (fixed rate p50 and p99) | {measured} | {} |",
+        met(ok)
+    )?;
 
     writeln!(o, "\n![latency percentiles per path](latency.svg)\n")?;
     if !run.errors.is_empty() {

@@ -161,24 +161,28 @@ pub fn cgroup_of_pin_name(name: &str) -> String {
     path
 }
 
-/// Fails when the calling thread is in the machine's own network namespace. Recognised by its
+/// Fails when the calling thread is in the machine's own network namespace (see
+/// [`in_host_netns`]).
+pub fn refuse_host_netns() -> Result<(), CgroupError> {
+    if in_host_netns()? {
+        return Err(CgroupError::HostNetns);
+    }
+    Ok(())
+}
+
+/// Whether the calling thread is in the machine's own network namespace. Recognised by its
 /// fixed inode number (`PROC_NET_INIT_INO`, newer kernels; dynamic inode numbers start at
 /// 0xF0000000 so nothing else can have it), or else as PID 1's namespace when we are in the
 /// initial PID namespace and may read PID 1's. In a container with its own PID namespace on an
-/// older kernel the check cannot tell and lets the call through: there, the namespace is the pod's.
-pub fn refuse_host_netns() -> Result<(), CgroupError> {
+/// older kernel the check cannot tell and answers no: there, the namespace is the pod's.
+pub fn in_host_netns() -> Result<bool, CgroupError> {
     const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
     const PROC_NET_INIT_INO: u64 = 0xEFFF_FFF9;
     let ino = |p: &str| std::fs::metadata(p).map(|m| m.ino());
     let own = ino("/proc/thread-self/ns/net")
         .map_err(|cause| CgroupError::Proc { path: "/proc/thread-self/ns/net".into(), cause })?;
-    if own == PROC_NET_INIT_INO {
-        return Err(CgroupError::HostNetns);
-    }
-    if ino("/proc/self/ns/pid").ok() == Some(PROC_PID_INIT_INO) && ino("/proc/1/ns/net").ok() == Some(own) {
-        return Err(CgroupError::HostNetns);
-    }
-    Ok(())
+    Ok(own == PROC_NET_INIT_INO
+        || (ino("/proc/self/ns/pid").ok() == Some(PROC_PID_INIT_INO) && ino("/proc/1/ns/net").ok() == Some(own)))
 }
 
 #[cfg(test)]

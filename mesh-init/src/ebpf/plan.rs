@@ -6,8 +6,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use mesh_ebpf_common::{
-    mapped_v4, Addr, Config, PortSet, CFG_ACCELERATE, CFG_HAS_INCLUDE_OUTBOUND_PORTS, CFG_INBOUND,
-    CFG_INCLUDE_ALL_CIDRS, CFG_INCLUDE_ALL_INBOUND_PORTS, PORT_SETS_ENTRIES,
+    mapped_v4, Addr, Config, PortSet, CFG_HAS_INCLUDE_OUTBOUND_PORTS, CFG_INBOUND, CFG_INBOUND_FAIL_OPEN,
+    CFG_INCLUDE_ALL_CIDRS, CFG_INCLUDE_ALL_INBOUND_PORTS, PORT_SETS_PER_GENERATION, PORT_SET_WORDS,
 };
 
 use crate::{
@@ -15,10 +15,11 @@ use crate::{
     ebpf_limits::Unsupported,
 };
 
-/// The contents of every configuration map.
+/// The contents of one generation of every configuration map (the loader writes it into the
+/// inactive generation, then switches).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapPlan {
-    /// `CONFIG[0]`.
+    /// The generation's element of `SETTINGS`.
     pub config: Config,
     /// Whether inbound steering is on (`--istio-inbound-ports` not empty): then `sk_lookup` is
     /// attached to the current network namespace.
@@ -28,12 +29,13 @@ pub struct MapPlan {
     /// LPM keys: prefix length over the 128-bit common form, and the address.
     pub include_cidrs: Vec<(u32, Addr)>,
     pub exclude_cidrs: Vec<(u32, Addr)>,
-    /// `PORT_SETS`, every element.
+    /// The generation's part of `PORT_SETS`, every element, indexed as generation 0's.
     pub port_sets: Vec<u64>,
 }
 
 impl MapPlan {
-    pub fn new(c: &CaptureConfig, accelerate: bool) -> Result<Self, Unsupported> {
+    /// `inbound_fail_open`: `--inbound-fail-open`, see `CFG_INBOUND_FAIL_OPEN`.
+    pub fn new(c: &CaptureConfig, inbound_fail_open: bool) -> Result<Self, Unsupported> {
         crate::ebpf_limits::check(c)?;
         let cidrs = |nets: &mut dyn Iterator<Item = &IpNet>| nets.map(lpm_key).collect::<Vec<_>>();
 
@@ -46,10 +48,10 @@ impl MapPlan {
             Selection::Only(nets) => cidrs(&mut nets.iter()),
         };
         let exclude_cidrs = cidrs(&mut c.exclude_cidrs.iter());
-        let mut port_sets = vec![0u64; PORT_SETS_ENTRIES as usize];
+        let mut port_sets = vec![0u64; (PORT_SETS_PER_GENERATION * PORT_SET_WORDS) as usize];
         let mut add = |set: PortSet, ports: &mut dyn Iterator<Item = &u16>| {
             for &p in ports {
-                let (index, bit) = set.slot(p);
+                let (index, bit) = set.slot(0, p);
                 port_sets[index as usize] |= bit;
             }
         };
@@ -67,8 +69,8 @@ impl MapPlan {
         if inbound {
             flags |= CFG_INBOUND;
         }
-        if accelerate {
-            flags |= CFG_ACCELERATE;
+        if inbound_fail_open {
+            flags |= CFG_INBOUND_FAIL_OPEN;
         }
         Ok(Self {
             config: Config { outbound_port: c.outbound_port, inbound_port: c.inbound_port, flags },
@@ -120,7 +122,7 @@ mod tests {
     }
 
     fn has(plan: &MapPlan, set: PortSet, port: u16) -> bool {
-        let (i, bit) = set.slot(port);
+        let (i, bit) = set.slot(0, port);
         plan.port_sets[i as usize] & bit != 0
     }
 
@@ -150,7 +152,7 @@ mod tests {
         assert!(!has(&p, PortSet::ExcludeOutbound, 65));
         assert!(has(&p, PortSet::IncludeOutbound, 1));
         assert_ne!(p.config.flags & CFG_HAS_INCLUDE_OUTBOUND_PORTS, 0);
-        assert_ne!(p.config.flags & CFG_ACCELERATE, 0);
+        assert_ne!(p.config.flags & CFG_INBOUND_FAIL_OPEN, 0);
     }
 
     #[test]

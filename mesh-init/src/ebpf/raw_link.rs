@@ -1,7 +1,8 @@
 //! What aya 0.14 does not offer for links, done with the `bpf(2)` commands aya would use:
 //! - pinning the `getsockopt` program's link: there is no conversion from a `CgroupSockoptLink`
 //!   to an `FdLink` (there is for every other cgroup program);
-//! - the network namespace of a pinned `sk_lookup` link (`LinkInfo` keeps it private).
+//! - the network namespace of a pinned `sk_lookup` link (`LinkInfo` keeps it private);
+//! - the system call itself, for `probe`'s loads with an expected attach type.
 
 use std::{
     ffi::CString,
@@ -14,16 +15,19 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_CREATE: libc::c_long = 28;
+pub const BPF_PROG_LOAD: libc::c_long = 5;
+pub const BPF_LINK_CREATE: libc::c_long = 28;
 pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 
 /// `union bpf_attr` is larger; the kernel accepts a shorter prefix with the rest taken as zero.
 type Attr = [u64; 8];
 
-fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
+/// `bpf(cmd, attr, size of attr)`: `attr` is the command's member of `union bpf_attr`, as
+/// 8-byte words (a prefix of it: the kernel takes the rest as zero).
+pub fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid, initialised buffer of the size passed, laid out as the
-    // command's member of `union bpf_attr`.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of::<Attr>()) };
+    // command's member of `union bpf_attr`; pointers in it point to live buffers of the caller.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
     if ret < 0 {
         Err(std::io::Error::last_os_error())
     } else {

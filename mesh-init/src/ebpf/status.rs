@@ -1,21 +1,23 @@
 //! `mesh-init status`, eBPF part: per cgroup, the pinned links (and so the attached programs),
-//! the configuration, the number of entries in each map, and the programs' event counters.
+//! the active generation's configuration, the entries of the connection map against its bound,
+//! and the programs' event counters.
 
 use std::{io::Write, path::Path};
 
 use aya::{
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         loaded_programs,
     },
 };
 use mesh_ebpf_common::{
-    maps as names, Addr, Config, OrigDst, PortSet, SockPair, CFG_ACCELERATE, CFG_INBOUND, CFG_INCLUDE_ALL_CIDRS,
-    CFG_INCLUDE_ALL_INBOUND_PORTS, CFG_LOG, COUNTER_NAMES, PORT_SET_WORDS,
+    maps as names, Addr, CidrKey, Config, OrigDst, PortSet, SockPair, CFG_INBOUND, CFG_INBOUND_FAIL_OPEN,
+    CFG_INCLUDE_ALL_CIDRS, CFG_INCLUDE_ALL_INBOUND_PORTS, CONTROL_GENERATION, CONTROL_LOG_UNTIL, COUNTER_NAMES,
+    GENERATIONS, PAIR_ENTRIES, PORT_SET_WORDS,
 };
 
-use super::{attach::LINKS, cgroup, pins::Bpffs, Error};
+use super::{attach::program, cgroup, log::monotonic_ns, pins::Bpffs, probe::Hook, Error};
 
 pub fn write(out: &mut dyn Write) -> Result<(), Error> {
     let mut any = false;
@@ -41,7 +43,8 @@ pub fn write(out: &mut dyn Write) -> Result<(), Error> {
 }
 
 fn write_links(out: &mut dyn Write, dir: &Path) -> Result<(), Error> {
-    for (pin, program) in LINKS {
+    for hook in Hook::ALL {
+        let (program, pin) = program(hook);
         let path = dir.join(pin);
         if !path.exists() {
             writeln!(out, "  {program}: not attached")?;
@@ -65,15 +68,22 @@ fn write_links(out: &mut dyn Write, dir: &Path) -> Result<(), Error> {
 
 fn write_maps(out: &mut dyn Write, dir: &Path) -> Result<(), Error> {
     let open = |name: &str| MapData::from_pin(dir.join(name)).ok();
+    let control = open(names::CONTROL).and_then(|m| Array::<_, u64>::try_from(Map::Array(m)).ok());
+    let read = |i: u32| control.as_ref().and_then(|c| c.get(&i, 0).ok()).unwrap_or(0);
+    let generation = read(CONTROL_GENERATION) as u32 & (GENERATIONS - 1);
+    let logging = read(CONTROL_LOG_UNTIL) > monotonic_ns();
     let mut flags = 0;
-    if let Some(Ok(config)) = open(names::CONFIG).map(|m| Array::<_, Config>::try_from(Map::Array(m))) {
-        if let Ok(c) = config.get(&0, 0) {
+    if let Some(Ok(settings)) = open(names::SETTINGS).map(|m| Array::<_, Config>::try_from(Map::Array(m))) {
+        if let Ok(c) = settings.get(&generation, 0) {
             flags = c.flags;
-            let named: Vec<&str> = [(CFG_INBOUND, "inbound"), (CFG_ACCELERATE, "accelerate"), (CFG_LOG, "log")]
+            let mut named: Vec<&str> = [(CFG_INBOUND, "inbound"), (CFG_INBOUND_FAIL_OPEN, "inbound fail-open")]
                 .iter()
                 .filter(|(bit, _)| c.flags & bit != 0)
                 .map(|(_, name)| *name)
                 .collect();
+            if logging {
+                named.push("log");
+            }
             writeln!(
                 out,
                 "  config: outbound port {}, inbound port {}, [{}]",
@@ -85,8 +95,10 @@ fn write_maps(out: &mut dyn Write, dir: &Path) -> Result<(), Error> {
     }
     let ids = |name: &str| -> String {
         let mut ids: Vec<u32> = open(name)
-            .and_then(|m| HashMap::<_, u32, u8>::try_from(Map::HashMap(m)).ok())
-            .map(|m| m.keys().filter_map(Result::ok).collect())
+            .and_then(|m| HashMap::<_, u64, u8>::try_from(Map::HashMap(m)).ok())
+            .map(|m| {
+                m.keys().filter_map(Result::ok).filter(|k| (k >> 32) as u32 == generation).map(|k| k as u32).collect()
+            })
             .unwrap_or_default();
         ids.sort();
         ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
@@ -94,8 +106,17 @@ fn write_maps(out: &mut dyn Write, dir: &Path) -> Result<(), Error> {
     writeln!(out, "  proxy uids: {}, gids: {}", ids(names::PROXY_UIDS), ids(names::PROXY_GIDS))?;
     let cidrs = |name: &str| -> String {
         let mut nets: Vec<String> = open(name)
-            .and_then(|m| LpmTrie::<_, Addr, u8>::try_from(Map::LpmTrie(m)).ok())
-            .map(|t| t.keys().filter_map(Result::ok).map(|k| show_cidr(k.prefix_len(), &k.data())).collect())
+            .and_then(|m| LpmTrie::<_, CidrKey, u8>::try_from(Map::LpmTrie(m)).ok())
+            .map(|t| {
+                t.keys()
+                    .filter_map(Result::ok)
+                    .filter(|k| k.data()[0] == generation)
+                    .map(|k| {
+                        let d = k.data();
+                        show_cidr(k.prefix_len() - 32, &[d[1], d[2], d[3], d[4]])
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         nets.sort();
         nets.join(",")
@@ -106,7 +127,7 @@ fn write_maps(out: &mut dyn Write, dir: &Path) -> Result<(), Error> {
         .and_then(|m| Array::<_, u64>::try_from(Map::Array(m)).ok())
         .map(|a| a.iter().filter_map(Result::ok).collect())
         .unwrap_or_default();
-    let ports = |set: PortSet| show_ports(&words, set);
+    let ports = |set: PortSet| show_ports(&words, generation, set);
     let inbound =
         if flags & CFG_INCLUDE_ALL_INBOUND_PORTS != 0 { "*".to_string() } else { ports(PortSet::IncludeInbound) };
     writeln!(
@@ -116,29 +137,10 @@ fn write_maps(out: &mut dyn Write, dir: &Path) -> Result<(), Error> {
         ports(PortSet::ExcludeOutbound),
         ports(PortSet::ExcludeInbound)
     )?;
-    let mut counts = Vec::new();
-    let mut count = |name: &'static str, n: Option<usize>| {
-        counts.push(format!("{name} {}", n.map_or("?".into(), |n| n.to_string())))
-    };
-    count(
-        names::ORIG_BY_COOKIE,
-        open(names::ORIG_BY_COOKIE)
-            .and_then(|m| HashMap::<_, u64, OrigDst>::try_from(Map::LruHashMap(m)).ok())
-            .map(|m| m.keys().count()),
-    );
-    count(
-        names::ORIG_BY_PAIR,
-        open(names::ORIG_BY_PAIR)
-            .and_then(|m| HashMap::<_, SockPair, OrigDst>::try_from(Map::LruHashMap(m)).ok())
-            .map(|m| m.keys().count()),
-    );
-    count(
-        names::LOCAL_SOCKS,
-        open(names::LOCAL_SOCKS)
-            .and_then(|m| SockHash::<_, SockPair>::try_from(Map::SockHash(m)).ok())
-            .map(|m| m.keys().count()),
-    );
-    writeln!(out, "  map entries: {}", counts.join(", "))?;
+    let pairs = open(names::ORIG_BY_PAIR)
+        .and_then(|m| HashMap::<_, SockPair, OrigDst>::try_from(Map::HashMap(m)).ok())
+        .map_or("?".to_string(), |m| m.keys().count().to_string());
+    writeln!(out, "  map entries: {} {pairs} (bound {PAIR_ENTRIES})", names::ORIG_BY_PAIR)?;
     if let Some(Ok(counters)) = open(names::COUNTERS).map(|m| PerCpuArray::<_, u64>::try_from(Map::PerCpuArray(m))) {
         let shown: Vec<String> = COUNTER_NAMES
             .iter()
@@ -166,10 +168,10 @@ fn show_cidr(len: u32, addr: &Addr) -> String {
     }
 }
 
-/// The ports of one bitmap, with runs shown as ranges (`8000-8002,22`).
-fn show_ports(words: &[u64], set: PortSet) -> String {
+/// The ports of one bitmap of `generation`, with runs shown as ranges (`8000-8002,22`).
+fn show_ports(words: &[u64], generation: u32, set: PortSet) -> String {
     let has = |p: u32| {
-        let (index, bit) = set.slot(p as u16);
+        let (index, bit) = set.slot(generation, p as u16);
         words.get(index as usize).is_some_and(|w| w & bit != 0)
     };
     let mut runs: Vec<String> = Vec::new();
