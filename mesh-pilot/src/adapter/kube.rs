@@ -107,6 +107,17 @@ fn custom_kinds(istio_version: &str) -> Vec<(Kind, ApiResource)> {
     ]
 }
 
+/// `(API group, resource)` of every kind watched: what the RBAC in `deploy/mesh-pilot/` grants
+/// list and watch on (a test keeps the two equal).
+pub fn watched(istio_version: &str) -> Vec<(String, String)> {
+    fn typed<K: Resource<DynamicType = ()>>() -> (String, String) {
+        (K::group(&()).into_owned(), K::plural(&()).into_owned())
+    }
+    let mut out = vec![typed::<core::Service>(), typed::<discovery::EndpointSlice>(), typed::<core::Pod>()];
+    out.extend(custom_kinds(istio_version).into_iter().map(|(_, ar)| (ar.group, ar.plural)));
+    out
+}
+
 /// Starts every watcher; returns once they run. Sends [`Input::Synced`] when all have listed.
 pub fn watch(
     client: Client,
