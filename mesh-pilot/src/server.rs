@@ -35,8 +35,7 @@ use crate::{
     status::Report,
 };
 
-pub const SNAPSHOT_HEADER: &str = "x-mesh-snapshot";
-pub const DELTA_HEADER: &str = "x-mesh-delta";
+pub use mesh_proxy::control::discovery::headers::{DELTA as DELTA_HEADER, SNAPSHOT as SNAPSHOT_HEADER};
 /// The longest a long poll is held.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// A proxy is "connected" when it polled within this long (or is waiting now).

@@ -5,8 +5,9 @@
 //! A snapshot is a config [`View`] (listeners, routes, clusters: rebuilt after the config
 //! debounce) plus an [`EdsTable`] (every cluster's endpoints: replaced at once on an endpoint
 //! change, copy-on-write, so older snapshots keep theirs). Versions are content hashes for the
-//! config types and `view.boot-seq` for endpoints, where `seq` is the last endpoint change that
-//! touched a cluster of the view: an endpoint change only moves the scopes it concerns.
+//! config types and `clusters-boot-seq` for endpoints (`clusters` a hash of the cluster list,
+//! `seq` the last endpoint change that touched one of them): an endpoint change only moves the
+//! scopes it concerns, and a route change leaves the endpoints' version alone.
 //!
 //! Endpoint deltas: a proxy that has endpoints version `view.boot-N` of the current view may be
 //! sent only the clusters changed since `N` (the table keeps a log of recent changes); that keeps
@@ -20,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use mesh_proxy::config::RawEndpoints;
+use mesh_proxy::config::{EndpointsDelta, RawEndpoints};
 use serde::Serialize;
 
 use crate::translate::{EdsKey, ScopeConfig};
@@ -102,6 +103,9 @@ fn rendered<T: Serialize>(resources: &[T]) -> Rendered {
 pub struct View {
     /// Hash of everything in the view: equal views are one view.
     pub id: String,
+    /// Hash of the clusters and where their endpoints come from: the endpoints' version moves
+    /// with it, not with routes (a route change alone leaves the endpoints "SYNCED").
+    pub eds_id: String,
     pub listeners: Rendered,
     pub routes: Rendered,
     pub clusters: Rendered,
@@ -119,8 +123,9 @@ impl View {
         let eds: Vec<(String, Option<EdsKey>)> =
             cfg.clusters.iter().map(|c| c.name.clone()).zip(cfg.eds.iter().cloned()).collect();
         let id = hash_of((&listeners.version, &routes.version, &clusters.version, &eds));
+        let eds_id = hash_of(&eds);
         let keys = eds.iter().filter_map(|(_, k)| k.clone()).collect();
-        View { id, listeners, routes, clusters, eds, keys }
+        View { id, eds_id, listeners, routes, clusters, eds, keys }
     }
 }
 
@@ -192,7 +197,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn new(view: Arc<View>, eds: Arc<EdsTable>, eds_seq: u64, changed_at: Instant) -> Snapshot {
-        let endpoints_version = format!("{}-{:x}-{eds_seq}", &view.id[..8], eds.boot);
+        let endpoints_version = format!("{}-{:x}-{eds_seq}", &view.eds_id[..8], eds.boot);
         let version = format!(
             "{} {} {} {}",
             view.listeners.version, view.routes.version, view.clusters.version, endpoints_version
@@ -222,7 +227,7 @@ impl Snapshot {
     /// Only the clusters changed since the endpoints version `since`, when that is a version of
     /// this view in this run and still in the table's log; `None` means "send everything".
     pub fn endpoints_delta(&self, since: &str) -> Option<Bytes> {
-        let prefix = format!("{}-{:x}-", &self.view.id[..8], self.eds.boot);
+        let prefix = format!("{}-{:x}-", &self.view.eds_id[..8], self.eds.boot);
         let old: u64 = since.strip_prefix(&prefix)?.parse().ok()?;
         if old > self.eds_seq {
             return None;
@@ -256,13 +261,7 @@ impl Snapshot {
         match delta {
             None => render(&self.endpoints_version, &resources),
             Some((since, _)) => {
-                #[derive(Serialize)]
-                struct Delta<'a> {
-                    version_info: &'a str,
-                    since: &'a str,
-                    resources: &'a [RawEndpoints],
-                }
-                let d = Delta { version_info: &self.endpoints_version, since, resources: &resources };
+                let d = EndpointsDelta { version_info: self.endpoints_version.clone(), since: since.into(), resources };
                 Bytes::from(serde_json::to_vec(&d).expect("endpoints serialize"))
             }
         }

@@ -22,10 +22,10 @@ use crate::{
     snapshot::Type,
 };
 
-pub const NODE_HEADER: &str = "x-mesh-node";
-pub const APPLIED_HEADER: &str = "x-mesh-applied";
-pub const REJECTED_HEADER: &str = "x-mesh-rejected";
-pub const ERROR_HEADER: &str = "x-mesh-error";
+/// The protocol's headers are the proxy's client's, defined once there.
+pub use mesh_proxy::control::discovery::headers::{
+    APPLIED as APPLIED_HEADER, ERROR as ERROR_HEADER, NODE as NODE_HEADER, REJECTED as REJECTED_HEADER,
+};
 
 /// A proxy that has not polled for this long is forgotten (it went away).
 pub const FORGET_AFTER: Duration = Duration::from_secs(180);

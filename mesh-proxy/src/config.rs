@@ -176,6 +176,16 @@ pub struct DiscoveryResponse<T> {
     pub resources: Vec<T>,
 }
 
+/// An endpoints answer that holds only the clusters whose endpoints changed since the version
+/// `since` (the one the proxy named in `If-None-Match`); the others are as they were.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointsDelta {
+    pub version_info: String,
+    pub since: String,
+    pub resources: Vec<RawEndpoints>,
+}
+
 impl<T: serde::de::DeserializeOwned> DiscoveryResponse<T> {
     pub fn from_json(origin: &str, body: &[u8]) -> Result<Self, Error> {
         serde_json::from_slice(body).map_err(|error| Error::Json { origin: origin.to_string(), error })

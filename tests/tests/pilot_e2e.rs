@@ -6,8 +6,9 @@
 //!
 //! Checked: shares within ±5% of the weights over 2,000 requests; replacing a rule file takes
 //! effect at the proxy within 2 s with no failed request under load; a Pod added or removed
-//! reaches the proxy within 1 s; a bad rule is reported by `mesh-pilot analyze` while traffic
-//! keeps flowing on the last good config (the proxy refuses it).
+//! reaches the proxy within 1 s (by long poll: the proxy's poll interval is 5 s); a bad rule is
+//! reported by `mesh-pilot analyze` and by the proxy's NACK in `mesh-pilot status` while traffic
+//! keeps flowing on the last good config.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -130,7 +131,7 @@ impl Mesh {
             "proxy.yaml",
             &format!(
                 "admin: {{ address: {ADMIN} }}\nlisteners: [{{ name: virtual, address: 0.0.0.0:15000 }}]\n\
-                 discovery: {{ url: http://{REMOTE_V4}:15010/ns/default, poll_interval: 100ms }}\n"
+                 discovery: {{ url: http://{REMOTE_V4}:15010/ns/default, poll_interval: 5s }}\n"
             ),
         );
         let mut cmd = mesh.net.pod.command_as(1337, 1337, bin("mesh-proxy"));
@@ -293,8 +294,8 @@ impl Load {
 }
 
 #[test]
-fn pilot_weights_rule_switch_endpoints_and_bad_rule() {
-    if !privileged("pilot_weights_rule_switch_endpoints_and_bad_rule") {
+fn pilot_weights_rule_switch_endpoints_and_nack() {
+    if !privileged("pilot_weights_rule_switch_endpoints_and_nack") {
         return;
     }
     let mesh = Mesh::start();
@@ -347,7 +348,8 @@ fn pilot_weights_rule_switch_endpoints_and_bad_rule() {
     });
     assert!(removed < Duration::from_secs(1), "a removed endpoint took {removed:?}");
 
-    // A bad rule: reported by analyze (field and line), while the last good config keeps serving.
+    // A bad rule: reported by analyze (field and line) and by the proxy's NACK, while the last
+    // good config keeps serving.
     let bad = rule("virtual-service-reviews-50-v3.yaml")
         .replace("  http:\n  - route:", "  http:\n  - timeout: 5 sec\n    route:");
     write_atomic(&mesh.config.path().join("reviews.yaml"), &bad);
@@ -359,9 +361,13 @@ fn pilot_weights_rule_switch_endpoints_and_bad_rule() {
         "{line}"
     );
     // Still jason → v2 and everyone else v3: the rules in force before the bad file.
-    wait_until(Duration::from_secs(10), "the proxy to refuse the bad rule", || {
-        mesh.config_dump().contains("5 sec").then_some(())
+    let status = wait_until(Duration::from_secs(10), "the proxy's NACK in mesh-pilot status", || {
+        let (_, out) = mesh.pilot(&["status", "--admin", PILOT_ADMIN]);
+        out.contains("ERROR").then_some(out)
     });
+    let row = status.lines().find(|l| l.starts_with("productpage-v1.default")).unwrap_or_else(|| panic!("{status}"));
+    assert_eq!(row.split_whitespace().collect::<Vec<_>>()[2..6], ["SYNCED", "SYNCED", "SYNCED", "ERROR"], "{status}");
+    assert!(status.contains("NACK") && status.contains("timeout"), "{status}");
     let seen = pod.run(|| shares(100, &[]));
     assert_eq!(seen.get("v3"), Some(&100), "{seen:?}");
 }

@@ -58,6 +58,9 @@ pub struct RawDiscovery {
     pub url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_interval: Option<String>,
+    /// Who this proxy is to the server (`name.namespace`); default `$POD_NAME.$POD_NAMESPACE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// The bootstrap the proxy runs with: every value parsed and checked.
@@ -83,8 +86,11 @@ pub struct Readiness {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Discovery {
     pub url: String,
+    /// Between polls of a server that does not hold requests (long poll), and after a failure.
     #[serde(serialize_with = "serialize_duration")]
     pub poll_interval: Duration,
+    /// As written; when absent the environment's pod name is used (`control::discovery::node_name`).
+    pub node: Option<String>,
 }
 
 /// An update that would change the bootstrap, which only a restart can.
@@ -137,7 +143,12 @@ impl RawBootstrap {
                 if poll_interval < Duration::from_millis(10) {
                     return Err(invalid("discovery.poll_interval", "must be at least 10ms"));
                 }
-                Some(Discovery { url, poll_interval })
+                if let Some(n) = &d.node {
+                    if n.is_empty() || n.len() > 253 || !n.chars().all(|c| c.is_ascii_graphic()) {
+                        return Err(invalid("discovery.node", format!("{n:?}: 1-253 printable characters, no spaces")));
+                    }
+                }
+                Some(Discovery { url, poll_interval, node: d.node.clone() })
             }
         };
         Ok(Bootstrap { admin, readiness, discovery, drain_timeout, tcp_idle_timeout })
@@ -165,6 +176,10 @@ impl Bootstrap {
                     format_duration(r.poll_interval),
                     format_duration(w.poll_interval),
                 );
+            }
+            (Some(r), Some(w)) if r.url == w.url && r.node != w.node => {
+                let node = |n: &Option<String>| n.clone().unwrap_or_else(|| "none".into());
+                return differs("discovery.node", node(&r.node), node(&w.node));
             }
             (r, w) if r != w => return differs("discovery.url", discovery(r), discovery(w)),
             _ => {}
