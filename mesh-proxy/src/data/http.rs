@@ -10,6 +10,8 @@
 //! - [`headers`]: what changes between the two hops (hop-by-hop headers, request form);
 //! - [`body`]: the response body, local or streamed from upstream, which returns the upstream
 //!   connection to its pool when it ends;
+//! - [`upgrade`]: `Upgrade` (WebSocket) and `CONNECT`: the handshake routed as a request, then
+//!   both connections joined as a TCP session;
 //! - [`access_log`]: the line written per request.
 
 pub mod access_log;
@@ -17,5 +19,6 @@ pub mod body;
 pub mod forward;
 pub mod headers;
 pub mod server;
+pub mod upgrade;
 
 pub use server::{serve, ConnCtx};

@@ -71,7 +71,8 @@ pub async fn handshake<G: Send + 'static>(
         .await
         .map_err(io::Error::other)?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        // An upgrade (WebSocket, CONNECT) hands the socket over to a tunnel instead of closing it.
+        if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
         }
         drop(on_close);

@@ -102,10 +102,11 @@ pub struct RouteTable {
     by_addr: HashMap<SocketAddr, usize>,
     by_host: HashMap<Box<str>, HostRoutes>,
     /// Ports some host route names: a connection to an unrouted address on such a port may still
-    /// be HTTP for one of those hosts, so it is worth detecting.
+    /// be HTTP for one of those hosts, so it is worth detecting. A host route without a port does
+    /// not make every port a candidate: that would hold every server-first protocol for the
+    /// detection timeout and read traffic no route asked for (it broke WebSocket passthrough on
+    /// every port); it matches requests on connections that are HTTP for another reason.
     host_ports: HashSet<u16>,
-    /// Some host route has no port, so any port qualifies.
-    host_any_port: bool,
 }
 
 impl RouteTable {
@@ -125,10 +126,7 @@ impl RouteTable {
                                 h.ports.insert(*p, i);
                                 t.host_ports.insert(*p);
                             }
-                            None => {
-                                h.any_port = Some(i);
-                                t.host_any_port = true;
-                            }
+                            None => h.any_port = Some(i),
                         }
                     }
                 }
@@ -173,7 +171,7 @@ impl RouteTable {
 
     /// Whether an HTTP request to `port` could match a host route.
     pub fn has_host_routes_for(&self, port: u16) -> bool {
-        self.host_any_port || self.host_ports.contains(&port)
+        self.host_ports.contains(&port)
     }
 
     /// The route for an HTTP request: by original destination first, then by its authority (the
@@ -265,7 +263,7 @@ routes:
         assert_eq!(&*t.for_request(other, Some("10.96.0.20:9080")).unwrap().name, "reviews");
         assert!(t.for_request(other, None).is_none());
         assert!(t.has_host_routes_for(9080));
-        assert!(t.has_host_routes_for(1), "the port-less host route makes every port a candidate");
+        assert!(!t.has_host_routes_for(1), "a port-less host route does not make every port a candidate");
     }
 
     #[test]

@@ -73,6 +73,28 @@ impl AccessLog {
         }
     }
 
+    /// An upgraded or `CONNECT` request whose tunnel has ended: the bytes each way.
+    pub(super) fn tunnel(self, result: std::io::Result<crate::data::tcp::Transfer>) {
+        if let Some(f) = self.fields {
+            let (sent, received) = result.as_ref().map_or((0, 0), |t| (t.sent, t.received));
+            tracing::info!(
+                target: "access",
+                kind = "tunnel",
+                peer = %f.peer,
+                method = %f.method,
+                path = %f.uri,
+                route = f.route.as_deref().unwrap_or("-"),
+                cluster = f.cluster.as_deref().unwrap_or("-"),
+                endpoint = %f.endpoint.map_or_else(|| "-".to_string(), |e| e.to_string()),
+                status = f.status,
+                sent,
+                received,
+                duration_ms = f.start.elapsed().as_secs_f64() * 1000.0,
+                error = %result.err().map_or_else(|| "-".to_string(), |e| e.to_string()),
+            );
+        }
+    }
+
     pub(super) fn finish(self, bytes: u64, complete: bool) {
         if let Some(f) = self.fields {
             emit(&f, f.status, bytes, (!complete).then_some("response body not completed"));

@@ -10,6 +10,7 @@ use super::{
     access_log::AccessLog,
     body::{local_response, Done, ProxyBody, UpstreamBody},
     headers::{prepare_downstream_response, prepare_upstream_request},
+    upgrade::Upgrade,
 };
 use crate::{
     data::{
@@ -20,16 +21,23 @@ use crate::{
 };
 
 /// Sends `req` to an endpoint of `cluster`; a failed connect is retried once on another endpoint.
+/// An upgrade the upstream accepts becomes a tunnel that ends after `idle` without a byte.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn forward(
     cluster: &Cluster,
     counters: &RequestCounters,
     route: &Arc<str>,
     mut req: Request<Incoming>,
     timeout: Duration,
+    idle: Duration,
     log: AccessLog,
 ) -> Response<ProxyBody> {
     let log = log.with_route(route).with_cluster(&cluster.name);
+    let upgrade = Upgrade::take(&mut req);
     prepare_upstream_request(&mut req);
+    if let Some(u) = &upgrade {
+        u.restore_request_headers(req.headers_mut());
+    }
     let (ep, upstream) = match cluster.connect(|ep| ep.http(cluster.connect_timeout)).await {
         Ok(c) => c,
         Err(e) => {
@@ -50,8 +58,16 @@ pub(super) async fn forward(
     match sent {
         Ok(Ok((mut resp, sender))) => {
             counters.record(resp.status().as_u16());
-            prepare_downstream_response(&mut resp);
             let status = resp.status();
+            if let Some(u) = upgrade.filter(|u| u.accepted(status)) {
+                // The upstream connection leaves HTTP (and its pool) for the tunnel.
+                drop(sender);
+                let chosen = resp.headers().get(http::header::UPGRADE).cloned();
+                prepare_downstream_response(&mut resp);
+                u.join(&mut resp, chosen, idle, log.with_status(status), guard);
+                return resp.map(|_| ProxyBody::Local(None));
+            }
+            prepare_downstream_response(&mut resp);
             resp.map(|inner| {
                 ProxyBody::Upstream(UpstreamBody {
                     inner,

@@ -1,7 +1,7 @@
 //! What changes between the downstream and the upstream hop: hop-by-hop headers are dropped, the
 //! request goes upstream in origin form as HTTP/1.1, the response comes back as HTTP/1.1.
 
-use http::{header, HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
@@ -68,6 +68,10 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub(super) fn prepare_upstream_request(req: &mut Request<Incoming>) {
     strip_hop_by_hop(req.headers_mut());
     *req.version_mut() = Version::HTTP_11;
+    // CONNECT's authority-form (`host:port`) is the tunnel's far end, and stays as it is.
+    if req.method() == Method::CONNECT {
+        return;
+    }
     if let Some(a) = req.uri().authority() {
         // Absolute-form from a client that thinks it talks to a forward proxy: origin-form
         // upstream, the authority in Host.

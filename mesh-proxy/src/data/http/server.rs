@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -87,7 +87,8 @@ pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: drain::Watch) {
         // hyper would initialise its header arrays on every request.
         // Small responses: one flattened buffer and one write() beat writev's bookkeeping.
         .writev(false);
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    // Upgrades (WebSocket, CONNECT) hand the connection over once their response is written.
+    let conn = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
     tokio::pin!(conn);
     // The drain signal is polled only when its own waker fired, not on every wake-up of the
     // connection (a `select!` would poll it, and lock its `Notify`, twice per request).
@@ -153,7 +154,12 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp;
     }
-    let Some(route) = snapshot.routes.for_request(ctx.orig_dst, authority(&req)) else {
+    // A CONNECT's authority is the tunnel's far end, not the server the application dialled:
+    // only the original destination routes it.
+    let connect = req.method() == Method::CONNECT;
+    let authority = if connect { None } else { authority(&req) };
+    let idle = ctx.proxy.tcp_idle_timeout;
+    let Some(route) = snapshot.routes.for_request(ctx.orig_dst, authority) else {
         return match ctx.fallback {
             Fallback::Passthrough(dst) => {
                 let cluster = ctx.passthrough.get_or_init(|| Arc::new(ctx.proxy.passthrough_cluster(dst)));
@@ -164,6 +170,7 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
                     &ctx.proxy.passthrough_route,
                     req,
                     crate::config::DEFAULT_REQUEST_TIMEOUT,
+                    idle,
                     log,
                 )
                 .await
@@ -171,6 +178,8 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
             Fallback::Refuse(why) => {
                 let status = match why {
                     Refusal::OwnListener => StatusCode::NOT_FOUND,
+                    // Envoy refuses a CONNECT it may not tunnel with 403.
+                    Refusal::RegistryOnly if connect => StatusCode::FORBIDDEN,
                     Refusal::RegistryOnly => StatusCode::BAD_GATEWAY,
                 };
                 log.local(status, why.reason(), why.reason());
@@ -184,7 +193,7 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
         return local_response(StatusCode::NOT_FOUND, why);
     };
     let target = rule.pick();
-    forward(&target.cluster, &target.requests, &route.name, req, rule.timeout, log).await
+    forward(&target.cluster, &target.requests, &route.name, req, rule.timeout, idle, log).await
 }
 
 /// The request's authority: the absolute URI's, else the Host header.
