@@ -60,6 +60,19 @@ if ! kubernetes-validate --version >/dev/null 2>&1; then
   command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 fi
 
+# --- Clients and servers of the protocol tests (tests/tests/protocols.rs) ----------------------
+# WebSocket and gRPC from PyPI; HTTP/2 clients (h2load, nghttp) from Debian's nghttp2-client.
+if ! command -v h2load >/dev/null 2>&1; then
+  log "installing nghttp2-client"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nghttp2-client >/dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nghttp2-client >/dev/null; }
+fi
+if ! python3 -c 'import websockets, grpc' >/dev/null 2>&1; then
+  log "installing websockets and grpcio (PyPI)"
+  python3 -m pip install --quiet websockets==17.4 grpcio==1.85.3 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages websockets==17.4 grpcio==1.85.3
+fi
+
 [ "$want_ebpf" = 1 ] || exit 0
 
 # --- eBPF toolchain ----------------------------------------------------------
