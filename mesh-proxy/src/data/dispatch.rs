@@ -86,7 +86,9 @@ pub fn plan(snapshot: &Snapshot, dst: OriginalDst, local: &LocalAddrs) -> Plan {
     if let Some(i) = snapshot.routes.index_by_addr(addr) {
         return Plan::Route { route: i, protocol: snapshot.routes.routes[i].protocol, fallback };
     }
-    if snapshot.routes.has_host_routes_for(addr.port()) {
+    // Straight to a listener, nothing can be passed through and a server-first protocol has no
+    // server to wait for: any host route, even a port-less one, is worth detecting for.
+    if snapshot.routes.has_host_routes_for(addr.port()) || (own && snapshot.routes.has_host_routes()) {
         return Plan::Detect { fallback };
     }
     Plan::Unrouted(fallback)
@@ -114,7 +116,7 @@ listeners: [{name: virtual, address: "0.0.0.0:15000"}, {name: lo, address: "127.
 clusters: [{name: c}]
 routes:
   - {name: ip, destinations: ["10.96.0.20:9080", "127.0.0.1:16000"], protocol: http, rules: [{clusters: [{name: c}]}]}
-  - {name: host, destinations: ["reviews:9080"], rules: [{clusters: [{name: c}]}]}
+  - {name: host, destinations: ["reviews:9080", "ratings"], rules: [{clusters: [{name: c}]}]}
 "#;
 
     fn redirected(s: &str) -> OriginalDst {
@@ -131,6 +133,8 @@ routes:
         assert_eq!(p(redirected("10.96.0.20:9080")), Plan::Route { route: 0, protocol: Protocol::Http, fallback });
         let other = "10.96.0.99:9080".parse().unwrap();
         assert_eq!(p(redirected("10.96.0.99:9080")), Plan::Detect { fallback: Fallback::Passthrough(other) });
+        // The port-less host route does not make port 80 detected (issue 13: it broke WebSocket
+        // passthrough on every port).
         let other = "10.96.0.99:80".parse().unwrap();
         assert_eq!(p(redirected("10.96.0.99:80")), Plan::Unrouted(Fallback::Passthrough(other)));
         // Straight to a listener: routed when a route claims the address, never passed through.
@@ -138,13 +142,15 @@ routes:
         let fallback = Fallback::Refuse(Refusal::OwnListener);
         assert_eq!(p(direct), Plan::Route { route: 0, protocol: Protocol::Http, fallback });
         let direct = OriginalDst { addr: "10.200.0.1:15000".parse().unwrap(), redirected: false };
-        assert_eq!(p(direct), Plan::Unrouted(Fallback::Refuse(Refusal::OwnListener)));
+        assert_eq!(p(direct), Plan::Detect { fallback: Fallback::Refuse(Refusal::OwnListener) });
         // Steered without NAT (no SO_ORIGINAL_DST, eBPF sk_lookup) to a local application port.
         let steered = OriginalDst { addr: "10.200.0.1:9080".parse().unwrap(), redirected: false };
         assert_eq!(p(steered), Plan::Inbound("10.200.0.1:9080".parse().unwrap()));
-        // Redirected to the proxy's own port on a local address: would loop, so refused.
-        assert_eq!(p(redirected("10.200.0.1:15000")), Plan::Unrouted(Fallback::Refuse(Refusal::OwnListener)));
-        assert_eq!(p(redirected("127.0.0.1:15090")), Plan::Unrouted(Fallback::Refuse(Refusal::OwnListener)));
+        // Redirected to the proxy's own port on a local address: would loop, so never passed
+        // through (HTTP for a host route is still served).
+        let own = Plan::Detect { fallback: Fallback::Refuse(Refusal::OwnListener) };
+        assert_eq!(p(redirected("10.200.0.1:15000")), own);
+        assert_eq!(p(redirected("127.0.0.1:15090")), own);
     }
 
     #[test]

@@ -169,9 +169,14 @@ impl RouteTable {
         self.by_addr.get(&addr).copied()
     }
 
-    /// Whether an HTTP request to `port` could match a host route.
+    /// Whether an HTTP request to `port` could match a host route named with that port.
     pub fn has_host_routes_for(&self, port: u16) -> bool {
         self.host_ports.contains(&port)
+    }
+
+    /// Whether any route names a host (with or without a port).
+    pub fn has_host_routes(&self) -> bool {
+        !self.by_host.is_empty()
     }
 
     /// The route for an HTTP request: by original destination first, then by its authority (the
