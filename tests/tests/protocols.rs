@@ -181,10 +181,12 @@ endpoints:
         stats.contains("mesh_proxy_tcp_connections_total{route=\"passthrough\",cluster=\"PassthroughCluster\"} 1"),
         "only the undetected port went through as TCP: {stats}"
     );
-    let log = mesh.log();
-    let tunnels = log.lines().filter(|l| l.contains("kind=\"tunnel\"") || l.contains("kind=tunnel")).count();
-    assert_eq!(tunnels, 4, "one tunnel line per upgraded connection:\n{log}");
-    assert!(log.contains("received="), "{log}");
+    // Access lines may be written in batches: wait for the four tunnels' lines.
+    let tunnels = |log: &str| log.lines().filter(|l| l.contains("tunnel") && l.contains("received")).count();
+    let found = try_wait_until(Duration::from_secs(3), "a tunnel line per upgraded connection", || {
+        Ok((tunnels(&mesh.log()) == 4).then_some(()))
+    });
+    assert!(found.is_ok(), "one tunnel line per upgraded connection:\n{}", mesh.log());
 }
 
 #[test]
