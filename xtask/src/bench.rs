@@ -407,7 +407,7 @@ fn raise_nofile_limit() -> Result<u64> {
 }
 
 /// The command as a user would retype it (shell-quoted).
-fn command_line() -> String {
+pub(crate) fn command_line() -> String {
     let args: Vec<String> = std::env::args()
         .skip(1)
         .map(|a| {

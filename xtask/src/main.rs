@@ -3,6 +3,8 @@
 //! - `bench` ([`bench`]): the benchmark harness of issue 6 — proxy overhead against the direct
 //!   path and HAProxy, eBPF against iptables, rule-install time; writes `bench/results.md` and
 //!   `bench/latency.svg`.
+//! - `bench-pilot` ([`pilot`]): mesh-pilot at scale (issue 15): 1,000 services, 2,000 simulated
+//!   long-polling proxies, one endpoint change every 100 ms; writes `bench/pilot.md`.
 //! - `load-rate`, `load-idle` (hidden, [`load`]): load clients Debian lacks, started by `bench`
 //!   inside a pod's namespace and cgroup.
 //!
@@ -14,6 +16,7 @@ mod bench;
 mod load;
 mod network;
 mod paths;
+mod pilot;
 mod report;
 mod rules;
 
@@ -26,6 +29,8 @@ use clap::Parser;
 enum Cli {
     /// Benchmark the paths (direct, HAProxy, mesh-proxy with iptables and eBPF) and rule installs.
     Bench(bench::BenchArgs),
+    /// mesh-pilot at scale: 1,000 services, 2,000 long-polling proxies, an endpoint change every 100 ms.
+    BenchPilot(pilot::PilotArgs),
     /// Fixed-rate open-loop HTTP client; prints its result as JSON.
     #[command(hide = true)]
     LoadRate(load::RateArgs),
@@ -47,6 +52,7 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let result = match Cli::parse() {
         Cli::Bench(args) => mesh_lab::interrupt::install().and_then(|()| bench::run(args)),
+        Cli::BenchPilot(args) => mesh_lab::interrupt::install().and_then(|()| pilot::run(args)),
         Cli::LoadRate(args) => load::rate_client(&args).and_then(|r| {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
