@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use hyper::{body::Incoming, client::conn::http1::SendRequest};
+use hyper::client::conn::http1::SendRequest;
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -28,7 +28,7 @@ use crate::{
     config::{self, LbPolicy},
     data::{
         balance,
-        pool::{self, Pool, Upstream},
+        pool::{self, Pool, RequestBody, Upstream},
         socket,
     },
     metrics::Metrics,
@@ -111,7 +111,7 @@ impl Endpoint {
     }
 
     /// Opens a new, counted HTTP/1.1 connection.
-    pub async fn connect_http(self: &Arc<Self>, timeout: Duration) -> io::Result<SendRequest<Incoming>> {
+    pub async fn connect_http(self: &Arc<Self>, timeout: Duration) -> io::Result<SendRequest<RequestBody>> {
         let (stream, guard) = self.connect(timeout).await?;
         pool::handshake(stream, self.addr, guard).await
     }

@@ -16,7 +16,10 @@ use hyper::{
 };
 
 use super::access_log::AccessLog;
-use crate::data::cluster::{Endpoint, RequestGuard};
+use crate::data::{
+    cluster::{Endpoint, RequestGuard},
+    pool::RequestBody,
+};
 
 pub(super) fn local_response(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::Local(Some(Bytes::from_static(body.as_bytes()))));
@@ -65,7 +68,7 @@ pub struct UpstreamBody {
 }
 
 pub(super) struct Done {
-    pub(super) sender: SendRequest<Incoming>,
+    pub(super) sender: SendRequest<RequestBody>,
     pub(super) endpoint: Arc<Endpoint>,
     /// Keeps the request counted as active for `least_request` until the body is finished.
     pub(super) _guard: RequestGuard,

@@ -65,7 +65,7 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-pub(super) fn prepare_upstream_request(req: &mut Request<Incoming>) {
+pub(super) fn prepare_upstream_request<B>(req: &mut Request<B>) {
     strip_hop_by_hop(req.headers_mut());
     *req.version_mut() = Version::HTTP_11;
     // CONNECT's authority-form (`host:port`) is the tunnel's far end, and stays as it is.
