@@ -64,8 +64,8 @@ impl Slot {
 #[derive(Debug, Default, Clone)]
 pub struct Debug {
     pub findings: Arc<Vec<Finding>>,
-    /// Every object, as read.
-    pub config: Arc<Vec<serde_json::Value>>,
+    /// Every object, as read (turned into JSON only when `/debug/configz` asks).
+    pub config: Arc<Vec<Arc<crate::resource::Object>>>,
     pub registry: Arc<Registry>,
 }
 
@@ -227,7 +227,7 @@ impl Builder {
         self.update_endpoints(&registry, true, seen);
         let debug = Debug {
             findings: Arc::new(findings),
-            config: Arc::new(self.store.objects.values().map(|o| o.to_json()).collect()),
+            config: Arc::new(self.store.objects.values().cloned().collect()),
             registry: Arc::new(registry),
         };
         *self.shared.debug.write().expect("debug lock") = Arc::new(debug);

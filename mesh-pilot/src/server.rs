@@ -222,7 +222,10 @@ pub async fn admin(shared: Arc<Shared>, req: Request<Incoming>, _peer: SocketAdd
         r
     };
     match req.uri().path() {
-        "/debug/configz" => json(serde_json::to_vec_pretty(&*debug.config)),
+        "/debug/configz" => {
+            let objects: Vec<serde_json::Value> = debug.config.iter().map(|o| o.to_json()).collect();
+            json(serde_json::to_vec_pretty(&objects))
+        }
         "/debug/endpointz" => json(serde_json::to_vec_pretty(&*debug.registry)),
         "/debug/syncz" => {
             shared.status.sweep(CONNECTED_WITHIN);
