@@ -286,6 +286,7 @@ mod tests {
                     name: format!("c-{h}"),
                     lb_policy: Default::default(),
                     connect_timeout: None,
+                    protocol: Default::default(),
                 })
                 .collect(),
             eds: hosts.iter().map(|h| Some(key(h))).collect(),

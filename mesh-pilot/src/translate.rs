@@ -250,7 +250,12 @@ impl<'a> Translator<'a> {
             return c.clone();
         }
         ClusterOut {
-            cluster: RawCluster { name, lb_policy: proxy::LbPolicy::default(), connect_timeout: None },
+            cluster: RawCluster {
+                name,
+                lb_policy: proxy::LbPolicy::default(),
+                connect_timeout: None,
+                protocol: Default::default(),
+            },
             eds: None,
         }
     }

@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 pub use bootstrap::{Bootstrap, Discovery, RawAdmin, RawBootstrap, RawDiscovery, RawReadiness, Readiness};
 pub use routing::{
     Cluster, Destination, LbPolicy, Listener, Match, OutboundPolicy, PathMatch, Protocol, RawCluster, RawEndpoints,
-    RawListener, RawMatch, RawRoute, RawRouting, RawRule, RawWeightedCluster, Route, Routing, Rule, WeightedCluster,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
+    RawListener, RawMatch, RawRoute, RawRouting, RawRule, RawWeightedCluster, Route, Routing, Rule, UpstreamProtocol,
+    WeightedCluster, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
 };
 
 /// A configuration that could not be read, parsed or accepted. Never applied.

@@ -284,26 +284,6 @@ async fn server_first_protocol_works_under_auto() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http2_prior_knowledge_is_forwarded_intact_as_tcp_under_auto() {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
-        let mut preface = [0u8; 24];
-        s.read_exact(&mut preface).await.unwrap();
-        s.write_all(&preface).await.unwrap();
-    });
-    let listen = free_addr();
-    let yaml = listener_route(listen, "auto", "      - clusters: [{ name: h2 }]", &[("h2", &[upstream])]);
-    let _proxy = InProcess::start(&yaml).await;
-    let mut s = TcpStream::connect(listen).await.unwrap();
-    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-    let mut echo = [0u8; 24];
-    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut echo)).await.unwrap().unwrap();
-    assert_eq!(&echo, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_http_server_backend_http10_keeps_the_downstream_connection() {
     // python's http.server answers HTTP/1.0 and closes after each response; the proxy must still
     // keep the client's connection open and open a new upstream connection per request.

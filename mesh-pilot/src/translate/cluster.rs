@@ -215,7 +215,15 @@ fn cluster(name: &str, layers: &[Layer], eds: EdsKey) -> ClusterOut {
             connect_timeout = Some(t);
         }
     }
-    ClusterOut { cluster: RawCluster { name: name.to_string(), lb_policy: policy, connect_timeout }, eds: Some(eds) }
+    ClusterOut {
+        cluster: RawCluster {
+            name: name.to_string(),
+            lb_policy: policy,
+            connect_timeout,
+            protocol: Default::default(),
+        },
+        eds: Some(eds),
+    }
 }
 
 /// Istio's `loadBalancer.simple` → the proxy's balancer.

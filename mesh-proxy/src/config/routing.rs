@@ -64,11 +64,13 @@ pub struct RawRoute {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
-    /// HTTP/1.1: a cluster is picked for every request.
+    /// HTTP/1.1 or HTTP/2 (prior knowledge, told apart by the first bytes): a cluster is picked
+    /// for every request, and for every HTTP/2 stream.
     Http,
     /// Opaque bytes: a cluster is picked once per connection.
     Tcp,
-    /// Peek at the first bytes: HTTP/1 if they look like a request line, TCP otherwise.
+    /// Peek at the first bytes: HTTP/1 if they look like a request line, HTTP/2 if they are its
+    /// connection preface, TCP otherwise.
     #[default]
     Auto,
 }
@@ -116,6 +118,27 @@ pub struct RawCluster {
     pub lb_policy: LbPolicy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<String>,
+    /// The HTTP version spoken to its endpoints (Envoy's `http_protocol_options`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub protocol: UpstreamProtocol,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// The HTTP version a cluster's endpoints are spoken to in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 on a keep-alive pool per endpoint.
+    #[default]
+    Http1,
+    /// HTTP/2 (cleartext, prior knowledge) on one multiplexed connection per endpoint.
+    Http2,
+    /// As the downstream spoke: HTTP/2 requests go upstream as HTTP/2, HTTP/1 ones as HTTP/1.1
+    /// (Envoy's `USE_DOWNSTREAM_PROTOCOL`).
+    Auto,
 }
 
 /// How a cluster spreads requests over its endpoints.
@@ -222,6 +245,7 @@ pub struct Cluster {
     pub lb_policy: LbPolicy,
     #[serde(serialize_with = "serialize_duration")]
     pub connect_timeout: Duration,
+    pub protocol: UpstreamProtocol,
     pub endpoints: Vec<SocketAddr>,
 }
 
@@ -273,6 +297,7 @@ impl RawRouting {
                 name: c.name.clone(),
                 lb_policy: c.lb_policy,
                 connect_timeout,
+                protocol: c.protocol,
                 endpoints: Vec::new(),
             });
         }

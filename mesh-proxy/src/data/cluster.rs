@@ -1,5 +1,6 @@
 //! Clusters and their endpoints as the data plane uses them: balancing, connecting with one retry on
-//! another endpoint, per-endpoint counters; each endpoint's HTTP/1.1 keep-alive pool is [`pool`].
+//! another endpoint, per-endpoint counters; each endpoint's HTTP connections (HTTP/1.1 keep-alive,
+//! one shared HTTP/2) are its [`pool`].
 //!
 //! [`pool`]: crate::data::pool
 //!
@@ -19,16 +20,15 @@ use std::{
     time::Duration,
 };
 
-use hyper::client::conn::http1::SendRequest;
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::{
-    config::{self, LbPolicy},
+    config::{self, LbPolicy, UpstreamProtocol},
     data::{
         balance,
-        pool::{self, Pool, RequestBody, Upstream},
+        pool::{self, Pool, Sender, Upstream},
         socket,
     },
     metrics::Metrics,
@@ -56,7 +56,7 @@ pub struct EndpointStats {
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub stats: EndpointStats,
-    /// HTTP/1.1 connections ready for another request.
+    /// HTTP connections ready for another request.
     pub pool: Pool,
 }
 
@@ -102,18 +102,33 @@ impl Endpoint {
         Ok((stream, ConnectionGuard(self.clone())))
     }
 
-    /// A pooled HTTP/1.1 connection if one is usable, else a new one.
-    pub async fn http(self: &Arc<Self>, connect_timeout: Duration) -> io::Result<Upstream> {
+    /// A pooled connection of the given version if one is usable, else a new one: for HTTP/1.1
+    /// an idle one, for HTTP/2 the endpoint's shared one.
+    pub async fn http(self: &Arc<Self>, connect_timeout: Duration, h2: bool) -> io::Result<Upstream> {
+        if h2 {
+            return self.pool.h2(false, || self.connect_h2(connect_timeout)).await;
+        }
         match self.pool.checkout().await {
             Some(sender) => Ok(Upstream { sender, reused: true }),
-            None => Ok(Upstream { sender: self.connect_http(connect_timeout).await?, reused: false }),
+            None => Ok(Upstream { sender: self.connect_http(connect_timeout, false).await?, reused: false }),
         }
     }
 
-    /// Opens a new, counted HTTP/1.1 connection.
-    pub async fn connect_http(self: &Arc<Self>, timeout: Duration) -> io::Result<SendRequest<RequestBody>> {
+    /// Opens a new, counted connection; an HTTP/2 one becomes the endpoint's shared one.
+    pub async fn connect_http(self: &Arc<Self>, timeout: Duration, h2: bool) -> io::Result<Sender> {
+        if h2 {
+            return Ok(self.pool.h2(true, || self.connect_h2(timeout)).await?.sender);
+        }
         let (stream, guard) = self.connect(timeout).await?;
-        pool::handshake(stream, self.addr, guard).await
+        Ok(Sender::Http1(pool::handshake(stream, self.addr, guard).await?))
+    }
+
+    async fn connect_h2(
+        self: &Arc<Self>,
+        timeout: Duration,
+    ) -> io::Result<hyper::client::conn::http2::SendRequest<pool::RequestBody>> {
+        let (stream, guard) = self.connect(timeout).await?;
+        pool::handshake_h2(stream, self.addr, guard).await
     }
 }
 
@@ -123,6 +138,8 @@ pub struct Cluster {
     pub name: Arc<str>,
     pub policy: LbPolicy,
     pub connect_timeout: Duration,
+    /// The HTTP version requests are sent to its endpoints in.
+    pub protocol: UpstreamProtocol,
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Round-robin cursor; shared by all threads, so relaxed atomic increments.
     rr: AtomicUsize,
@@ -147,6 +164,7 @@ impl Cluster {
             name,
             policy: c.lb_policy,
             connect_timeout: c.connect_timeout,
+            protocol: c.protocol,
             endpoints,
             rr: AtomicUsize::new(0),
         }
@@ -159,6 +177,8 @@ impl Cluster {
             name: Arc::from(PASSTHROUGH_CLUSTER),
             policy: LbPolicy::RoundRobin,
             connect_timeout,
+            // The application chose the protocol for the destination it dialled.
+            protocol: UpstreamProtocol::Auto,
             endpoints: vec![Arc::new(Endpoint::new(addr))],
             rr: AtomicUsize::new(0),
             connect_failures,

@@ -46,7 +46,9 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, drain
     let is_http = match protocol {
         Protocol::Http => true,
         Protocol::Tcp => false,
-        Protocol::Auto => matches!(detect::detect(&stream, detect::DETECT_TIMEOUT).await, Ok(Detected::Http1)),
+        Protocol::Auto => {
+            matches!(detect::detect(&stream, detect::DETECT_TIMEOUT).await, Ok(Detected::Http1 | Detected::Http2))
+        }
     };
     if is_http {
         let ctx = Arc::new(ConnCtx::new(proxy.clone(), dst.addr, peer, fallback));

@@ -1,4 +1,6 @@
-//! Protocol detection for `protocol: auto`: HTTP/1 if the first bytes are a request line's method.
+//! Protocol detection for `protocol: auto`: HTTP/1 if the first bytes are a request line's method,
+//! HTTP/2 if they are its connection preface (prior knowledge, RFC 9113 §3.4: h2c as gRPC and
+//! `nghttp`/`h2load` speak it).
 //!
 //! Bytes are peeked, never consumed, so whichever path is chosen sees the stream from its start.
 //! The wait is bounded: a server-first protocol (MySQL, SMTP) sends nothing until the server
@@ -16,7 +18,8 @@ pub const DETECT_TIMEOUT: Duration = Duration::from_millis(200);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Detected {
     Http1,
-    /// Anything else, including HTTP/2 with prior knowledge (forwarded intact as TCP).
+    Http2,
+    /// Anything else (forwarded intact as TCP).
     Opaque,
     /// A prefix of a method: wait for more bytes.
     NeedMore,
@@ -25,12 +28,19 @@ pub enum Detected {
 const METHODS: [&[u8]; 9] =
     [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE "];
 
+/// What an HTTP/2 client with prior knowledge sends first.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// Classifies the first bytes of a connection. Total over all inputs (fuzzed).
 pub fn classify(buf: &[u8]) -> Detected {
     if buf.is_empty() {
         return Detected::NeedMore;
     }
-    let mut prefix_of_some = false;
+    let n = buf.len().min(H2_PREFACE.len());
+    let mut prefix_of_some = buf[..n] == H2_PREFACE[..n];
+    if prefix_of_some && n == H2_PREFACE.len() {
+        return Detected::Http2;
+    }
     for m in METHODS {
         if buf.len() >= m.len() {
             if buf.starts_with(m) {
@@ -50,7 +60,7 @@ pub fn classify(buf: &[u8]) -> Detected {
 /// Peeks at the stream until [`classify`] decides or `timeout` passes (then: opaque).
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<Detected> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = [0u8; 16];
+    let mut buf = [0u8; H2_PREFACE.len()];
     let mut seen = 0;
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
@@ -88,7 +98,10 @@ mod tests {
         assert_eq!(classify(b"OPTIONS * HTTP/1.1"), Detected::Http1);
         assert_eq!(classify(b"GE"), Detected::NeedMore);
         assert_eq!(classify(b"P"), Detected::NeedMore);
-        assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Detected::Opaque);
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"), Detected::Http2);
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), Detected::NeedMore);
+        assert_eq!(classify(b"PRI * HTTP/1.1\r\n\r\nSM\r\n\r\n"), Detected::Opaque);
+        assert_eq!(classify(b"PUT /"), Detected::Http1);
         assert_eq!(classify(b"\x16\x03\x01"), Detected::Opaque);
         assert_eq!(classify(b"GETX"), Detected::Opaque);
         assert_eq!(classify(b"get / HTTP/1.1"), Detected::Opaque);

@@ -10,22 +10,52 @@ use std::{
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use hyper::{
-    body::{Body, Frame, Incoming, SizeHint},
-    client::conn::http1::SendRequest,
-};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::access_log::AccessLog;
 use crate::data::{
     cluster::{Endpoint, RequestGuard},
-    pool::RequestBody,
+    pool::Sender,
 };
 
-pub(super) fn local_response(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+/// A response the proxy makes itself: `body` as plain text, or, to a gRPC request (`grpc`), a
+/// trailers-only gRPC response — HTTP 200 whose only header block carries `grpc-status` and
+/// `grpc-message` — which is what a gRPC client reads a call's failure from (it would see an HTTP
+/// error status as a protocol error, losing the reason).
+pub(super) fn local_response(grpc: bool, status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    if grpc {
+        let mut resp = Response::new(ProxyBody::Local(None));
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from(grpc_status(status)));
+        // The messages are printable ASCII, which grpc-message carries without percent-encoding.
+        h.insert("grpc-message", HeaderValue::from_static(body));
+        return resp;
+    }
     let mut resp = Response::new(ProxyBody::Local(Some(Bytes::from_static(body.as_bytes()))));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     resp
+}
+
+/// The gRPC status of a response the proxy makes with HTTP `status`: gRPC's HTTP-to-gRPC table, as
+/// Envoy applies it, except that the route timeout (504) is `DEADLINE_EXCEEDED`, the status a
+/// client's own deadline gives.
+pub(super) fn grpc_status(status: StatusCode) -> u16 {
+    match status.as_u16() {
+        400 => 13,             // INTERNAL
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 => 12,             // UNIMPLEMENTED
+        504 => 4,              // DEADLINE_EXCEEDED
+        429 | 502 | 503 => 14, // UNAVAILABLE
+        _ => 2,                // UNKNOWN
+    }
+}
+
+/// Whether a request is a gRPC call (`content-type: application/grpc`, `application/grpc+proto`...).
+pub(super) fn is_grpc<B>(req: &http::Request<B>) -> bool {
+    req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// A response body: produced by the proxy, or streamed from an upstream.
@@ -68,7 +98,7 @@ pub struct UpstreamBody {
 }
 
 pub(super) struct Done {
-    pub(super) sender: SendRequest<RequestBody>,
+    pub(super) sender: Sender,
     pub(super) endpoint: Arc<Endpoint>,
     /// Keeps the request counted as active for `least_request` until the body is finished.
     pub(super) _guard: RequestGuard,

@@ -1,5 +1,6 @@
-//! The upstream side of a request: an endpoint picked, a pooled or new connection, the request
-//! sent and its response headers awaited within the rule's timeout.
+//! The upstream side of a request: an endpoint picked, a pooled or new connection (HTTP/1.1 or the
+//! endpoint's shared HTTP/2 one, as the cluster says), the request sent and its response headers
+//! awaited within the rule's timeout — or the gRPC call's own `grpc-timeout`.
 //!
 //! [`attempt`] is one try on one endpoint, and the one place a request is sent upstream. It
 //! already absorbs the failure that is nobody's fault — a pooled connection the peer closed just
@@ -9,29 +10,29 @@
 
 use std::{sync::Arc, time::Duration};
 
-use http::{request, Request, Response, StatusCode};
+use http::{request, HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty};
-use hyper::{
-    body::{Body, Incoming},
-    client::conn::http1::SendRequest,
-};
+use hyper::body::{Body, Incoming};
 
 use super::{
     access_log::AccessLog,
-    body::{local_response, Done, ProxyBody, UpstreamBody},
+    body::{is_grpc, local_response, Done, ProxyBody, UpstreamBody},
     headers::{prepare_downstream_response, prepare_upstream_request},
     upgrade::Upgrade,
 };
 use crate::{
+    config::UpstreamProtocol,
     data::{
         cluster::{Cluster, ConnectError, Endpoint},
-        pool::{BoxError, RequestBody, Upstream},
+        pool::{BoxError, RequestBody, Sender, Upstream},
     },
     metrics::RequestCounters,
 };
 
 /// Sends `req` to an endpoint of `cluster`; a failed connect is retried once on another endpoint.
-/// An upgrade the upstream accepts becomes a tunnel that ends after `idle` without a byte.
+/// An upgrade the upstream accepts becomes a tunnel that ends after `idle` without a byte. A gRPC
+/// call's `grpc-timeout` replaces `timeout` (as Envoy does when `max_grpc_timeout` is set: the
+/// client's deadline is the call's), and the errors the proxy answers it with are gRPC statuses.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn forward(
     cluster: &Cluster,
@@ -43,13 +44,23 @@ pub(super) async fn forward(
     log: AccessLog,
 ) -> Response<ProxyBody> {
     let log = log.with_route(route).with_cluster(&cluster.name);
+    let grpc = is_grpc(&req);
+    let timeout = if grpc { grpc_timeout(req.headers()).unwrap_or(timeout) } else { timeout };
+    let downstream_h2 = req.version() == Version::HTTP_2;
     let upgrade = Upgrade::take(&mut req);
+    // Upgrades and CONNECT are HTTP/1.1's: they go upstream in it whatever the cluster says.
+    let h2 = upgrade.is_none()
+        && match cluster.protocol {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Http2 => true,
+            UpstreamProtocol::Auto => downstream_h2,
+        };
     let mut req = req.map(|body| body.map_err(BoxError::from).boxed_unsync());
-    prepare_upstream_request(&mut req);
+    prepare_upstream_request(&mut req, h2);
     if let Some(u) = &upgrade {
         u.restore_request_headers(req.headers_mut());
     }
-    let (ep, upstream) = match cluster.connect(|ep| ep.http(cluster.connect_timeout)).await {
+    let (ep, upstream) = match cluster.connect(|ep| ep.http(cluster.connect_timeout, h2)).await {
         Ok(c) => c,
         Err(e) => {
             counters.record(503);
@@ -60,12 +71,12 @@ pub(super) async fn forward(
                 ConnectError::NoEndpoints { .. } => "the cluster has no endpoints".to_string(),
             };
             log.local(StatusCode::SERVICE_UNAVAILABLE, &why, "no healthy upstream");
-            return local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            return local_response(grpc, StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         }
     };
     let guard = ep.start_request();
     let log = log.with_endpoint(ep.addr);
-    let sent = tokio::time::timeout(timeout, attempt(cluster, ep, upstream, req)).await;
+    let sent = tokio::time::timeout(timeout, attempt(cluster, ep, upstream, req, h2)).await;
     match sent {
         Ok(Ok((mut resp, sender))) => {
             counters.record(resp.status().as_u16());
@@ -74,11 +85,11 @@ pub(super) async fn forward(
                 // The upstream connection leaves HTTP (and its pool) for the tunnel.
                 drop(sender);
                 let chosen = resp.headers().get(http::header::UPGRADE).cloned();
-                prepare_downstream_response(&mut resp);
+                prepare_downstream_response(&mut resp, downstream_h2);
                 u.join(&mut resp, chosen, idle, log.with_status(status), guard);
                 return resp.map(|_| ProxyBody::Local(None));
             }
-            prepare_downstream_response(&mut resp);
+            prepare_downstream_response(&mut resp, downstream_h2);
             resp.map(|inner| {
                 ProxyBody::Upstream(UpstreamBody {
                     inner,
@@ -98,13 +109,13 @@ pub(super) async fn forward(
             let why = format!("upstream reset before response headers: {e}");
             let body = "upstream connect error or disconnect/reset before headers";
             log.local(StatusCode::SERVICE_UNAVAILABLE, &why, body);
-            local_response(StatusCode::SERVICE_UNAVAILABLE, body)
+            local_response(grpc, StatusCode::SERVICE_UNAVAILABLE, body)
         }
         Err(_) => {
             ep.record_error();
             counters.record(504);
             log.local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", "upstream request timeout");
-            local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+            local_response(grpc, StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
         }
     }
 }
@@ -119,7 +130,7 @@ pub(super) enum AttemptError {
     Upstream(#[from] hyper::Error),
 }
 
-/// One try of `req` on endpoint `ep`, over `upstream`.
+/// One try of `req` on endpoint `ep`, over `upstream` (HTTP/2 when `h2`).
 ///
 /// A connection taken from the pool may have been closed by the peer while it sat idle (a
 /// server's keep-alive timeout, or one that closes after every response without saying so); that
@@ -136,7 +147,8 @@ pub(super) async fn attempt(
     ep: &Arc<Endpoint>,
     upstream: Upstream,
     req: Request<RequestBody>,
-) -> Result<(Response<Incoming>, SendRequest<RequestBody>), AttemptError> {
+    h2: bool,
+) -> Result<(Response<Incoming>, Sender), AttemptError> {
     let Upstream { mut sender, reused } = upstream;
     let replay = if reused { Replay::of(&req) } else { None };
     let again = match sender.try_send_request(req).await {
@@ -148,14 +160,14 @@ pub(super) async fn attempt(
         },
     };
     tracing::debug!(endpoint = %ep.addr, "pooled connection closed by the peer; sending on a fresh one");
-    let mut fresh = match ep.connect_http(cluster.connect_timeout).await {
+    let mut fresh = match ep.connect_http(cluster.connect_timeout, h2).await {
         Ok(s) => s,
         Err(ce) => {
             cluster.record_connect_failure(ep, &ce);
             return Err(AttemptError::Connect(ce));
         }
     };
-    let resp = fresh.send_request(again).await?;
+    let resp = fresh.try_send_request(again).await.map_err(|e| e.into_error())?;
     Ok((resp, fresh))
 }
 
@@ -194,5 +206,46 @@ impl Replay {
 
     fn request(self) -> Request<RequestBody> {
         Request::from_parts(self.0, Empty::new().map_err(BoxError::from).boxed_unsync())
+    }
+}
+
+/// A gRPC call's deadline from its `grpc-timeout` header: up to 8 digits and a unit (`H`, `M`,
+/// `S`, `m`, `u`, `n`). A malformed value is ignored, as gRPC servers ignore it.
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        let t = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", http::HeaderValue::from_static(v));
+            grpc_timeout(&h)
+        };
+        assert_eq!(t("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(t("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(t("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(t("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "100", "123456789m", "1x", "-1S", "1.5S"] {
+            assert_eq!(t(bad), None, "{bad:?}");
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! What changes between the downstream and the upstream hop: hop-by-hop headers are dropped, the
-//! request goes upstream in origin form as HTTP/1.1, the response comes back as HTTP/1.1.
+//! What changes between the downstream and the upstream hop: hop-by-hop headers are dropped; the
+//! request goes upstream as HTTP/1.1 in origin form with `Host`, or as HTTP/2 with the authority in
+//! the URI (`:authority`); the response comes back in the downstream's version.
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -65,8 +66,19 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-pub(super) fn prepare_upstream_request<B>(req: &mut Request<B>) {
+/// Readies `req` for the upstream hop in HTTP/2 (`h2`) or HTTP/1.1.
+pub(super) fn prepare_upstream_request<B>(req: &mut Request<B>, h2: bool) {
+    // `TE: trailers` is the one TE HTTP/2 allows, and gRPC servers require it.
+    let te_trailers =
+        h2 && req.headers().get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     strip_hop_by_hop(req.headers_mut());
+    if h2 {
+        if te_trailers {
+            req.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        to_h2_form(req);
+        return;
+    }
     *req.version_mut() = Version::HTTP_11;
     // CONNECT's authority-form (`host:port`) is the tunnel's far end, and stays as it is.
     if req.method() == Method::CONNECT {
@@ -87,15 +99,34 @@ pub(super) fn prepare_upstream_request<B>(req: &mut Request<B>) {
     }
 }
 
-pub(super) fn prepare_downstream_response(resp: &mut Response<Incoming>) {
+/// An HTTP/2 request carries its authority and scheme in the URI (`:authority`, `:scheme`): an
+/// HTTP/1 request's `Host` moves there.
+fn to_h2_form<B>(req: &mut Request<B>) {
+    *req.version_mut() = Version::HTTP_2;
+    if req.method() == Method::CONNECT || req.uri().authority().is_some() {
+        return;
+    }
+    let Some(host) = req.headers_mut().remove(header::HOST) else { return };
+    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let uri = std::str::from_utf8(host.as_bytes()).ok().and_then(|h| format!("http://{h}{pq}").parse::<Uri>().ok());
+    match uri {
+        Some(uri) => *req.uri_mut() = uri,
+        None => {
+            req.headers_mut().insert(header::HOST, host);
+        }
+    }
+}
+
+/// Readies an upstream response for the downstream hop, which speaks HTTP/2 (`h2`) or HTTP/1.1.
+pub(super) fn prepare_downstream_response(resp: &mut Response<Incoming>, h2: bool) {
     // The upstream's connection management (close, HTTP/1.0) is its hop's business; the downstream
     // connection stays keep-alive.
-    let chunked = resp.headers().get(header::TRANSFER_ENCODING).is_some();
+    let chunked = !h2 && resp.headers().get(header::TRANSFER_ENCODING).is_some();
     strip_hop_by_hop(resp.headers_mut());
     if chunked {
         resp.headers_mut().insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
-    *resp.version_mut() = Version::HTTP_11;
+    *resp.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::{
     convert::Infallible,
     future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, OnceLock,
@@ -15,17 +16,18 @@ use std::{
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::{
     access_log::AccessLog,
-    body::{local_response, ProxyBody},
+    body::{is_grpc, local_response, ProxyBody},
     forward::forward,
 };
 use crate::{
     data::{
         cluster::Cluster,
+        detect::{self, Detected},
         dispatch::{Fallback, Refusal},
         Proxy,
     },
@@ -36,6 +38,12 @@ use crate::{
 pub const MAX_HEADER_BYTES: usize = 60 * 1024;
 /// A client must send a request's headers within this long (slowloris bound).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2: streams a downstream connection may have open at once.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// HTTP/2 flow-control windows towards a client: per stream, and per connection (which bounds what
+/// one connection can make the proxy buffer, whatever its number of streams).
+const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
 
 /// What every request on one downstream connection shares.
 pub struct ConnCtx {
@@ -55,8 +63,9 @@ impl ConnCtx {
     }
 }
 
-/// Serves HTTP/1.1 on a downstream connection until it closes or the drain starts (then the
-/// request in flight finishes and the connection closes).
+/// Serves HTTP on a downstream connection — HTTP/1.1, or HTTP/2 when it opens with the prior-
+/// knowledge preface — until it closes or the drain starts (then the requests in flight finish and
+/// the connection closes; HTTP/2 says so with a GOAWAY).
 pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: drain::Watch) {
     // Until the client sends its first bytes, the connection costs only its socket and this
     // task: hyper allocates its read and write buffers (about 11 KiB) as soon as it is polled,
@@ -72,23 +81,66 @@ pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: drain::Watch) {
         }
         _ = drain.signaled() => return,
     }
+    // Only a first `P` can start the HTTP/2 preface (or POST, PUT, PATCH): then look further.
+    let h2 = first[0] == detect::H2_PREFACE[0]
+        && matches!(detect::detect(&stream, detect::DETECT_TIMEOUT).await, Ok(Detected::Http2));
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
     });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        // hyper refuses (431) a head that does not fit its buffer; the exact 60 KiB limit on
-        // header bytes is checked per request in `handle`, which sees them parsed.
-        .max_buf_size(MAX_HEADER_BYTES + 16 * 1024)
-        // At most 100 headers (Envoy's `max_headers_count`) is hyper's default; set explicitly,
-        // hyper would initialise its header arrays on every request.
-        // Small responses: one flattened buffer and one write() beat writev's bookkeeping.
-        .writev(false);
-    // Upgrades (WebSocket, CONNECT) hand the connection over once their response is written.
-    let conn = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
+    let io = TokioIo::new(stream);
+    let result = if h2 {
+        let conn = h2_builder().serve_connection(io, svc);
+        drive(conn, drain, |c| c.graceful_shutdown()).await
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            // hyper refuses (431) a head that does not fit its buffer; the exact 60 KiB limit on
+            // header bytes is checked per request in `handle`, which sees them parsed.
+            .max_buf_size(MAX_HEADER_BYTES + 16 * 1024)
+            // At most 100 headers (Envoy's `max_headers_count`) is hyper's default; set explicitly,
+            // hyper would initialise its header arrays on every request.
+            // Small responses: one flattened buffer and one write() beat writev's bookkeeping.
+            .writev(false);
+        // Upgrades (WebSocket, CONNECT) hand the connection over once their response is written.
+        let conn = builder.serve_connection(io, svc).with_upgrades();
+        drive(conn, drain, |c| c.graceful_shutdown()).await
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "downstream connection ended with an error");
+    }
+}
+
+/// The HTTP/2 server's settings: every limit bounded, hyper's flood protections on.
+fn h2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        // Streams one connection may have open: gRPC's and Envoy's usual order of magnitude;
+        // a client that wants more queues them (or opens another connection).
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        // Flow control: what a client may send before the proxy has passed it upstream, per stream
+        // and per connection (a fixed window; no adaptive growth to the bandwidth-delay product).
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buf_size(H2_STREAM_WINDOW as usize)
+        .max_header_list_size((MAX_HEADER_BYTES + 4 * 1024) as u32)
+        // Rapid reset (CVE-2023-44487): streams the client opens and resets before the proxy
+        // accepted them; past this many pending, GOAWAY. Streams the proxy had to reset for the
+        // client's errors are bounded likewise (RUSTSEC-2024-0003). Both are hyper's defaults,
+        // written here so that they stay on.
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(1024);
+    b
+}
+
+/// Runs a downstream connection until it ends, or the drain starts and `shutdown` has let the
+/// requests in flight finish.
+async fn drive<C, E>(conn: C, drain: drain::Watch, shutdown: impl FnOnce(Pin<&mut C>)) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
     tokio::pin!(conn);
     // The drain signal is polled only when its own waker fired, not on every wake-up of the
     // connection (a `select!` would poll it, and lock its `Notify`, twice per request).
@@ -109,15 +161,12 @@ pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: drain::Watch) {
         Poll::Pending
     })
     .await;
-    let result = match served {
+    match served {
         Some(r) => r,
         None => {
-            conn.as_mut().graceful_shutdown();
+            shutdown(conn.as_mut());
             conn.await
         }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "downstream connection ended with an error");
     }
 }
 
@@ -144,13 +193,14 @@ impl Wake for DrainGate {
 
 async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
+    let grpc = is_grpc(&req);
     let snapshot = ctx.proxy.snapshot.load_full();
     let log = AccessLog::start(&req, ctx.peer, start);
     let header_bytes: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
     if header_bytes > MAX_HEADER_BYTES {
         let why = "request headers exceed 60 KiB";
         log.local(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, why, why);
-        let mut resp = local_response(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, why);
+        let mut resp = local_response(grpc, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, why);
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp;
     }
@@ -183,14 +233,14 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
                     Refusal::RegistryOnly => StatusCode::BAD_GATEWAY,
                 };
                 log.local(status, why.reason(), why.reason());
-                local_response(status, why.reason())
+                local_response(grpc, status, why.reason())
             }
         };
     };
     let Some(rule) = route.rule_for(req.uri().path(), req.headers()) else {
         let why = "no rule of the route matches the request";
         log.with_route(&route.name).local(StatusCode::NOT_FOUND, why, why);
-        return local_response(StatusCode::NOT_FOUND, why);
+        return local_response(grpc, StatusCode::NOT_FOUND, why);
     };
     let target = rule.pick();
     forward(&target.cluster, &target.requests, &route.name, req, rule.timeout, idle, log).await
