@@ -20,7 +20,7 @@ use crate::{
     config::Loaded,
     control::{discovery, file, interfaces, Control, UpdateError},
     data::{accept::ListenerInfo, inbound::LocalAddrs},
-    drain,
+    dns, drain,
     logging::LogHandle,
     metrics::Metrics,
 };
@@ -37,6 +37,9 @@ pub struct Options {
     pub log: Option<LogHandle>,
     /// The status port (application probes, merged metrics), when the injector asked for one.
     pub status: Option<status::Settings>,
+    /// Serve DNS with the default settings even if the file has no `dns` section (`--dns-capture`,
+    /// which `mesh-init inject --redirect-dns` sets, as Istio's `ISTIO_META_DNS_CAPTURE`).
+    pub dns_capture: bool,
 }
 
 /// Why the proxy could not start, or stopped waiting.
@@ -53,6 +56,8 @@ pub enum Error {
     Config(#[from] UpdateError),
     #[error("listening for {signal}: {error}")]
     Signal { signal: &'static str, error: io::Error },
+    #[error(transparent)]
+    Dns(#[from] dns::StartError),
 }
 
 /// A running proxy. Dropping it stops everything it started (listeners, tasks, the data plane)
@@ -64,6 +69,8 @@ pub struct Bound {
     pub readiness: Option<SocketAddr>,
     /// Where the status port listens, if the options ask for one.
     pub status: Option<SocketAddr>,
+    /// Where the DNS proxy listens (UDP and TCP on each), if it runs.
+    pub dns: Vec<SocketAddr>,
     /// The first config's listeners, one entry per bound socket.
     pub listeners: Vec<ListenerInfo>,
     control: Arc<Control>,
@@ -104,7 +111,11 @@ pub async fn build(config: Loaded, options: Options) -> Result<Bound, Error> {
     let local = LocalAddrs::discover().map_err(Error::LocalAddrs)?;
     let drain = Arc::new(drain::Trigger::default());
     let metrics = Arc::new(Metrics::new());
-    let control = Arc::new(Control::start(config, admin, data.handle(), drain.clone(), local, metrics)?);
+    let control = Arc::new(Control::start(config, admin, data.handle(), drain.clone(), local, metrics.clone())?);
+    let dns = match bootstrap.dns.clone().or_else(|| options.dns_capture.then(Default::default)) {
+        Some(settings) => dns::start(&settings, control.proxy.snapshot.clone(), &metrics, &data.handle())?,
+        None => Vec::new(),
+    };
 
     let mut tasks = JoinSet::new();
     let shutdown = Arc::new(Notify::new());
@@ -142,6 +153,7 @@ pub async fn build(config: Loaded, options: Options) -> Result<Bound, Error> {
         admin,
         readiness,
         status: status_addr,
+        dns,
         listeners: control.listeners.bound(),
         control,
         drain,

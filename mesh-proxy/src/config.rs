@@ -24,11 +24,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use bootstrap::{Bootstrap, Discovery, RawAdmin, RawBootstrap, RawDiscovery, RawReadiness, Readiness};
+pub use bootstrap::{Bootstrap, Discovery, Dns, RawAdmin, RawBootstrap, RawDiscovery, RawDns, RawReadiness, Readiness};
 pub use routing::{
-    Cluster, Destination, LbPolicy, Listener, Match, OutboundPolicy, PathMatch, Protocol, RawCluster, RawEndpoints,
-    RawListener, RawMatch, RawRoute, RawRouting, RawRule, RawWeightedCluster, Route, Routing, Rule, UpstreamProtocol,
-    WeightedCluster, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
+    Cluster, Destination, HostEntry, LbPolicy, Listener, Match, OutboundPolicy, PathMatch, Protocol, RawCluster,
+    RawEndpoints, RawHostEntry, RawListener, RawMatch, RawRoute, RawRouting, RawRule, RawWeightedCluster, Route,
+    Routing, Rule, UpstreamProtocol, WeightedCluster, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
 };
 
 /// A configuration that could not be read, parsed or accepted. Never applied.
@@ -72,6 +72,10 @@ pub struct RawConfig {
     pub clusters: Vec<RawCluster>,
     #[serde(default)]
     pub endpoints: Vec<RawEndpoints>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<RawHostEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<RawDns>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<RawDiscovery>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -102,6 +106,7 @@ impl RawConfig {
             admin: self.admin,
             readiness: self.readiness,
             discovery: self.discovery,
+            dns: self.dns,
             drain_timeout: self.drain_timeout,
             tcp_idle_timeout: self.tcp_idle_timeout,
         };
@@ -111,6 +116,7 @@ impl RawConfig {
             routes: self.routes,
             clusters: self.clusters,
             endpoints: self.endpoints,
+            hosts: self.hosts,
         };
         (bootstrap, routing)
     }

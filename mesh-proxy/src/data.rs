@@ -10,8 +10,9 @@
 //!   on a connection from the endpoint's [`pool`];
 //! - [`tcp`]: a session per connection (routed or passthrough), bytes copied with half-close;
 //!   [`inbound`]: to the local application from 127.0.0.6; [`socket`]: connecting upstream;
-//! - [`snapshot`]: the routing state the control side builds and swaps: the [`route`] table and the
-//!   [`cluster`]s with their endpoints (connecting, with one retry on another endpoint);
+//! - [`snapshot`]: the routing state the control side builds and swaps: the [`route`] table, the
+//!   [`cluster`]s with their endpoints (connecting, with one retry on another endpoint) and the
+//!   [`names`] the DNS proxy answers;
 //!   [`balance`]: the load-balancing choices.
 //!
 //! [`Proxy`] is what every connection task shares. Nothing here imports the control side, and no
@@ -26,6 +27,7 @@ pub mod detect;
 pub mod dispatch;
 pub mod http;
 pub mod inbound;
+pub mod names;
 pub mod orig_dst;
 pub mod pool;
 pub mod route;

@@ -13,6 +13,8 @@
 //! - [`data`]: the data plane, every accepted connection from the listening socket to the
 //!   upstream (accept, dispatch, detect, http, tcp, inbound, route table, clusters, pool,
 //!   balancing). It reads the snapshot it is handed and never imports the control side.
+//! - [`dns`]: the DNS proxy (Istio's agent's, port 15053): the config's names answered, the rest
+//!   forwarded to the pod's nameservers and cached; on the data plane's runtime, when asked for.
 //! - [`config`]: the file in two parts — the bootstrap, fixed at start, and the routing, which
 //!   updates replace — and its validation; [`parse`]: the grammars of durations, addresses and
 //!   authorities, for the config and the request path alike.
@@ -29,6 +31,7 @@ pub mod app;
 pub mod config;
 pub mod control;
 pub mod data;
+pub mod dns;
 pub mod drain;
 pub mod logging;
 pub mod metrics;

@@ -65,6 +65,10 @@ struct Args {
     /// The pod's IP, where the application's probes go (the downward API's status.podIP).
     #[arg(long, env = "INSTANCE_IP")]
     pod_ip: Option<IpAddr>,
+    /// Serve DNS on 127.0.0.1:15053 and [::1]:15053 even if the config has no `dns` section: set
+    /// by `mesh-init inject --redirect-dns`, whose rules send the pod's queries there.
+    #[arg(long, env = "MESH_PROXY_DNS_CAPTURE")]
+    dns_capture: bool,
 }
 
 fn main() -> ExitCode {
@@ -130,7 +134,8 @@ fn run(args: Args, log: logging::LogHandle) -> anyhow::Result<()> {
     let control =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the control runtime")?;
     control.block_on(async {
-        let bound = app::build(config, app::Options { workers, log: Some(log), status }).await?;
+        let bound =
+            app::build(config, app::Options { workers, log: Some(log), status, dns_capture: args.dns_capture }).await?;
         bound.wait_termination().await
     })?;
     Ok(())

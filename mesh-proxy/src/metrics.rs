@@ -75,6 +75,15 @@ pub struct TcpLabels {
     pub cluster: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    /// `udp` or `tcp`.
+    pub transport: String,
+    /// `local` (from the config's names), `cache`, `upstream`, `failed` (SERVFAIL: no upstream
+    /// answered) or `refused` (FORMERR, NOTIMP).
+    pub answer: String,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     /// Owns the descriptions; only read when encoding.
@@ -87,6 +96,7 @@ pub struct Metrics {
     pub config_updates: Family<UpdateLabels, Counter>,
     /// Discovery polls that got no usable answer (unreachable, non-200); not a rejection.
     pub discovery_fetch_errors: Counter,
+    pub dns_queries: Family<DnsLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -107,6 +117,7 @@ impl Metrics {
             upstream_connect_failures: Family::default(),
             config_updates: Family::default(),
             discovery_fetch_errors: Counter::default(),
+            dns_queries: Family::default(),
         };
         registry.register("downstream_connections", "Connections accepted", m.downstream_connections.clone());
         registry.register(
@@ -127,6 +138,7 @@ impl Metrics {
             "Discovery polls without a usable answer",
             m.discovery_fetch_errors.clone(),
         );
+        registry.register("dns_queries", "DNS queries by transport and how they were answered", m.dns_queries.clone());
         Self { registry, ..m }
     }
 
@@ -149,6 +161,10 @@ impl Metrics {
 
     pub fn connect_failures(&self, cluster: &str) -> Counter {
         self.upstream_connect_failures.get_or_create(&ClusterLabels { cluster: cluster.into() }).clone()
+    }
+
+    pub fn dns_query(&self, transport: &str, answer: &str) -> Counter {
+        self.dns_queries.get_or_create(&DnsLabels { transport: transport.into(), answer: answer.into() }).clone()
     }
 
     pub fn config_update(&self, source: &str, applied: bool) {

@@ -27,8 +27,10 @@ def log(line):
         print(line, flush=True)
 
 
-def answer(query):
-    """The response to a query message, or None when it is not a query we understand."""
+def answer(query, transport):
+    """The response to a query message, or None when it is not a query we understand. A name
+    starting with "tc." is answered over UDP with TC set and no answer (too big for UDP), so that
+    the client asks again over TCP."""
     if len(query) < 12:
         return None, None, None
     (qid, _flags, qdcount) = struct.unpack("!HHH", query[:6])
@@ -44,7 +46,10 @@ def answer(query):
     question = query[12:at + 4]
     rdata = {1: A, 28: AAAA}.get(qtype)
     ancount = 1 if rdata is not None and qclass == 1 else 0
-    header = struct.pack("!HHHHHH", qid, 0x8180, 1, ancount, 0, 0)
+    flags = 0x8180
+    if labels[:1] == ["tc"] and transport == "udp":
+        flags, ancount = flags | 0x0200, 0
+    header = struct.pack("!HHHHHH", qid, flags, 1, ancount, 0, 0)
     body = question
     if ancount:
         # The name as a pointer to the question (offset 12), type, class IN, TTL 60.
@@ -56,7 +61,7 @@ def answer(query):
 def serve_udp(sock):
     while True:
         data, peer = sock.recvfrom(4096)
-        reply, name, qtype = answer(data)
+        reply, name, qtype = answer(data, "udp")
         if reply:
             sock.sendto(reply, peer)
             log(f"udp {name} {qtype}")
@@ -70,7 +75,7 @@ def serve_tcp_conn(conn):
                 return
             (n,) = struct.unpack("!H", head)
             data = conn.recv(n, socket.MSG_WAITALL)
-            reply, name, qtype = answer(data)
+            reply, name, qtype = answer(data, "tcp")
             if not reply:
                 return
             conn.sendall(struct.pack("!H", len(reply)) + reply)

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_e2e::{bin, script, PodNet, REMOTE_V4};
+use mesh_e2e::{bin, script, PodNet, REMOTE_V4, REMOTE_V6};
 use mesh_lab::{check, privileged, try_wait_until, Cgroup, Proc, TempDir};
 
 const ADMIN: &str = "127.0.0.1:15090";
@@ -45,26 +45,44 @@ struct Mesh {
 }
 
 impl Mesh {
+    /// Namespaces, mesh-init's rules, mesh-proxy with `config`.
     fn start(mode: Mode, tag: &str, config: &str) -> Mesh {
+        let mut mesh = Mesh::new(mode, tag);
+        mesh.mesh_init(&[]);
+        mesh.start_proxy(config, 1337, &[]);
+        mesh
+    }
+
+    /// The namespaces (and the cgroup), nothing installed yet.
+    fn new(mode: Mode, tag: &str) -> Mesh {
         let net = PodNet::new(tag);
         for ip in [V1, V2, DEAD] {
             net.add_remote_addr(&format!("{ip}/32"));
         }
-        let mesh = Mesh { mode, procs: Vec::new(), dir: TempDir::new(tag), cgroup: Cgroup::new(tag), net };
-        mesh.mesh_init(&[]);
-        let mut mesh = mesh;
-        let config_path = mesh.dir.write("proxy.yaml", &format!("admin: {{ address: {ADMIN} }}\n{config}"));
-        let mut cmd = mesh.pod_cmd(1337, 1337, bin("mesh-proxy"));
+        Mesh { mode, procs: Vec::new(), dir: TempDir::new(tag), cgroup: Cgroup::new(tag), net }
+    }
+
+    /// mesh-proxy in the pod as `uid` (group 1337) with `config`, through `wrapper` (e.g.
+    /// `setpriv` with capabilities); waits for `/ready`.
+    fn start_proxy(&mut self, config: &str, uid: u32, wrapper: &[&str]) {
+        let config_path = self.dir.write("proxy.yaml", &format!("admin: {{ address: {ADMIN} }}\n{config}"));
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = self.pod_cmd(uid, 1337, program);
+                c.args(args).arg(bin("mesh-proxy"));
+                c
+            }
+            None => self.pod_cmd(uid, 1337, bin("mesh-proxy")),
+        };
         cmd.arg("--config").arg(&config_path).args(["--workers", "1", "--log-level", "info"]);
-        cmd.stderr(std::fs::File::create(mesh.log_path()).unwrap());
-        mesh.procs.push(Proc::spawn(&mut cmd));
-        let ready = mesh.net.pod.run(|| {
+        cmd.stderr(std::fs::File::create(self.log_path()).unwrap());
+        self.procs.push(Proc::spawn(&mut cmd));
+        let ready = self.net.pod.run(|| {
             try_wait_until(Duration::from_secs(10), "mesh-proxy's /ready", || Ok(admin("/ready").ok().map(|_| ())))
         });
         if let Err(e) = ready {
-            panic!("{e:#}; log:\n{}", mesh.log());
+            panic!("{e:#}; log:\n{}", self.log());
         }
-        mesh
     }
 
     fn mesh_init(&self, extra: &[&str]) {
@@ -330,4 +348,131 @@ fn http2_and_grpc_split_per_stream_ebpf() {
         return;
     }
     h2_and_grpc(Mode::Ebpf, "h2e");
+}
+
+/// What the outside nameserver (in the remote namespace) answers for every name.
+const REAL_A: &str = "10.99.0.2";
+const REAL_AAAA: &str = "fd00:99::2";
+/// The service name the config gives virtual addresses.
+const SVC_NAME: &str = "reviews.default.svc.cluster.local";
+const SVC_V4: &str = "10.200.100.1";
+const SVC_V6: &str = "fd00:200:100::1";
+const SEARCH: &str = "search default.svc.cluster.local svc.cluster.local cluster.local\n";
+
+/// `/etc/netns/<pod>/`, which `ip netns exec` mounts over /etc for what it runs; removed on drop.
+struct NetnsEtc(PathBuf);
+
+impl NetnsEtc {
+    fn new(netns: &str) -> NetnsEtc {
+        let dir = PathBuf::from("/etc/netns").join(netns);
+        std::fs::create_dir_all(&dir).unwrap();
+        NetnsEtc(dir)
+    }
+
+    fn resolv_conf(&self, text: &str) -> PathBuf {
+        let path = self.0.join("resolv.conf");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for NetnsEtc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `argv` in the pod with the pod's resolv.conf (`ip netns exec`), as `uid`; its stdout.
+fn in_pod(pod: &str, uid: u32, argv: &[&str]) -> String {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", pod, "setpriv", &format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups"]);
+    let out = check(cmd.arg("--").args(argv));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The addresses glibc's getaddrinfo (python's socket module) gives for `name` in the pod.
+fn getaddrinfo(pod: &str, name: &str) -> String {
+    let code = format!(
+        "import socket\nprint(' '.join(sorted({{a[4][0] for a in socket.getaddrinfo('{name}', 80, socket.AF_UNSPEC, \
+         socket.SOCK_STREAM)}})))"
+    );
+    in_pod(pod, 0, &["python3", "-c", &code])
+}
+
+#[test]
+fn dns_proxy_answers_the_mesh_and_forwards_the_rest_iptables() {
+    if !privileged("dns_proxy_answers_the_mesh_and_forwards_the_rest_iptables") {
+        return;
+    }
+    let mut mesh = Mesh::new(Mode::Iptables, "dnp");
+    let pod = mesh.net.pod.name().to_string();
+    let etc = NetnsEtc::new(&pod);
+    // mesh-init captures DNS to the nameservers of the pod's resolv.conf (Istio's rule).
+    let resolv = etc.resolv_conf(&format!("{SEARCH}nameserver {REMOTE_V4}\nnameserver {REMOTE_V6}\noptions ndots:1\n"));
+    mesh.mesh_init(&["--dual-stack", "--redirect-dns"]);
+    let config = format!(
+        "dns: {{ resolv_conf: \"{}\" }}\nhosts:\n  - {{ name: {SVC_NAME}, addresses: [{SVC_V4}, \"{SVC_V6}\"] }}\n",
+        resolv.display()
+    );
+    mesh.start_proxy(&config, 1337, &[]);
+    let mut outside = Proc::spawn(
+        mesh.net
+            .remote
+            .command("python3")
+            .arg(script("dns_server.py"))
+            .args(["53", REAL_A, REAL_AAAA, REMOTE_V4, REMOTE_V6]),
+    );
+    outside.wait_for_line("ready");
+
+    for (server, transport) in [(REMOTE_V4, "udp"), (REMOTE_V4, "tcp"), (REMOTE_V6, "udp"), (REMOTE_V6, "tcp")] {
+        // glibc asks the one nameserver listed; `use-vc` makes it use TCP.
+        let options = if transport == "tcp" { "options ndots:1 use-vc\n" } else { "options ndots:1\n" };
+        etc.resolv_conf(&format!("{SEARCH}nameserver {server}\n{options}"));
+        let case = format!("nameserver {server} over {transport}");
+        let first = |out: String| out.split_whitespace().next().unwrap_or("").to_string();
+        assert_eq!(first(in_pod(&pod, 0, &["getent", "ahostsv4", "reviews"])), SVC_V4, "{case}: the short name");
+        assert_eq!(first(in_pod(&pod, 1000, &["getent", "ahostsv6", "reviews.default"])), SVC_V6, "{case}");
+        assert_eq!(first(in_pod(&pod, 0, &["getent", "hosts", SVC_NAME])), SVC_V6, "{case}: the full name");
+        assert_eq!(getaddrinfo(&pod, "reviews"), format!("{SVC_V4} {SVC_V6}"), "{case}: getaddrinfo");
+        assert_eq!(first(in_pod(&pod, 0, &["getent", "ahostsv4", "www.outside.test"])), REAL_A, "{case}: outside");
+        assert_eq!(getaddrinfo(&pod, "www.outside.test"), format!("{REAL_A} {REAL_AAAA}"), "{case}: outside");
+    }
+    // Truncated over UDP upstream: the proxy asks again over TCP, the client gets the answer.
+    let dig =
+        |name: &str| in_pod(&pod, 0, &["dig", &format!("@{REMOTE_V4}"), name, "A", "+short", "+notcp", "+tries=1"]);
+    assert_eq!(dig("tc.outside.test"), REAL_A);
+    outside.wait_for_line("tcp tc.outside.test A");
+    let stats = mesh.admin("/stats/prometheus");
+    let dns = |transport: &str, answer: &str| {
+        series(&stats, "mesh_proxy_dns_queries_total", &format!("transport=\"{transport}\",answer=\"{answer}\""))
+    };
+    eprintln!(
+        "dns: local {}/{}, cache {}/{}, upstream {}/{}",
+        dns("udp", "local"),
+        dns("tcp", "local"),
+        dns("udp", "cache"),
+        dns("tcp", "cache"),
+        dns("udp", "upstream"),
+        dns("tcp", "upstream")
+    );
+    assert!(dns("udp", "local") >= 8 && dns("tcp", "local") >= 8, "the mesh's names from the config: {stats}");
+    assert!(dns("udp", "upstream") + dns("tcp", "upstream") >= 2, "the outside names from upstream: {stats}");
+    assert!(dns("udp", "cache") + dns("tcp", "cache") >= 1, "the outside name asked again within its TTL: {stats}");
+}
+
+#[test]
+fn the_ebpf_mode_refuses_dns_capture() {
+    if !privileged("the_ebpf_mode_refuses_dns_capture") {
+        return;
+    }
+    let mesh = Mesh::new(Mode::Ebpf, "dne");
+    let out = Command::new(bin("mesh-init"))
+        .arg("ebpf")
+        .arg("--cgroup")
+        .arg(mesh.cgroup.path())
+        .args(["--netns", mesh.net.pod.name(), "-p", "15000", "--redirect-dns"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--redirect-dns"), "{stderr}");
 }

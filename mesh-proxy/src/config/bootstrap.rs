@@ -6,7 +6,8 @@
 
 use std::{
     fmt,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -24,6 +25,14 @@ pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the discovery service is asked when `poll_interval` is absent.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Where the DNS proxy listens when `dns.addresses` is absent: where mesh-init's `--redirect-dns`
+/// rules send the pod's queries (REDIRECT of a local packet goes to loopback), Istio's port.
+pub const DEFAULT_DNS_ADDRESSES: [SocketAddr; 2] = [
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, mesh_common::ports::ISTIO_DNS)),
+    SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, mesh_common::ports::ISTIO_DNS, 0, 0)),
+];
+/// The resolvers and search domains of the pod.
+pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// The bootstrap fields of the file, as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,6 +42,8 @@ pub struct RawBootstrap {
     /// absent, there is no such port (see README.md).
     pub readiness: Option<RawReadiness>,
     pub discovery: Option<RawDiscovery>,
+    /// The DNS proxy; absent, there is none (unless the command line asks for it).
+    pub dns: Option<RawDns>,
     /// How long SIGTERM waits for in-flight requests and connections (default 5s).
     pub drain_timeout: Option<String>,
     /// A TCP session (routed, passthrough or inbound) with no bytes either way for this long is
@@ -63,6 +74,31 @@ pub struct RawDiscovery {
     pub node: Option<String>,
 }
 
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    /// UDP and TCP, each (default `127.0.0.1:15053` and `[::1]:15053`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<Vec<String>>,
+    /// Where the upstream resolvers and search domains are read from (default /etc/resolv.conf).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolv_conf: Option<String>,
+}
+
+/// The DNS proxy's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Dns {
+    /// Each is bound for UDP and for TCP; an IPv6 one is skipped where the namespace has no IPv6.
+    pub addresses: Vec<SocketAddr>,
+    pub resolv_conf: PathBuf,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Dns { addresses: DEFAULT_DNS_ADDRESSES.to_vec(), resolv_conf: PathBuf::from(DEFAULT_RESOLV_CONF) }
+    }
+}
+
 /// The bootstrap the proxy runs with: every value parsed and checked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Bootstrap {
@@ -72,6 +108,7 @@ pub struct Bootstrap {
     /// Where `GET /ready` alone is served (the kubelet's probe), if anywhere.
     pub readiness: Option<Readiness>,
     pub discovery: Option<Discovery>,
+    pub dns: Option<Dns>,
     #[serde(serialize_with = "serialize_duration")]
     pub drain_timeout: Duration,
     #[serde(serialize_with = "serialize_duration")]
@@ -151,7 +188,27 @@ impl RawBootstrap {
                 Some(Discovery { url, poll_interval, node: d.node.clone() })
             }
         };
-        Ok(Bootstrap { admin, readiness, discovery, drain_timeout, tcp_idle_timeout })
+        let dns = match &self.dns {
+            None => None,
+            Some(d) => {
+                let mut dns = Dns::default();
+                if let Some(list) = &d.addresses {
+                    if list.is_empty() {
+                        return Err(invalid("dns.addresses", "at least one address (or leave it out for the default)"));
+                    }
+                    dns.addresses = list
+                        .iter()
+                        .enumerate()
+                        .map(|(i, a)| socket_addr(&format!("dns.addresses[{i}]"), a))
+                        .collect::<Result<_, _>>()?;
+                }
+                if let Some(p) = &d.resolv_conf {
+                    dns.resolv_conf = PathBuf::from(p);
+                }
+                Some(dns)
+            }
+        };
+        Ok(Bootstrap { admin, readiness, discovery, dns, drain_timeout, tcp_idle_timeout })
     }
 }
 
@@ -183,6 +240,12 @@ impl Bootstrap {
             }
             (r, w) if r != w => return differs("discovery.url", discovery(r), discovery(w)),
             _ => {}
+        }
+        if self.dns != wanted.dns {
+            let show = |d: &Option<Dns>| {
+                d.as_ref().map_or("none".to_string(), |d| format!("{:?} {}", d.addresses, d.resolv_conf.display()))
+            };
+            return differs("dns", show(&self.dns), show(&wanted.dns));
         }
         if self.drain_timeout != wanted.drain_timeout {
             return differs(

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -30,6 +30,18 @@ pub struct RawRouting {
     pub routes: Vec<RawRoute>,
     pub clusters: Vec<RawCluster>,
     pub endpoints: Vec<RawEndpoints>,
+    pub hosts: Vec<RawHostEntry>,
+}
+
+/// A name the DNS proxy answers itself, with the virtual addresses the application should dial
+/// (a service's ClusterIPs: the addresses the routes claim).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHostEntry {
+    /// Fully qualified (`reviews.default.svc.cluster.local`); shorter forms are answered through
+    /// the search domains of the proxy's resolv.conf.
+    pub name: String,
+    pub addresses: Vec<String>,
 }
 
 /// What happens to outbound traffic that no route claims (Istio's `outboundTrafficPolicy`).
@@ -171,6 +183,15 @@ pub struct Routing {
     pub routes: Vec<Route>,
     /// Each cluster carries its endpoints (the `endpoints` section merged in).
     pub clusters: Vec<Cluster>,
+    /// Names the DNS proxy answers itself.
+    pub hosts: Vec<HostEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostEntry {
+    /// Lower case, without a trailing dot.
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -363,7 +384,28 @@ impl RawRouting {
             routes.push(Route { name: r.name.clone(), destinations, protocol: r.protocol, rules });
         }
 
-        Ok(Routing { outbound_policy: self.outbound_policy, listeners, routes, clusters })
+        let mut hosts = Vec::with_capacity(self.hosts.len());
+        let mut host_names = HashSet::new();
+        for (i, h) in self.hosts.iter().enumerate() {
+            let field = format!("hosts[{i}]");
+            let name = dns_name(&format!("{field}.name"), &h.name)?;
+            if !host_names.insert(name.clone()) {
+                return Err(invalid(format!("{field}.name"), format!("{name:?} is listed twice")));
+            }
+            if h.addresses.is_empty() {
+                return Err(invalid(format!("{field}.addresses"), "at least one address"));
+            }
+            let mut addresses = Vec::with_capacity(h.addresses.len());
+            for (j, a) in h.addresses.iter().enumerate() {
+                let ip = a.parse::<IpAddr>().map_err(|_| {
+                    invalid(format!("{field}.addresses[{j}]"), format!("{a:?} is not an IPv4 or IPv6 address"))
+                })?;
+                addresses.push(ip);
+            }
+            hosts.push(HostEntry { name, addresses });
+        }
+
+        Ok(Routing { outbound_policy: self.outbound_policy, listeners, routes, clusters, hosts })
     }
 }
 
@@ -433,6 +475,19 @@ fn check_path(field: &str, p: &str) -> Result<String, Error> {
         return Err(invalid(field, format!("{p:?} must start with /")));
     }
     Ok(p.to_string())
+}
+
+/// A DNS name as the `hosts` section takes it: letters, digits, `-` and `_` in dot-separated labels
+/// of 1-63 characters, 253 in all; returned lower-cased without a trailing dot.
+fn dns_name(field: &str, name: &str) -> Result<String, Error> {
+    let bad = || invalid(field, format!("{name:?} is not a DNS name (labels of letters, digits, '-', '_')"));
+    let n = name.strip_suffix('.').unwrap_or(name);
+    let ok = matches!(parse::authority(n), Ok(parse::Authority { host: Host::Name(_), port: None }))
+        && n.split('.').all(|l| !l.is_empty() && l.len() <= 63);
+    if !ok {
+        return Err(bad());
+    }
+    Ok(n.to_ascii_lowercase())
 }
 
 fn check_name(field: &str, name: &str) -> Result<(), Error> {

@@ -13,6 +13,7 @@ use crate::{
     config::Routing,
     data::{
         cluster::{Cluster, EndpointRegistry},
+        names::NameTable,
         route::RouteTable,
     },
     metrics::Metrics,
@@ -34,6 +35,8 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// By name, in config order for the admin output.
     pub clusters: Vec<Arc<Cluster>>,
+    /// The `hosts` section, for the DNS proxy.
+    pub names: NameTable,
     /// The addresses the proxy's own sockets are bound to (listeners, their IPv6 companions, the
     /// admin API): a connection to one of them was not redirected and must never be passed
     /// through, or the proxy would connect to itself. Bound addresses rather than configured
@@ -53,7 +56,8 @@ impl Snapshot {
             routing.clusters.iter().map(|c| Arc::new(Cluster::new(c, registry, metrics))).collect();
         let by_name: HashMap<&str, Arc<Cluster>> = clusters.iter().map(|c| (&*c.name, c.clone())).collect();
         let routes = RouteTable::new(&routing.routes, &by_name, metrics);
-        Self { routing, origin, routes, clusters, own_addrs }
+        let names = NameTable::new(&routing.hosts);
+        Self { routing, origin, routes, clusters, names, own_addrs }
     }
 }
 
