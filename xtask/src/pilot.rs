@@ -420,7 +420,7 @@ pub fn run(args: PilotArgs) -> Result<()> {
         let mut out = String::new();
         let date = String::from_utf8(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?.stdout)?;
         let _ = writeln!(out, "# mesh-pilot at scale\n");
-        let _ = writeln!(out, "`{}` on {} ({} cores; load before: {load_before}; the machine is shared with other engineers' builds).\n", crate::bench::command_line(), date.trim(), cores);
+        let _ = writeln!(out, "`{}` on {} ({} cores; load before: {load_before}; the machine is shared with other engineers' builds).\n", crate::bench::command_line(), date.trim(), std::thread::available_parallelism().map_or(0, |n| n.get()));
         let _ = writeln!(
             out,
             "{} services × {} endpoints (with their Pods, a DestinationRule with two subsets, a 90/10 VirtualService) in {} namespaces; \
