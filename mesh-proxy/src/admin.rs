@@ -9,11 +9,17 @@
 //! status port (Istio's 15020), the application's probes and the merged metrics. [`wait`]:
 //! `mesh-proxy wait`, the postStart hook that holds the application until the proxy is ready.
 
+pub mod peer;
 pub mod readiness;
 pub mod status;
 pub mod wait;
 
-use std::{convert::Infallible, fmt::Write, sync::atomic::Ordering, sync::Arc};
+use std::{
+    convert::Infallible,
+    fmt::Write,
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc, OnceLock},
+};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -23,21 +29,31 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::Notify};
 
-use crate::{control::Control, drain, logging::LogHandle};
+use crate::{config::AdminMutations, control::Control, logging::LogHandle};
 
 pub struct Admin {
-    pub control: Arc<Control>,
+    /// Set once the first config is in force; until then only `/` and `/ready` answer.
+    pub control: OnceLock<Arc<Control>>,
     /// None when logging was not installed through [`crate::logging::init`] (library use).
     pub log: Option<LogHandle>,
     /// Notified by `/quitquitquit`; the process then drains as on SIGTERM.
     pub shutdown: Arc<Notify>,
-    pub drain: Arc<drain::Trigger>,
+    pub health: Arc<readiness::Health>,
+    /// Who may `POST` (the bootstrap's `admin.mutations`).
+    pub mutations: AdminMutations,
+}
+
+/// The two ends of one admin connection: whose it is is looked up when it asks for a change.
+#[derive(Clone, Copy)]
+struct Ends {
+    peer: SocketAddr,
+    local: SocketAddr,
 }
 
 /// Serves the admin API on `listener` forever.
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -46,10 +62,12 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
             }
         };
         let admin = admin.clone();
+        let Ok(local) = stream.local_addr() else { continue };
+        let ends = Ends { peer, local };
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req)) }
+                async move { Ok::<_, Infallible>(admin.handle(req, ends)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -107,16 +125,52 @@ struct ClusterView {
 }
 
 impl Admin {
-    fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let query = req.uri().query();
-        let json_format = query_param(query, "format").as_deref() == Some("json");
+    fn handle(&self, req: Request<Incoming>, ends: Ends) -> Response<Full<Bytes>> {
+        if req.method() == Method::POST && matches!(req.uri().path(), "/logging" | "/quitquitquit") {
+            if let Err(refusal) = self.may_change(ends) {
+                tracing::warn!(peer = %ends.peer, path = req.uri().path(), reason = %refusal, "admin change refused");
+                return text(StatusCode::FORBIDDEN, format!("{refusal}\n"));
+            }
+        }
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/") => text(
                 StatusCode::OK,
                 "GET /config_dump\nGET /clusters[?format=json]\nGET /listeners[?format=json]\nGET /stats/prometheus\nGET /ready\nPOST /logging?level=LEVEL\nPOST /quitquitquit\n",
             ),
+            (&Method::GET, "/ready") => self.health.answer(),
+            _ => match self.control.get() {
+                Some(control) => self.handle_serving(control, req),
+                None => text(StatusCode::SERVICE_UNAVAILABLE, "initializing: the first config is being built\n"),
+            },
+        }
+    }
+
+    /// Whether the connection `ends` may use the `POST` endpoints: only from the proxy's own
+    /// user, unless `admin.mutations: anyone`.
+    fn may_change(&self, ends: Ends) -> Result<(), String> {
+        if self.mutations == AdminMutations::Anyone {
+            return Ok(());
+        }
+        let own = nix::unistd::geteuid().as_raw();
+        match peer::uid(ends.peer, ends.local) {
+            Some(uid) if uid == own => Ok(()),
+            Some(uid) => Err(format!(
+                "only the proxy's own user (uid {own}) may change it; this connection is from uid {uid} \
+                 (admin.mutations: anyone allows every user)"
+            )),
+            None => Err(format!(
+                "only the proxy's own user (uid {own}) may change it; {} is not a socket of this network namespace",
+                ends.peer
+            )),
+        }
+    }
+
+    fn handle_serving(&self, control: &Control, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let query = req.uri().query();
+        let json_format = query_param(query, "format").as_deref() == Some("json");
+        match (req.method(), req.uri().path()) {
             (&Method::GET, "/config_dump") => {
-                let snapshot = self.control.proxy.snapshot.load();
+                let snapshot = control.proxy.snapshot.load();
                 #[derive(Serialize)]
                 struct Endpoints<'a> {
                     cluster: &'a str,
@@ -145,7 +199,7 @@ impl Admin {
                     version: &snapshot.origin.version,
                     source: &snapshot.origin.source,
                     config: Effective {
-                        bootstrap: &self.control.bootstrap,
+                        bootstrap: &control.bootstrap,
                         routing,
                         endpoints: routing
                             .clusters
@@ -153,11 +207,11 @@ impl Admin {
                             .map(|c| Endpoints { cluster: &c.name, addresses: &c.endpoints })
                             .collect(),
                     },
-                    last_rejected: self.control.last_rejected(),
+                    last_rejected: control.last_rejected(),
                 })
             }
             (&Method::GET, "/clusters") => {
-                let snapshot = self.control.proxy.snapshot.load();
+                let snapshot = control.proxy.snapshot.load();
                 let views: Vec<ClusterView> = snapshot
                     .clusters
                     .iter()
@@ -199,7 +253,7 @@ impl Admin {
                 text(StatusCode::OK, out)
             }
             (&Method::GET, "/listeners") => {
-                let info = self.control.listeners.info();
+                let info = control.listeners.info();
                 if json_format {
                     return json(&info);
                 }
@@ -210,14 +264,13 @@ impl Admin {
                 text(StatusCode::OK, out)
             }
             (&Method::GET, "/stats/prometheus") => {
-                let mut r = text(StatusCode::OK, self.control.metrics().encode());
+                let mut r = text(StatusCode::OK, control.metrics().encode());
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
                 );
                 r
             }
-            (&Method::GET, "/ready") => readiness::answer(&self.drain),
             (&Method::POST, "/logging") => {
                 let Some(level) = query_param(query, "level") else {
                     return text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=debug (an EnvFilter string)\n");
@@ -237,9 +290,11 @@ impl Admin {
                 self.shutdown.notify_one();
                 text(StatusCode::OK, "OK\n")
             }
-            (_, "/" | "/config_dump" | "/clusters" | "/listeners" | "/stats/prometheus" | "/ready" | "/logging" | "/quitquitquit") => {
-                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-            }
+            (
+                _,
+                "/" | "/config_dump" | "/clusters" | "/listeners" | "/stats/prometheus" | "/ready" | "/logging"
+                | "/quitquitquit",
+            ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
             _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the endpoints\n"),
         }
     }

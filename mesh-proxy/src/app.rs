@@ -1,25 +1,40 @@
 //! A whole proxy, started and stopped: what `main` runs, and what a test starts in-process.
 //!
-//! [`build`] runs on the caller's runtime, which becomes the control runtime: the admin API, the
-//! readiness port, reloads, discovery and the interface refresh are spawned there. The data plane
-//! gets a runtime of its own, on threads of its own, so a saturated data plane never hides the
-//! admin port. Everything is bound before [`build`] returns, and [`Bound`] says where, so a config
-//! may ask for port 0.
+//! Three runtimes, so that no side waits for another:
+//! - the admin API and the readiness port run on a one-thread runtime of their own, started
+//!   first: they answer from the moment [`build`] has bound them — `/ready` says 503
+//!   `INITIALIZING` while the first config is built, and nothing a reload or a discovery poll
+//!   does can delay an answer (a 10,000-route reload once held `/ready` for over a minute);
+//! - [`build`] runs on the caller's runtime, which becomes the control runtime: reloads (built on
+//!   a blocking thread), discovery and the interface refresh are spawned there;
+//! - the data plane gets a runtime of its own, on threads of its own, so a saturated data plane
+//!   never hides the admin port either.
+//!
+//! Everything is bound before [`build`] returns, and [`Bound`] says where, so a config may ask
+//! for port 0.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use tokio::{
     net::TcpListener,
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, Notify},
+    sync::Notify,
     task::JoinSet,
 };
 
 use crate::{
-    admin::{self, readiness, status, Admin},
+    admin::{self, readiness::Health, status, Admin},
     config::Loaded,
     control::{discovery, file, interfaces, Control, UpdateError},
-    data::{accept::ListenerInfo, inbound::LocalAddrs},
+    data::{
+        accept::{self, ListenerInfo},
+        inbound::LocalAddrs,
+    },
     dns, drain,
     logging::LogHandle,
     metrics::Metrics,
@@ -58,6 +73,8 @@ pub enum Error {
     Signal { signal: &'static str, error: io::Error },
     #[error(transparent)]
     Dns(#[from] dns::StartError),
+    #[error("building the first config panicked: {0}")]
+    Panicked(String),
 }
 
 /// A running proxy. Dropping it stops everything it started (listeners, tasks, the data plane)
@@ -79,75 +96,94 @@ pub struct Bound {
     shutdown: Arc<Notify>,
     /// The control side's tasks; dropping the set aborts them.
     _tasks: JoinSet<()>,
-    /// The inotify watch of the config file's directory, while it lasts.
-    _watcher: Option<notify::RecommendedWatcher>,
-    data: DataPlane,
+    data: Plane,
+    admin_plane: Plane,
 }
 
 /// Binds everything `config` asks for and starts serving it.
 pub async fn build(config: Loaded, options: Options) -> Result<Bound, Error> {
     let path = config.path.clone();
     let bootstrap = config.bootstrap.clone();
-    let admin_listener = bind("admin.address", bootstrap.admin).await?;
-    let admin = admin_listener.local_addr().map_err(|error| bind_error("admin.address", bootstrap.admin, error))?;
-    let (readiness_listener, readiness) = match bootstrap.readiness {
-        Some(r) => {
-            let listener = bind("readiness.address", r.address).await?;
-            let bound = listener.local_addr().map_err(|error| bind_error("readiness.address", r.address, error))?;
-            (Some(listener), Some(bound))
+    let admin_socket = bind("admin.address", bootstrap.admin)?;
+    let admin = admin_socket.local_addr().map_err(|error| bind_error("admin.address", bootstrap.admin, error))?;
+    // The readiness port on `0.0.0.0` also listens on `[::]` where the namespace has IPv6, as
+    // the listeners do: a kubelet probing the pod's IPv6 address must get an answer.
+    let mut readiness_sockets = Vec::new();
+    let mut readiness = None;
+    if let Some(r) = bootstrap.readiness {
+        let socket = bind("readiness.address", r.address)?;
+        let bound = socket.local_addr().map_err(|error| bind_error("readiness.address", r.address, error))?;
+        readiness_sockets.push((socket, bound));
+        readiness = Some(bound);
+        if r.address.ip() == IpAddr::V4(Ipv4Addr::UNSPECIFIED) {
+            let v6 = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), bound.port());
+            match accept::bind(v6, true) {
+                Ok(socket) => readiness_sockets.push((socket, v6)),
+                Err(e) if accept::no_ipv6(&e) => tracing::debug!(error = %e, "no IPv6 readiness companion"),
+                Err(error) => return Err(bind_error("readiness.address", v6, error)),
+            }
         }
-        None => (None, None),
-    };
-    let (status_listener, status_addr) = match &options.status {
+    }
+    let (status_socket, status_addr) = match &options.status {
         Some(st) => {
-            let listener = bind("--status-address", st.address).await?;
-            let bound = listener.local_addr().map_err(|error| bind_error("--status-address", st.address, error))?;
-            (Some(listener), Some(bound))
+            let socket = bind("--status-address", st.address)?;
+            let bound = socket.local_addr().map_err(|error| bind_error("--status-address", st.address, error))?;
+            (Some(socket), Some(bound))
         }
         None => (None, None),
     };
 
-    let data = DataPlane::start(options.workers).map_err(Error::Runtime)?;
-    let local = LocalAddrs::discover().map_err(Error::LocalAddrs)?;
     let drain = Arc::new(drain::Trigger::default());
-    let metrics = Arc::new(Metrics::new());
-    let control = Arc::new(Control::start(config, admin, data.handle(), drain.clone(), local, metrics.clone())?);
-    let dns = match bootstrap.dns.clone().or_else(|| options.dns_capture.then(Default::default)) {
-        Some(settings) => dns::start(&settings, control.proxy.snapshot.clone(), &metrics, &data.handle())?,
-        None => Vec::new(),
-    };
-
-    let mut tasks = JoinSet::new();
+    let health = Arc::new(Health::new(drain.clone()));
     let shutdown = Arc::new(Notify::new());
     let api = Arc::new(Admin {
-        control: control.clone(),
+        control: OnceLock::new(),
         log: options.log,
         shutdown: shutdown.clone(),
-        drain: drain.clone(),
+        health: health.clone(),
+        mutations: bootstrap.admin_mutations,
     });
-    tracing::info!(address = %admin, workers = options.workers, "admin listening");
-    tasks.spawn(admin::serve(api, admin_listener));
-    if let (Some(listener), Some(address)) = (readiness_listener, readiness) {
-        tracing::info!(%address, "readiness listening");
-        tasks.spawn(readiness::serve(drain.clone(), listener));
-    }
-    if let (Some(listener), Some(address), Some(settings)) = (status_listener, status_addr, options.status) {
-        tracing::info!(%address, probes = settings.probers.len(), "status listening");
-        tasks.spawn(status::serve(Arc::new(settings), control.clone(), listener));
-    }
-    let (tx, rx) = mpsc::unbounded_channel();
-    let watcher = match file::watch_file(&path, tx) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
-            None
+    let admin_plane = Plane::start("mesh-proxy-admin", 1).map_err(Error::Runtime)?;
+    {
+        let _runtime = admin_plane.handle.enter();
+        let listener = TcpListener::from_std(admin_socket).map_err(|e| bind_error("admin.address", admin, e))?;
+        tracing::info!(address = %admin, workers = options.workers, "admin listening");
+        admin_plane.handle.spawn(admin::serve(api.clone(), listener));
+        for (socket, address) in readiness_sockets {
+            let listener = TcpListener::from_std(socket).map_err(|e| bind_error("readiness.address", address, e))?;
+            tracing::info!(%address, "readiness listening");
+            admin_plane.handle.spawn(admin::readiness::serve(health.clone(), listener));
         }
+    }
+
+    let data = Plane::start(if options.workers > 1 { "mesh-proxy-data" } else { "mesh-proxy-worker" }, options.workers)
+        .map_err(Error::Runtime)?;
+    let local = LocalAddrs::discover().map_err(Error::LocalAddrs)?;
+    let metrics = Arc::new(Metrics::new());
+    let (handle, trigger) = (data.handle.clone(), drain.clone());
+    // The first build, off the caller's runtime like every later one.
+    let control = tokio::task::spawn_blocking(move || Control::start(config, admin, handle, trigger, local, metrics))
+        .await
+        .map_err(|e| Error::Panicked(e.to_string()))??;
+    let control = Arc::new(control);
+    let dns = match bootstrap.dns.clone().or_else(|| options.dns_capture.then(Default::default)) {
+        Some(settings) => dns::start(&settings, control.proxy.snapshot.clone(), control.metrics(), &data.handle)?,
+        None => Vec::new(),
     };
-    tasks.spawn(file::reload_loop(control.clone(), rx, RELOAD_DEBOUNCE));
+    let _ = api.control.set(control.clone());
+    health.serving();
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(file::reload_loop(control.clone(), path, RELOAD_DEBOUNCE));
     if let Some(d) = bootstrap.discovery {
         tasks.spawn(discovery::poll_loop(control.clone(), d));
     }
     tasks.spawn(interfaces::refresh(control.proxy.clone()));
+    if let (Some(socket), Some(address), Some(settings)) = (status_socket, status_addr, options.status) {
+        let listener = TcpListener::from_std(socket).map_err(|e| bind_error("--status-address", address, e))?;
+        tracing::info!(%address, probes = settings.probers.len(), "status listening");
+        tasks.spawn(status::serve(Arc::new(settings), control.clone(), listener));
+    }
 
     Ok(Bound {
         admin,
@@ -159,13 +195,14 @@ pub async fn build(config: Loaded, options: Options) -> Result<Bound, Error> {
         drain,
         shutdown,
         _tasks: tasks,
-        _watcher: watcher,
         data,
+        admin_plane,
     })
 }
 
-async fn bind(field: &'static str, address: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(address).await.map_err(|error| bind_error(field, address, error))
+/// A listening socket for the admin side, registered later on the runtime that serves it.
+fn bind(field: &'static str, address: SocketAddr) -> Result<std::net::TcpListener, Error> {
+    accept::bind(address, false).map_err(|error| bind_error(field, address, error))
 }
 
 fn bind_error(field: &'static str, address: SocketAddr, error: io::Error) -> Error {
@@ -173,9 +210,9 @@ fn bind_error(field: &'static str, address: SocketAddr, error: io::Error) -> Err
 }
 
 impl Bound {
-    /// Serves until SIGTERM, SIGINT or `POST /quitquitquit`, then drains: listeners close,
-    /// `/ready` turns 503, idle connections close, requests in flight finish, bounded by the
-    /// bootstrap's `drain_timeout`.
+    /// Serves until SIGTERM, SIGINT or `POST /quitquitquit`, then drains ([`drain`]): `/ready`
+    /// turns 503 at once, listeners keep accepting and responses say `Connection: close`; the
+    /// process exits once no connection is open after `drain_minimum`, or at `drain_timeout`.
     pub async fn wait_termination(self) -> Result<(), Error> {
         let listen = |kind: SignalKind, name| signal(kind).map_err(|error| Error::Signal { signal: name, error });
         let mut term = listen(SignalKind::terminate(), "SIGTERM")?;
@@ -185,13 +222,23 @@ impl Bound {
             _ = int.recv() => "SIGINT",
             _ = self.shutdown.notified() => "/quitquitquit",
         };
-        let timeout = self.control.bootstrap.drain_timeout;
-        tracing::info!(reason = why, ?timeout, "draining: no new connections");
+        let b = &self.control.bootstrap;
+        let deadline = tokio::time::Instant::now() + b.drain_timeout;
+        self.drain.start();
+        tracing::info!(
+            reason = why,
+            timeout = ?b.drain_timeout,
+            minimum = ?b.drain_minimum,
+            open = self.drain.open(),
+            "draining: /ready is 503, listeners still accept, connections are asked to close"
+        );
+        tokio::time::sleep(b.drain_minimum).await;
+        let finished = tokio::time::timeout_at(deadline, self.drain.none_open()).await.is_ok();
         self.control.listeners.stop_all();
-        if self.drain.drain(timeout).await {
+        if finished {
             tracing::info!("drained: every connection finished");
         } else {
-            tracing::warn!(open = self.drain.holders(), "drain timeout: closing the remaining connections");
+            tracing::warn!(open = self.drain.open(), "drain timeout: closing the remaining connections");
         }
         Ok(())
     }
@@ -201,30 +248,31 @@ impl Drop for Bound {
     fn drop(&mut self) {
         self.control.listeners.stop_all();
         self.data.stop();
+        self.admin_plane.stop();
     }
 }
 
-/// The data-plane runtime, on threads of its own. One worker is a current-thread runtime on its
-/// own thread: no work-stealing bookkeeping and an uncontended timer, which is what a sidecar on
-/// one core wants; more workers are a multi-thread runtime, driven from a thread that only waits
-/// for the stop (so it is shut down there, never inside the caller's async context).
-struct DataPlane {
+/// A runtime on threads of its own: the data plane's, and the admin side's. One worker is a
+/// current-thread runtime on its own thread: no work-stealing bookkeeping and an uncontended
+/// timer, which is what a sidecar on one core wants; more workers are a multi-thread runtime,
+/// driven from a thread that only waits for the stop (so it is shut down there, never inside the
+/// caller's async context).
+struct Plane {
     handle: tokio::runtime::Handle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl DataPlane {
-    fn start(workers: usize) -> io::Result<Self> {
-        let (rt, thread_name) = if workers > 1 {
-            let rt = tokio::runtime::Builder::new_multi_thread()
+impl Plane {
+    fn start(thread_name: &str, workers: usize) -> io::Result<Self> {
+        let rt = if workers > 1 {
+            tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(workers)
                 .thread_name("mesh-proxy-worker")
                 .enable_all()
-                .build()?;
-            (rt, "mesh-proxy-data")
+                .build()?
         } else {
-            (tokio::runtime::Builder::new_current_thread().enable_all().build()?, "mesh-proxy-worker")
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?
         };
         let handle = rt.handle().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -235,10 +283,6 @@ impl DataPlane {
             rt.shutdown_timeout(Duration::from_millis(100));
         })?;
         Ok(Self { handle, stop: Some(stop), thread: Some(thread) })
-    }
-
-    fn handle(&self) -> tokio::runtime::Handle {
-        self.handle.clone()
     }
 
     /// Stops the runtime: connections still open are dropped. Waits at most ~100 ms.

@@ -24,7 +24,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use bootstrap::{Bootstrap, Discovery, Dns, RawAdmin, RawBootstrap, RawDiscovery, RawDns, RawReadiness, Readiness};
+pub use bootstrap::{
+    AdminMutations, Bootstrap, Discovery, Dns, RawAdmin, RawBootstrap, RawDiscovery, RawDns, RawReadiness, Readiness,
+};
 pub use routing::{
     Cluster, Destination, HostEntry, LbPolicy, Listener, Match, OutboundPolicy, PathMatch, Protocol, RawCluster,
     RawEndpoints, RawHostEntry, RawListener, RawMatch, RawRoute, RawRouting, RawRule, RawWeightedCluster, Route,
@@ -42,6 +44,12 @@ pub enum Error {
     /// serde_json's message carries the line and column.
     #[error("{origin}: {error}")]
     Json { origin: String, error: serde_json::Error },
+    /// Nothing but blanks and comments: never a config. A file being written, truncated by
+    /// `: > file` or replaced by an empty one would otherwise remove every listener.
+    #[error(
+        "{origin}: the config is empty; an empty file is never a valid config (write `{{}}` for one without listeners)"
+    )]
+    Empty { origin: String },
     /// Parsed, but a value is wrong; `field` is the path to it, e.g. `routes[0].rules[1].clusters[0].name`.
     #[error("{field}: {reason}")]
     Invalid { field: String, reason: String },
@@ -81,6 +89,8 @@ pub struct RawConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_minimum: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_idle_timeout: Option<String>,
 }
 
@@ -94,8 +104,12 @@ pub struct Config {
 impl RawConfig {
     /// Parses YAML (which also reads JSON). `origin` names the source in errors (a path or URL).
     pub fn from_yaml(origin: &str, text: &str) -> Result<Self, Error> {
-        if text.trim().is_empty() {
-            return Ok(RawConfig::default());
+        let blank = |l: &str| {
+            let l = l.trim();
+            l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
+        };
+        if text.lines().all(blank) {
+            return Err(Error::Empty { origin: origin.to_string() });
         }
         serde_yaml::from_str(text).map_err(|error| Error::Yaml { origin: origin.to_string(), error })
     }
@@ -108,6 +122,7 @@ impl RawConfig {
             discovery: self.discovery,
             dns: self.dns,
             drain_timeout: self.drain_timeout,
+            drain_minimum: self.drain_minimum,
             tcp_idle_timeout: self.tcp_idle_timeout,
         };
         let routing = RawRouting {
@@ -154,16 +169,37 @@ pub struct LoadError {
 
 /// Reads, parses and checks the config file: at start and on every reload.
 pub fn load(path: &Path) -> Result<Loaded, LoadError> {
+    read(path)?.parse()
+}
+
+/// The config file's content, read but not parsed: its version tells a reload whether there is
+/// anything new before the (for a large file, costly) parse.
+pub struct FileText {
+    pub path: PathBuf,
+    /// A short hash of the content.
+    pub version: String,
+    text: String,
+}
+
+/// Reads the config file.
+pub fn read(path: &Path) -> Result<FileText, LoadError> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| LoadError { version: None, error: Error::Read { path: path.display().to_string(), error } })?;
-    let version = content_version(&text);
-    let checked = RawConfig::from_yaml(&path.display().to_string(), &text).and_then(|raw| {
-        let (bootstrap, routing) = raw.split();
-        Ok((bootstrap.validate()?, routing))
-    });
-    match checked {
-        Ok((bootstrap, routing)) => Ok(Loaded { path: path.to_path_buf(), version, bootstrap, routing }),
-        Err(error) => Err(LoadError { version: Some(version), error }),
+    Ok(FileText { path: path.to_path_buf(), version: content_version(&text), text })
+}
+
+impl FileText {
+    /// Parses the content and checks its bootstrap.
+    pub fn parse(self) -> Result<Loaded, LoadError> {
+        let FileText { path, version, text } = self;
+        let checked = RawConfig::from_yaml(&path.display().to_string(), &text).and_then(|raw| {
+            let (bootstrap, routing) = raw.split();
+            Ok((bootstrap.validate()?, routing))
+        });
+        match checked {
+            Ok((bootstrap, routing)) => Ok(Loaded { path, version, bootstrap, routing }),
+            Err(error) => Err(LoadError { version: Some(version), error }),
+        }
     }
 }
 
@@ -256,6 +292,16 @@ discovery:
         assert_eq!(c.clusters[0].endpoints.len(), 2);
         assert_eq!(c.clusters[1].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(b.discovery.unwrap().poll_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_empty_file_is_never_a_config() {
+        for text in ["", "\n  \n", "# all commented out\n# listeners: []\n", "---\n"] {
+            let e = RawConfig::from_yaml("proxy.yaml", text).unwrap_err().to_string();
+            assert!(e.starts_with("proxy.yaml: the config is empty"), "{text:?}: {e}");
+        }
+        // An explicit empty mapping is a choice, not an accident.
+        assert_eq!(RawConfig::from_yaml("proxy.yaml", "{}").unwrap(), RawConfig::default());
     }
 
     #[test]

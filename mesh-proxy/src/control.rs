@@ -80,15 +80,27 @@ pub enum Outcome {
     Rejected,
 }
 
-/// Inputs and outcomes of updates; behind one mutex so updates are applied one at a time.
+/// What made the file be read again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// A file-system event on the file's chain: read, and applied only if its content is new.
+    FileChanged,
+    /// SIGHUP: read and applied (or rejected) whatever it holds.
+    Sighup,
+}
+
+/// Inputs and outcomes of updates; behind one mutex so updates are applied one at a time. Never
+/// locked by the admin API, which must answer while an update is being built.
 struct State {
     /// The file's routing as last read successfully.
     file: RawRouting,
     file_version: String,
+    /// The content hash of the file as last read, applied or not: a file event that leaves the
+    /// content as it was changes nothing.
+    file_seen: Option<String>,
     discovered: Discovered,
     /// The merged routing that is serving, to skip updates that change nothing.
     applied: RawRouting,
-    last_rejected: Option<Rejection>,
     /// The discovery answer last refused: polled again unchanged, it is not re-tried.
     rejected_discovery: Option<Discovered>,
 }
@@ -106,6 +118,8 @@ pub struct Control {
     /// Where the admin API is bound: one of the proxy's own addresses.
     admin: SocketAddr,
     state: Mutex<State>,
+    /// Apart from `state`, so `/config_dump` never waits for an update being built.
+    last_rejected: Mutex<Option<Rejection>>,
 }
 
 impl Control {
@@ -127,18 +141,29 @@ impl Control {
         let registry = EndpointRegistry::default();
         let origin = Origin { source: file_source.clone(), version: format!("file={version}") };
         let snapshot = build(routing, origin, &prepared, admin, &registry, &metrics);
+        registry.prune();
         let idle = bootstrap.tcp_idle_timeout;
         let proxy = Arc::new(Proxy::new(Arc::new(ArcSwap::from_pointee(snapshot)), metrics, local_addrs, idle));
         listeners.commit(prepared, &proxy);
         let state = State {
             file: raw.clone(),
+            file_seen: Some(version.clone()),
             file_version: version,
             discovered: Discovered::default(),
             applied: raw,
-            last_rejected: None,
             rejected_discovery: None,
         };
-        Ok(Self { bootstrap, proxy, listeners, registry, path, file_source, admin, state: Mutex::new(state) })
+        Ok(Self {
+            bootstrap,
+            proxy,
+            listeners,
+            registry,
+            path,
+            file_source,
+            admin,
+            state: Mutex::new(state),
+            last_rejected: Mutex::new(None),
+        })
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -146,12 +171,33 @@ impl Control {
     }
 
     pub fn last_rejected(&self) -> Option<Rejection> {
-        self.state.lock().expect("state lock poisoned").last_rejected.clone()
+        self.last_rejected.lock().expect("rejection lock poisoned").clone()
     }
 
-    /// Re-reads the file and applies it.
-    pub fn reload_file(&self) -> Outcome {
-        let loaded = match config::load(&self.path) {
+    /// Re-reads the file and applies it, on a blocking thread: building a large config takes
+    /// time the control runtime's other tasks (the admin API among them) must not wait for.
+    pub async fn reload_file(self: &Arc<Self>, trigger: Trigger) -> Outcome {
+        let control = self.clone();
+        tokio::task::spawn_blocking(move || control.reload_file_now(trigger)).await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the config reload panicked; the last good config keeps serving");
+            Outcome::Rejected
+        })
+    }
+
+    /// Re-reads the file and applies it, on the calling thread.
+    pub fn reload_file_now(&self, trigger: Trigger) -> Outcome {
+        let text = config::read(&self.path);
+        let version = text.as_ref().ok().map(|t| t.version.clone());
+        let mut state = self.state.lock().expect("state lock poisoned");
+        if trigger == Trigger::FileChanged && version.is_some() && version == state.file_seen {
+            return Outcome::Unchanged;
+        }
+        state.file_seen = version;
+        let loaded = text.and_then(|t| {
+            tracing::info!(version = %t.version, path = %t.path.display(), "config file read; applying it");
+            t.parse()
+        });
+        let loaded = match loaded {
             Ok(l) => l,
             Err(e) => {
                 let version = e.version.map_or_else(|| "unreadable".to_string(), |v| format!("file={v}"));
@@ -163,7 +209,6 @@ impl Control {
             self.reject("file", &format!("file={}", loaded.version), &e.into());
             return Outcome::Rejected;
         }
-        let mut state = self.state.lock().expect("state lock poisoned");
         let (old_file, old_version) = (state.file.clone(), state.file_version.clone());
         state.file = loaded.routing;
         state.file_version = loaded.version;
@@ -197,11 +242,11 @@ impl Control {
     pub fn reject_discovery(&self, e: config::Error) {
         let error = UpdateError::from(e);
         let msg = error.to_string();
-        let mut state = self.state.lock().expect("state lock poisoned");
-        if state.last_rejected.as_ref().is_some_and(|r| r.source == "discovery" && r.error == msg) {
+        let mut last = self.last_rejected.lock().expect("rejection lock poisoned");
+        if last.as_ref().is_some_and(|r| r.source == "discovery" && r.error == msg) {
             return;
         }
-        state.last_rejected = Some(self.rejection("discovery", "unparsable", &error));
+        *last = Some(self.rejection("discovery", "unparsable", &error));
     }
 
     /// The file's routing with each section a discovery answer replaces, its version and source.
@@ -236,8 +281,7 @@ impl Control {
                 Outcome::Applied
             }
             Err(e) => {
-                let rejection = self.rejection(trigger, &version, &e);
-                state.last_rejected = Some(rejection);
+                self.reject(trigger, &version, &e);
                 Outcome::Rejected
             }
         }
@@ -248,8 +292,12 @@ impl Control {
         let prepared = self.listeners.prepare(&routing.listeners)?;
         let origin = Origin { source: source.to_string(), version: version.to_string() };
         let snapshot = build(routing, origin, &prepared, self.admin, &self.registry, self.metrics());
-        self.proxy.snapshot.store(Arc::new(snapshot));
+        let old = self.proxy.snapshot.swap(Arc::new(snapshot));
         self.listeners.commit(prepared, &self.proxy);
+        // The endpoints only the old snapshot held go once nothing uses it (requests in flight
+        // may still); those it shared with the new one stay registered.
+        drop(old);
+        self.registry.prune();
         Ok(())
     }
 
@@ -262,7 +310,7 @@ impl Control {
 
     fn reject(&self, source: &str, version: &str, e: &UpdateError) {
         let r = self.rejection(source, version, e);
-        self.state.lock().expect("state lock poisoned").last_rejected = Some(r);
+        *self.last_rejected.lock().expect("rejection lock poisoned") = Some(r);
     }
 }
 

@@ -21,8 +21,10 @@
 //! - [`metrics`], [`logging`], [`drain`]: written by the data and control sides, read by admin.
 //!
 //! Threads: the data plane (accept loops, connections) runs on a runtime of `--workers` threads
-//! (current-thread for one); admin, reloads and discovery on the caller's runtime, which `main`
-//! makes a separate current-thread one.
+//! (current-thread for one); the admin API and the readiness port on a one-thread runtime of
+//! their own, so they answer whatever else is happening; reloads and discovery on the caller's
+//! runtime, which `main` makes a separate current-thread one (config builds on its blocking
+//! threads).
 
 #![forbid(unsafe_code)]
 

@@ -3,9 +3,17 @@
 //! mesh-init's iptables rules in a pod namespace, python, curl and raw-socket clients and
 //! servers — and the behaviour that fixed it.
 //!
-//! One module per failure of the issue: [`pool`] (3).
+//! One module per failure of the issue: [`config_file`] (1, 2), [`pool`] (3), [`drain`] (5), [`scale`] (6), [`admin`] (10, 11).
 
+#[path = "reliability/admin.rs"]
+mod admin;
+#[path = "reliability/config_file.rs"]
+mod config_file;
+#[path = "reliability/drain.rs"]
+mod drain;
 #[path = "reliability/lab.rs"]
 mod lab;
 #[path = "reliability/pool.rs"]
 mod pool;
+#[path = "reliability/scale.rs"]
+mod scale;

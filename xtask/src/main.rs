@@ -5,6 +5,8 @@
 //!   `bench/latency.svg`.
 //! - `bench-pilot` ([`pilot`]): mesh-pilot at scale (issue 15): 1,000 services, 2,000 simulated
 //!   long-polling proxies, one endpoint change every 100 ms; writes `bench/pilot.md`.
+//! - `config-scale` ([`scale`]): mesh-proxy loading and reloading 10,000 routes × 10 endpoints,
+//!   and `/ready` meanwhile (issue 12).
 //! - `load-rate`, `load-idle` (hidden, [`load`]): load clients Debian lacks, started by `bench`
 //!   inside a pod's namespace and cgroup.
 //!
@@ -19,6 +21,7 @@ mod paths;
 mod pilot;
 mod report;
 mod rules;
+mod scale;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -31,6 +34,8 @@ enum Cli {
     Bench(bench::BenchArgs),
     /// mesh-pilot at scale: 1,000 services, 2,000 long-polling proxies, an endpoint change every 100 ms.
     BenchPilot(pilot::PilotArgs),
+    /// mesh-proxy with a large config: start and reload times, `/ready` meanwhile.
+    ConfigScale(scale::ScaleArgs),
     /// Fixed-rate open-loop HTTP client; prints its result as JSON.
     #[command(hide = true)]
     LoadRate(load::RateArgs),
@@ -53,6 +58,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse() {
         Cli::Bench(args) => mesh_lab::interrupt::install().and_then(|()| bench::run(args)),
         Cli::BenchPilot(args) => mesh_lab::interrupt::install().and_then(|()| pilot::run(args)),
+        Cli::ConfigScale(args) => mesh_lab::interrupt::install().and_then(|()| scale::run(args)),
         Cli::LoadRate(args) => load::rate_client(&args).and_then(|r| {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())

@@ -4,7 +4,14 @@
 //! port tells a stranger nothing about the proxy. It runs on the control runtime next to the admin
 //! server.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -15,18 +22,44 @@ use tokio::net::TcpListener;
 
 use crate::drain;
 
-/// The answer of `/ready`, here and on the admin API: the process serves only once its config
-/// is loaded and its listeners are bound, so being up is ready until the drain begins.
-pub fn answer(drain: &drain::Trigger) -> Response<Full<Bytes>> {
-    if drain.is_draining() {
-        text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
-    } else {
-        text(StatusCode::OK, "LIVE\n")
+/// What `/ready` answers, here and on the admin API: whether a valid config is being served.
+/// The admin side answers from the start, before the first config is built (503
+/// `INITIALIZING`), and a config that does not validate is never applied, so once serving the
+/// proxy stays ready until the drain begins (503 `DRAINING`).
+pub struct Health {
+    /// The first config is in force: listeners bound, snapshot built.
+    serving: AtomicBool,
+    drain: Arc<drain::Trigger>,
+}
+
+impl Health {
+    pub fn new(drain: Arc<drain::Trigger>) -> Self {
+        Self { serving: AtomicBool::new(false), drain }
+    }
+
+    /// The first config is in force.
+    pub fn serving(&self) {
+        self.serving.store(true, Ordering::Release);
+    }
+
+    pub fn answer(&self) -> Response<Full<Bytes>> {
+        if self.drain.is_draining() {
+            text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
+        } else if !self.serving.load(Ordering::Acquire) {
+            text(StatusCode::SERVICE_UNAVAILABLE, "INITIALIZING\n")
+        } else {
+            text(StatusCode::OK, "LIVE\n")
+        }
+    }
+
+    /// The drain has begun (SIGTERM, `/quitquitquit`).
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_draining()
     }
 }
 
 /// Serves `GET /ready` on `listener` forever.
-pub async fn serve(drain: Arc<drain::Trigger>, listener: TcpListener) {
+pub async fn serve(health: Arc<Health>, listener: TcpListener) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(a) => a,
@@ -36,11 +69,11 @@ pub async fn serve(drain: Arc<drain::Trigger>, listener: TcpListener) {
                 continue;
             }
         };
-        let drain = drain.clone();
+        let health = health.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let response = match (req.method(), req.uri().path()) {
-                    (&Method::GET, "/ready") => answer(&drain),
+                    (&Method::GET, "/ready") => health.answer(),
                     _ => text(StatusCode::NOT_FOUND, "not found\n"),
                 };
                 async move { Ok::<_, Infallible>(response) }

@@ -44,8 +44,11 @@ pub struct RawBootstrap {
     pub discovery: Option<RawDiscovery>,
     /// The DNS proxy; absent, there is none (unless the command line asks for it).
     pub dns: Option<RawDns>,
-    /// How long SIGTERM waits for in-flight requests and connections (default 5s).
+    /// How long the drain lasts at most (Istio's `terminationDrainDuration`, default 5s).
     pub drain_timeout: Option<String>,
+    /// How long the drain lasts at least before the process exits with no connection left
+    /// (Istio's `MINIMUM_DRAIN_DURATION`; default: the whole `drain_timeout`).
+    pub drain_minimum: Option<String>,
     /// A TCP session (routed, passthrough or inbound) with no bytes either way for this long is
     /// closed (default 1h, Envoy's).
     pub tcp_idle_timeout: Option<String>,
@@ -55,6 +58,31 @@ pub struct RawBootstrap {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub address: String,
+    /// Who may `POST /quitquitquit` and `POST /logging` (default `own_uid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutations: Option<AdminMutations>,
+}
+
+/// Who may change the proxy through the admin API (`POST /quitquitquit`, `POST /logging`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminMutations {
+    /// Only connections from a socket owned by the proxy's own user (the kernel's socket table
+    /// says whose the peer socket is): the application, under another UID in the same pod,
+    /// cannot stop or silence its sidecar. Istio lets any process in the pod.
+    #[default]
+    OwnUid,
+    /// Anyone who can reach the admin address.
+    Anyone,
+}
+
+impl AdminMutations {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminMutations::OwnUid => "own_uid",
+            AdminMutations::Anyone => "anyone",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -105,12 +133,19 @@ pub struct Bootstrap {
     /// The admin API's address as configured (port 0 is bound to a free port; the bound address is
     /// in `app::Bound`).
     pub admin: SocketAddr,
+    /// Who may use the admin API's `POST` endpoints.
+    pub admin_mutations: AdminMutations,
     /// Where `GET /ready` alone is served (the kubelet's probe), if anywhere.
     pub readiness: Option<Readiness>,
     pub discovery: Option<Discovery>,
     pub dns: Option<Dns>,
+    /// The longest drain: listeners accept, responses say `Connection: close`; then the process
+    /// exits, closing what is left.
     #[serde(serialize_with = "serialize_duration")]
     pub drain_timeout: Duration,
+    /// The shortest drain: from then on the process exits as soon as no connection is open.
+    #[serde(serialize_with = "serialize_duration")]
+    pub drain_minimum: Duration,
     #[serde(serialize_with = "serialize_duration")]
     pub tcp_idle_timeout: Duration,
 }
@@ -162,6 +197,13 @@ impl RawBootstrap {
             }
         };
         let drain_timeout = opt_duration("drain_timeout", self.drain_timeout.as_deref(), DEFAULT_DRAIN_TIMEOUT)?;
+        // By default the whole period, as Istio's agent: peers keep sending to a pod until they
+        // have all seen it go, and the application may still call out.
+        let drain_minimum = opt_duration("drain_minimum", self.drain_minimum.as_deref(), drain_timeout)?;
+        if drain_minimum > drain_timeout {
+            let (m, t) = (format_duration(drain_minimum), format_duration(drain_timeout));
+            return Err(invalid("drain_minimum", format!("{m} is longer than drain_timeout {t}")));
+        }
         let tcp_idle_timeout =
             opt_duration("tcp_idle_timeout", self.tcp_idle_timeout.as_deref(), DEFAULT_TCP_IDLE_TIMEOUT)?;
         if tcp_idle_timeout.is_zero() {
@@ -208,7 +250,17 @@ impl RawBootstrap {
                 Some(dns)
             }
         };
-        Ok(Bootstrap { admin, readiness, discovery, dns, drain_timeout, tcp_idle_timeout })
+        let admin_mutations = self.admin.as_ref().and_then(|a| a.mutations).unwrap_or_default();
+        Ok(Bootstrap {
+            admin,
+            admin_mutations,
+            readiness,
+            discovery,
+            dns,
+            drain_timeout,
+            drain_minimum,
+            tcp_idle_timeout,
+        })
     }
 }
 
@@ -222,6 +274,9 @@ impl Bootstrap {
         let discovery = |d: &Option<Discovery>| d.as_ref().map_or("none".to_string(), |d| d.url.clone());
         if self.admin != wanted.admin {
             return differs("admin.address", self.admin, wanted.admin);
+        }
+        if self.admin_mutations != wanted.admin_mutations {
+            return differs("admin.mutations", self.admin_mutations.as_str(), wanted.admin_mutations.as_str());
         }
         if self.readiness != wanted.readiness {
             return differs("readiness.address", readiness(self.readiness), readiness(wanted.readiness));
@@ -252,6 +307,13 @@ impl Bootstrap {
                 "drain_timeout",
                 format_duration(self.drain_timeout),
                 format_duration(wanted.drain_timeout),
+            );
+        }
+        if self.drain_minimum != wanted.drain_minimum {
+            return differs(
+                "drain_minimum",
+                format_duration(self.drain_minimum),
+                format_duration(wanted.drain_minimum),
             );
         }
         if self.tcp_idle_timeout != wanted.tcp_idle_timeout {

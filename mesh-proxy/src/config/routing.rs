@@ -324,6 +324,8 @@ impl RawRouting {
         }
 
         let mut seen_eds = HashSet::new();
+        // Linear in the endpoints: a `contains` on each cluster's list was quadratic in its size.
+        let mut seen_addrs = HashSet::new();
         for (i, e) in self.endpoints.iter().enumerate() {
             let field = format!("endpoints[{i}]");
             let Some(&ci) = cluster_index.get(e.cluster.as_str()) else {
@@ -342,8 +344,9 @@ impl RawRouting {
                 ));
             }
             for (j, a) in e.addresses.iter().enumerate() {
-                let addr = socket_addr(&format!("{field}.addresses[{j}]"), a)?;
-                if clusters[ci].endpoints.contains(&addr) {
+                // The field's name is made only for an error: 100,000 addresses are common.
+                let addr = parse::socket_addr(a).map_err(|e| invalid(format!("{field}.addresses[{j}]"), e))?;
+                if !seen_addrs.insert((ci, addr)) {
                     return Err(invalid(format!("{field}.addresses[{j}]"), format!("{addr} is listed twice")));
                 }
                 clusters[ci].endpoints.push(addr);

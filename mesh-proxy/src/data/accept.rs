@@ -140,14 +140,14 @@ impl Listeners {
                 tracing::info!(listener = %l.name, address = %local, "listening");
                 bound.push(local);
                 let (stop_tx, stop_rx) = oneshot::channel();
-                self.data.spawn(accept_loop(listener, l.name.clone(), proxy.clone(), self.drain.watch(), stop_rx));
+                self.data.spawn(accept_loop(listener, l.name.clone(), proxy.clone(), self.drain.handle(), stop_rx));
                 stops.push(stop_tx);
             }
             running.insert(l.address, Running { name: l.name, bound, _stop: stops });
         }
     }
 
-    /// Stops every accept loop (the drain).
+    /// Stops every accept loop (the end of the drain: listeners accept until then).
     pub fn stop_all(&self) {
         self.running.lock().expect("listeners lock poisoned").clear();
     }
@@ -172,11 +172,12 @@ impl Listeners {
 }
 
 /// The errors binding `[::]` gives where IPv6 is off.
-fn no_ipv6(e: &io::Error) -> bool {
+pub(crate) fn no_ipv6(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(code) if code == nix::libc::EAFNOSUPPORT || code == nix::libc::EADDRNOTAVAIL)
 }
 
-fn bind(addr: SocketAddr, v6_only: bool) -> io::Result<std::net::TcpListener> {
+/// A non-blocking listening socket (the admin side's too).
+pub(crate) fn bind(addr: SocketAddr, v6_only: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     // A restarted proxy must be able to bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
@@ -193,7 +194,7 @@ async fn accept_loop(
     listener: TcpListener,
     name: String,
     proxy: Arc<Proxy>,
-    drain: drain::Watch,
+    drain: drain::Handle,
     mut stop: oneshot::Receiver<()>,
 ) {
     let labels = ListenerLabels { listener: name };
@@ -202,14 +203,13 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             _ = &mut stop => break,
-            _ = drain.signaled() => break,
             a = listener.accept() => a,
         };
         match accepted {
             Ok((stream, peer)) => {
                 total.inc();
                 active.inc();
-                let (proxy, drain, active) = (proxy.clone(), drain.clone(), active.clone());
+                let (proxy, drain, active) = (proxy.clone(), drain.watch(), active.clone());
                 tokio::spawn(async move {
                     connection::serve(proxy, stream, peer, drain).await;
                     active.dec();

@@ -51,8 +51,8 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, drain
         }
     };
     if is_http {
-        let ctx = Arc::new(ConnCtx::new(proxy.clone(), dst.addr, peer, fallback));
-        return http::serve(ctx, stream, drain).await;
+        let ctx = Arc::new(ConnCtx::new(proxy.clone(), dst.addr, peer, fallback, drain));
+        return http::serve(ctx, stream).await;
     }
     match opaque {
         Opaque::Route(route) => tcp::route(&snapshot.routes.routes[route], stream, peer, idle).await,

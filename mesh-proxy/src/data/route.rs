@@ -212,8 +212,11 @@ mod tests {
         let cfg = RawConfig::from_yaml("t", yaml).unwrap().validate().unwrap().routing;
         let metrics = Metrics::new();
         let reg = EndpointRegistry::default();
-        let clusters: Vec<(String, Arc<Cluster>)> =
-            cfg.clusters.iter().map(|c| (c.name.clone(), Arc::new(Cluster::new(c, &reg, &metrics)))).collect();
+        let clusters: Vec<(String, Arc<Cluster>)> = cfg
+            .clusters
+            .iter()
+            .map(|c| (c.name.clone(), Arc::new(Cluster::new(c, &mut reg.lock(), &metrics))))
+            .collect();
         let map = clusters.iter().map(|(n, c)| (n.as_str(), c.clone())).collect();
         RouteTable::new(&cfg.routes, &map, &metrics)
     }

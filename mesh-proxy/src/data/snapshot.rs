@@ -52,8 +52,10 @@ impl Snapshot {
         registry: &EndpointRegistry,
         metrics: &Metrics,
     ) -> Self {
+        let mut registered = registry.lock();
         let clusters: Vec<Arc<Cluster>> =
-            routing.clusters.iter().map(|c| Arc::new(Cluster::new(c, registry, metrics))).collect();
+            routing.clusters.iter().map(|c| Arc::new(Cluster::new(c, &mut registered, metrics))).collect();
+        drop(registered);
         let by_name: HashMap<&str, Arc<Cluster>> = clusters.iter().map(|c| (&*c.name, c.clone())).collect();
         let routes = RouteTable::new(&routing.routes, &by_name, metrics);
         let names = NameTable::new(&routing.hosts);

@@ -7,6 +7,11 @@ use std::{
     net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::Command,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
     time::Duration,
 };
 
@@ -84,14 +89,23 @@ impl Lab {
     }
 
     pub fn wait_ready(&self) {
-        let ready = self.net.pod.run(|| {
-            try_wait_until(Duration::from_secs(10), "mesh-proxy's /ready", || {
-                Ok((admin_get("/ready").0 == 200).then_some(()))
-            })
-        });
+        self.wait_ready_within(Duration::from_secs(10));
+    }
+
+    /// Waits up to `limit` for `/ready` (a large config takes a while in a debug build).
+    pub fn wait_ready_within(&self, limit: Duration) {
+        let ready = self
+            .net
+            .pod
+            .run(|| try_wait_until(limit, "mesh-proxy's /ready", || Ok((admin_get("/ready").0 == 200).then_some(()))));
         if let Err(e) = ready {
             panic!("{e:#}; log:\n{}", self.log_text());
         }
+    }
+
+    /// The proxy's process, once started.
+    pub fn proxy(&mut self) -> &mut Proc {
+        self.proxy.as_mut().expect("the proxy was started")
     }
 
     /// Replaces the config file atomically (a sibling renamed over it).
@@ -129,6 +143,44 @@ pub fn admin_get(path: &str) -> (u16, String) {
     match Client::connect(ADMIN).and_then(|mut c| c.send("GET", path, &[], b"")) {
         Ok(r) => (r.status, r.body_text()),
         Err(_) => (0, String::new()),
+    }
+}
+
+/// A client in the pod sending requests to [`SERVICE`] one after another until stopped; counts
+/// those that did not get a 200.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    failed: Arc<AtomicU64>,
+    total: Arc<AtomicU64>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl Load {
+    /// Call within the pod's namespace.
+    pub fn start() -> Load {
+        let (stop, failed, total) =
+            (Arc::<AtomicBool>::default(), Arc::<AtomicU64>::default(), Arc::<AtomicU64>::default());
+        let (s, f, t) = (Arc::clone(&stop), failed.clone(), total.clone());
+        let thread = thread::spawn(move || {
+            let mut c = Client::connect(SERVICE).ok();
+            while !s.load(Ordering::Relaxed) {
+                let ok = c.as_mut().is_some_and(|c| matches!(c.get("/"), Ok(r) if r.status == 200));
+                t.fetch_add(1, Ordering::Relaxed);
+                if !ok {
+                    f.fetch_add(1, Ordering::Relaxed);
+                    thread::sleep(Duration::from_millis(10));
+                    c = Client::connect(SERVICE).ok();
+                }
+            }
+        });
+        Load { stop, failed, total, thread }
+    }
+
+    /// (requests, failed)
+    pub fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        (self.total.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
     }
 }
 
@@ -275,15 +327,17 @@ endpoints:
 }
 
 /// A python HTTP/1.1 keep-alive server (`ThreadingHTTPServer`) answering GET, HEAD and POST
-/// with its name, the request's path and the headers it got (`name path\nheader: value...`).
-/// Arguments: name, ip, port.
+/// with its name, the request's path and the headers it got (`name path\nheader: value...`),
+/// after sleeping N ms for `/sleep/N`. Arguments: name, ip, port.
 pub const ECHO_PY: &str = r#"
-import sys, socket, http.server
+import sys, time, socket, http.server
 name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     def answer(self):
+        if self.path.startswith("/sleep/"):
+            time.sleep(int(self.path.split("/")[2]) / 1000)
         n = int(self.headers.get("Content-Length") or 0)
         got = self.rfile.read(n) if n else b""
         lines = [f"{name} {self.path} body={len(got)}"] + [f"{k.lower()}: {v}" for k, v in self.headers.items()]

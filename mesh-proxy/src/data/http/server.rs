@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -55,18 +55,33 @@ pub struct ConnCtx {
     /// The original destination as a one-endpoint cluster, made on the first passthrough request
     /// and kept for the connection so its upstream connection is reused.
     passthrough: OnceLock<Arc<Cluster>>,
+    /// Counts the connection for the drain, and tells its responses to close the connection once
+    /// the drain has begun.
+    drain: drain::Watch,
 }
 
 impl ConnCtx {
-    pub fn new(proxy: Arc<Proxy>, orig_dst: SocketAddr, peer: SocketAddr, fallback: Fallback) -> Self {
-        Self { proxy, orig_dst, peer, fallback, passthrough: OnceLock::new() }
+    pub fn new(
+        proxy: Arc<Proxy>,
+        orig_dst: SocketAddr,
+        peer: SocketAddr,
+        fallback: Fallback,
+        drain: drain::Watch,
+    ) -> Self {
+        Self { proxy, orig_dst, peer, fallback, passthrough: OnceLock::new(), drain }
     }
 }
 
 /// Serves HTTP on a downstream connection — HTTP/1.1, or HTTP/2 when it opens with the prior-
-/// knowledge preface — until it closes or the drain starts (then the requests in flight finish and
-/// the connection closes; HTTP/2 says so with a GOAWAY).
-pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: drain::Watch) {
+/// knowledge preface — until it closes. When the drain begins, an idle connection is closed and a
+/// busy one closes once its requests in flight are answered: HTTP/1.1 responses say `Connection:
+/// close`, HTTP/2 sends a GOAWAY. A connection accepted during the drain is served, each HTTP/1.1
+/// response saying `Connection: close`.
+pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream) {
+    let signaled = ctx.drain.signaled();
+    // Accepted while draining: served, its responses close it (`handle`); closing it unserved
+    // would be the "connection refused" the drain is there to avoid.
+    let late = ctx.drain.is_draining();
     // Until the client sends its first bytes, the connection costs only its socket and this
     // task: hyper allocates its read and write buffers (about 11 KiB) as soon as it is polled,
     // which 10,000 idle keep-alive clients would multiply. `readable()` is no use here: tokio
@@ -79,7 +94,7 @@ pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: drain::Watch) {
                 return; // closed, failed or silent for HEADER_READ_TIMEOUT before sending anything
             }
         }
-        _ = drain.signaled() => return,
+        _ = ctx.drain.signaled(), if !late => return,
     }
     // Only a first `P` can start the HTTP/2 preface (or POST, PUT, PATCH): then look further.
     let h2 = first[0] == detect::H2_PREFACE[0]
@@ -91,7 +106,8 @@ pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: drain::Watch) {
     let io = TokioIo::new(stream);
     let result = if h2 {
         let conn = h2_builder().serve_connection(io, svc);
-        drive(conn, drain, |c| c.graceful_shutdown()).await
+        // HTTP/2 has GOAWAY for the drain, also for a connection accepted during it.
+        drive(conn, false, signaled, |c| c.graceful_shutdown()).await
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -106,7 +122,7 @@ pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: drain::Watch) {
             .writev(false);
         // Upgrades (WebSocket, CONNECT) hand the connection over once their response is written.
         let conn = builder.serve_connection(io, svc).with_upgrades();
-        drive(conn, drain, |c| c.graceful_shutdown()).await
+        drive(conn, late, signaled, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "downstream connection ended with an error");
@@ -135,16 +151,24 @@ fn h2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     b
 }
 
-/// Runs a downstream connection until it ends, or the drain starts and `shutdown` has let the
-/// requests in flight finish.
-async fn drive<C, E>(conn: C, drain: drain::Watch, shutdown: impl FnOnce(Pin<&mut C>)) -> Result<(), E>
+/// Runs a downstream connection until it ends, or the drain is `signaled` and `shutdown` has let
+/// the requests in flight finish. A connection accepted `late` (during the drain) is left to run:
+/// its responses close it.
+async fn drive<C, E>(
+    conn: C,
+    late: bool,
+    signaled: impl Future<Output = ()>,
+    shutdown: impl FnOnce(Pin<&mut C>),
+) -> Result<(), E>
 where
     C: Future<Output = Result<(), E>>,
 {
     tokio::pin!(conn);
+    if late {
+        return conn.await;
+    }
     // The drain signal is polled only when its own waker fired, not on every wake-up of the
     // connection (a `select!` would poll it, and lock its `Notify`, twice per request).
-    let signaled = drain.signaled();
     tokio::pin!(signaled);
     let gate = Arc::new(DrainGate { woken: AtomicBool::new(true), task: Mutex::new(None) });
     let gate_waker = Waker::from(gate.clone());
@@ -191,7 +215,19 @@ impl Wake for DrainGate {
     }
 }
 
+/// Answers one request; once the drain has begun, an HTTP/1 response asks the client to close the
+/// connection (not a switch of protocols or a CONNECT tunnel, which leave HTTP anyway; HTTP/2 has
+/// GOAWAY instead).
 async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+    let not_h1 = req.method() == Method::CONNECT || req.version() == Version::HTTP_2;
+    let mut resp = respond(ctx, req).await;
+    if ctx.drain.is_draining() && !not_h1 && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+async fn respond(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
     let grpc = is_grpc(&req);
     let snapshot = ctx.proxy.snapshot.load_full();
