@@ -8,7 +8,7 @@
 #   sudo scripts/pod-test.sh            about 15 minutes from a cold cargo cache, 1 minute warm
 #
 # Too slow for CI (the release build of the images); CI runs the same scenario with the
-# containers as processes (injected_pods_as_processes). Needs root.
+# containers as processes (injected_pods_as_processes_roll_out_without_failures). Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
