@@ -14,6 +14,7 @@
 //! [`load`] reads the file, at start and on every reload alike.
 
 pub mod bootstrap;
+pub mod loops;
 pub mod routing;
 
 use std::{

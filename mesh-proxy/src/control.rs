@@ -138,6 +138,7 @@ impl Control {
         let routing = raw.validate(&bootstrap)?;
         let listeners = Listeners::new(data, drain);
         let prepared = listeners.prepare(&routing.listeners)?;
+        refuse_loops(&routing, &prepared, admin, &local_addrs)?;
         let registry = EndpointRegistry::default();
         let origin = Origin { source: file_source.clone(), version: format!("file={version}") };
         let snapshot = build(routing, origin, &prepared, admin, &registry, &metrics);
@@ -290,6 +291,7 @@ impl Control {
     fn try_apply(&self, raw: &RawRouting, version: &str, source: &str) -> Result<(), UpdateError> {
         let routing = raw.validate(&self.bootstrap)?;
         let prepared = self.listeners.prepare(&routing.listeners)?;
+        refuse_loops(&routing, &prepared, self.admin, &self.proxy.local_addrs.load())?;
         let origin = Origin { source: source.to_string(), version: version.to_string() };
         let snapshot = build(routing, origin, &prepared, self.admin, &self.registry, self.metrics());
         let old = self.proxy.snapshot.swap(Arc::new(snapshot));
@@ -326,6 +328,18 @@ fn replace<T: Clone>(
     *section = resources.clone();
     version.push_str(&format!(",{kind}={v}"));
     true
+}
+
+/// Refuses an endpoint that is one of the proxy's own addresses once `prepared` is committed
+/// (its listeners, the admin API): it would loop.
+fn refuse_loops(
+    routing: &Routing,
+    prepared: &Prepared,
+    admin: SocketAddr,
+    local: &LocalAddrs,
+) -> Result<(), UpdateError> {
+    let own: Vec<SocketAddr> = prepared.addresses().iter().copied().chain([admin]).collect();
+    Ok(config::loops::check(&routing.clusters, &own, |ip| local.contains(ip))?)
 }
 
 /// The snapshot of `routing` once `prepared` is committed: its own addresses are where its

@@ -3,7 +3,7 @@
 //! mesh-init's iptables rules in a pod namespace, python, curl and raw-socket clients and
 //! servers — and the behaviour that fixed it.
 //!
-//! One module per failure of the issue: [`config_file`] (1, 2), [`pool`] (3), [`drain`] (5), [`scale`] (6), [`admin`] (10, 11).
+//! One module per failure of the issue: [`config_file`] (1, 2), [`pool`] (3), [`loops`] (4), [`drain`] (5), [`scale`] (6), [`admin`] (10, 11).
 
 #[path = "reliability/admin.rs"]
 mod admin;
@@ -13,6 +13,8 @@ mod config_file;
 mod drain;
 #[path = "reliability/lab.rs"]
 mod lab;
+#[path = "reliability/loops.rs"]
+mod loops;
 #[path = "reliability/pool.rs"]
 mod pool;
 #[path = "reliability/scale.rs"]

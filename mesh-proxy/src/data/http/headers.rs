@@ -2,6 +2,8 @@
 //! request goes upstream as HTTP/1.1 in origin form with `Host`, or as HTTP/2 with the authority in
 //! the URI (`:authority`); the response comes back in the downstream's version.
 
+use std::sync::OnceLock;
+
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
@@ -66,8 +68,30 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The header each proxy adds to the requests it forwards, with its own pseudonym: a request that
+/// arrives carrying this proxy's is one it sent, come back through a loop validation could not
+/// see (issue 12: an endpoint reaching the proxy's listener through another hop). `Via` (RFC 9110
+/// §7.6.3) is meant for this, but nginx's default `gzip_proxied off` stops compressing the
+/// responses to any request with a `Via`, which every meshed client would then pay for.
+pub(super) const HOP: header::HeaderName = header::HeaderName::from_static("x-mesh-proxy-hop");
+
+/// This process's pseudonym in [`HOP`]: random, so two proxies never share one.
+fn hop_id() -> &'static HeaderValue {
+    static ID: OnceLock<HeaderValue> = OnceLock::new();
+    ID.get_or_init(|| {
+        HeaderValue::from_str(&format!("{:016x}", rand::random::<u64>())).expect("hex is a valid header value")
+    })
+}
+
+/// Whether `headers` say the request already went through this proxy.
+pub(super) fn looped(headers: &HeaderMap) -> bool {
+    let id = hop_id().as_bytes();
+    headers.get_all(&HOP).iter().any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii() == id))
+}
+
 /// Readies `req` for the upstream hop in HTTP/2 (`h2`) or HTTP/1.1.
 pub(super) fn prepare_upstream_request<B>(req: &mut Request<B>, h2: bool) {
+    req.headers_mut().append(HOP, hop_id().clone());
     // `TE: trailers` is the one TE HTTP/2 allows, and gRPC servers require it.
     let te_trailers =
         h2 && req.headers().get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
@@ -167,5 +191,19 @@ mod tests {
         let mut h = map(&[("host", "a"), ("accept", "*/*")]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn a_request_this_proxy_forwarded_is_recognised() {
+        let mut req = Request::new(());
+        assert!(!looped(req.headers()));
+        req.headers_mut().append(HOP, HeaderValue::from_static("0123456789abcdef"));
+        assert!(!looped(req.headers()), "another proxy's");
+        prepare_upstream_request(&mut req, false);
+        assert!(looped(req.headers()));
+        // Among others in one comma-separated value.
+        let mut h = HeaderMap::new();
+        h.insert(HOP, HeaderValue::from_str(&format!("aa, {}", hop_id().to_str().unwrap())).unwrap());
+        assert!(looped(&h));
     }
 }

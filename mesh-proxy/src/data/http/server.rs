@@ -240,6 +240,11 @@ async fn respond(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp;
     }
+    if super::headers::looped(req.headers()) {
+        let why = "routing loop: the request came back to the proxy that forwarded it";
+        log.local(StatusCode::LOOP_DETECTED, why, why);
+        return local_response(grpc, StatusCode::LOOP_DETECTED, why);
+    }
     // A CONNECT's authority is the tunnel's far end, not the server the application dialled:
     // only the original destination routes it.
     let connect = req.method() == Method::CONNECT;
