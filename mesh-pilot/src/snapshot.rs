@@ -282,12 +282,7 @@ mod tests {
         let cfg = ScopeConfig {
             clusters: hosts
                 .iter()
-                .map(|h| mesh_proxy::config::RawCluster {
-                    name: format!("c-{h}"),
-                    lb_policy: Default::default(),
-                    connect_timeout: None,
-                    protocol: Default::default(),
-                })
+                .map(|h| mesh_proxy::config::RawCluster { name: format!("c-{h}"), ..Default::default() })
                 .collect(),
             eds: hosts.iter().map(|h| Some(key(h))).collect(),
             ..Default::default()

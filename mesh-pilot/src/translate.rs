@@ -249,15 +249,7 @@ impl<'a> Translator<'a> {
         if let Some(c) = self.clusters.get(host).and_then(|cs| cs.iter().find(|c| c.cluster.name == name)) {
             return c.clone();
         }
-        ClusterOut {
-            cluster: RawCluster {
-                name,
-                lb_policy: proxy::LbPolicy::default(),
-                connect_timeout: None,
-                protocol: Default::default(),
-            },
-            eds: None,
-        }
+        ClusterOut { cluster: RawCluster { name, ..Default::default() }, eds: None }
     }
 }
 
@@ -452,8 +444,7 @@ fn proxy_protocol(p: Protocol) -> proxy::Protocol {
 /// Istio's default route: everything to the port's cluster.
 fn default_rule(svc: &Service, port: u16) -> RawRule {
     RawRule {
-        matcher: None,
-        clusters: vec![RawWeightedCluster { name: cluster_name(port, "", &svc.hostname), weight: 100 }],
-        timeout: None,
+        clusters: vec![RawWeightedCluster { name: cluster_name(port, "", &svc.hostname), weight: 100, headers: None }],
+        ..Default::default()
     }
 }

@@ -144,10 +144,10 @@ fn bookinfo_walkthrough_steps() {
     let raw = step("bookinfo/rules/virtual-service-reviews-jason-v2-v3.yaml");
     let r = route(&raw, &format!("{REVIEWS}:9080"));
     assert_eq!(r.rules.len(), 2);
-    let m = r.rules[0].matcher.as_ref().unwrap();
-    assert_eq!(m.headers.get("end-user").map(String::as_str), Some("jason"));
+    let m = &r.rules[0].matcher[0];
+    assert_eq!(m.headers.get("end-user").and_then(|h| h.exact.as_deref()), Some("jason"));
     assert_eq!(r.rules[0].clusters[0].name, format!("outbound|9080|v2|{REVIEWS}"));
-    assert!(r.rules[1].matcher.is_none());
+    assert!(r.rules[1].matcher.is_empty());
     assert_eq!(r.rules[1].clusters[0].name, format!("outbound|9080|v3|{REVIEWS}"));
     golden("bookinfo-reviews-jason-v2-v3.yaml", &raw);
 }
@@ -303,8 +303,11 @@ spec:
     let (_, raw) = scope(&s, "default");
     let r = route(&raw, &format!("{REVIEWS}:9080"));
     assert_eq!(r.rules.len(), 2);
-    let m = r.rules[0].matcher.as_ref().unwrap();
-    assert_eq!((m.path_prefix.as_deref(), m.headers.get("x-canary").map(String::as_str)), (Some("/v2"), Some("1")));
+    let m = &r.rules[0].matcher[0];
+    assert_eq!(
+        (m.path_prefix.as_deref(), m.headers.get("x-canary").and_then(|h| h.exact.as_deref())),
+        (Some("/v2"), Some("1"))
+    );
     assert_eq!(r.rules[0].timeout.as_deref(), Some("3s"));
     let c = raw.clusters.iter().find(|c| c.name == "outbound|9080|v1|ratings.default.svc.cluster.local").unwrap();
     assert_eq!(c.lb_policy, mesh_proxy::config::LbPolicy::LeastRequest);

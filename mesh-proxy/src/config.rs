@@ -15,6 +15,7 @@
 
 pub mod bootstrap;
 pub mod loops;
+pub mod policy;
 pub mod routing;
 
 use std::{
@@ -28,10 +29,11 @@ use serde::{Deserialize, Serialize};
 pub use bootstrap::{
     AdminMutations, Bootstrap, Discovery, Dns, RawAdmin, RawBootstrap, RawDiscovery, RawDns, RawReadiness, Readiness,
 };
+pub use policy::*;
 pub use routing::{
     Cluster, Destination, HostEntry, LbPolicy, Listener, Match, OutboundPolicy, PathMatch, Protocol, RawCluster,
     RawEndpoints, RawHostEntry, RawListener, RawMatch, RawRoute, RawRouting, RawRule, RawWeightedCluster, Route,
-    Routing, Rule, UpstreamProtocol, WeightedCluster, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
+    Routing, Rule, UpstreamProtocol, WeightedCluster, DEFAULT_CONNECT_TIMEOUT,
 };
 
 /// A configuration that could not be read, parsed or accepted. Never applied.
@@ -85,6 +87,9 @@ pub struct RawConfig {
     pub hosts: Vec<RawHostEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<RawDns>,
+    /// Policy per inbound port (traffic to the local application).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inbound: Vec<RawInboundPort>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<RawDiscovery>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,6 +138,7 @@ impl RawConfig {
             clusters: self.clusters,
             endpoints: self.endpoints,
             hosts: self.hosts,
+            inbound: self.inbound,
         };
         (bootstrap, routing)
     }
@@ -288,7 +294,9 @@ discovery:
         assert_eq!(c.listeners[0].address, "0.0.0.0:15000".parse().unwrap());
         assert_eq!(c.routes[0].destinations[0], Destination::Host { host: "reviews".into(), port: Some(9080) });
         assert_eq!(c.routes[0].destinations[1], Destination::Addr("10.96.0.20:9080".parse().unwrap()));
-        assert_eq!(c.routes[0].rules[0].matcher.headers, vec![("end-user".to_string(), "jason".to_string())]);
+        let exact = StringMatch::Exact("jason".to_string());
+        assert_eq!(c.routes[0].rules[0].matches[0].headers, vec![("end-user".to_string(), exact)]);
+        assert_eq!(c.routes[0].rules[0].timeout, None, "no timeout unless one is given, as Istio");
         assert_eq!(c.clusters[0].connect_timeout, Duration::from_secs(1));
         assert_eq!(c.clusters[0].endpoints.len(), 2);
         assert_eq!(c.clusters[1].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
@@ -370,6 +378,132 @@ discovery:
     fn bad_enum_value_lists_choices() {
         let e = err("outbound_policy: allow_some");
         assert!(e.contains("allow_any") && e.contains("registry_only"), "{e}");
+    }
+
+    /// A route with one rule around `rule`, and clusters `c` and `d`.
+    fn rule(rule: &str) -> String {
+        format!("clusters: [{{name: c}}, {{name: d}}]\nroutes:\n - name: r\n   destinations: [a:1]\n   rules:\n    - {rule}\n")
+    }
+
+    #[test]
+    fn match_blocks_one_or_many_and_string_matches() {
+        let (_, c) =
+            validate("x", &rule("{match: {headers: {a: x, b: {prefix: y}, c: {}}}, clusters: [{name: c}]}")).unwrap();
+        let m = &c.routes[0].rules[0].matches;
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].headers[1], ("b".to_string(), StringMatch::Prefix("y".into())));
+        assert_eq!(m[0].headers[2], ("c".to_string(), StringMatch::Present));
+        let (_, c) = validate(
+            "x",
+            &rule("{match: [{path: /a}, {path_regex: '/b.*', method: {exact: GET}}], clusters: [{name: c}]}"),
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].rules[0].matches.len(), 2);
+        // Written back as read: one block as a map, an exact match as a bare string.
+        let raw = RawConfig::from_yaml("x", &rule("{match: {headers: {a: x}}, clusters: [{name: c}]}")).unwrap();
+        let back = serde_yaml::to_string(&raw.routes[0].rules[0]).unwrap();
+        assert!(back.contains("match:\n  headers:\n    a: x\n"), "{back}");
+    }
+
+    #[test]
+    fn policy_errors_name_the_field() {
+        let cases = [
+            (
+                "{match: {headers: {a: {exact: x, regex: y}}}, clusters: [{name: c}]}",
+                "routes[0].rules[0].match.headers.a: give one of exact, prefix or regex",
+            ),
+            (
+                "{match: [{path: /}, {path_regex: '('}], clusters: [{name: c}]}",
+                "routes[0].rules[0].match[1].path_regex.regex: invalid regex",
+            ),
+            (
+                "{match: {path: /, path_regex: x}, clusters: [{name: c}]}",
+                "routes[0].rules[0].match: give one of path_prefix, path or path_regex",
+            ),
+            (
+                "{match: {destination_subnets: [10.0.0.0/33]}, clusters: [{name: c}]}",
+                "routes[0].rules[0].match.destination_subnets[0]: invalid subnet",
+            ),
+            (
+                "{clusters: [{name: c}], redirect: {uri: /x}}",
+                "routes[0].rules[0]: give exactly one of clusters, redirect or direct_response",
+            ),
+            (
+                "{redirect: {uri: /x, redirect_code: 200}}",
+                "routes[0].rules[0].redirect.redirect_code: 200 is not one of",
+            ),
+            ("{direct_response: {status: 99}}", "routes[0].rules[0].direct_response.status: 99"),
+            (
+                "{direct_response: {status: 200, body: {bytes: '***'}}}",
+                "routes[0].rules[0].direct_response.body.bytes: not base64",
+            ),
+            (
+                "{clusters: [{name: c}], retries: {attempts: 2, retry_on: [5xx, bogus]}}",
+                "routes[0].rules[0].retries.retry_on[1]: unknown condition \"bogus\"",
+            ),
+            (
+                "{clusters: [{name: c}], fault: {abort: {grpc_status: NOPE}}}",
+                "routes[0].rules[0].fault.abort.grpc_status: unknown gRPC status",
+            ),
+            (
+                "{clusters: [{name: c}], fault: {delay: {fixed_delay: 1s, percentage: 101}}}",
+                "routes[0].rules[0].fault.delay.percentage: 101 is not a percentage",
+            ),
+            (
+                "{clusters: [{name: c}], mirrors: [{cluster: nope}]}",
+                "routes[0].rules[0].mirrors[0].cluster: cluster \"nope\" is not defined",
+            ),
+            (
+                "{clusters: [{name: c}], rate_limit: {max_tokens: 1, fill_interval: 10ms}}",
+                "routes[0].rules[0].rate_limit.fill_interval: must be at least 50ms",
+            ),
+            (
+                "{clusters: [{name: c, headers: {request: {set: {'a b': x}}}}]}",
+                "routes[0].rules[0].clusters[0].headers.request.set.a b: \"a b\" is not a valid header name",
+            ),
+            (
+                "{clusters: [{name: c}], rewrite: {uri: /a, uri_regex_rewrite: {match: x, rewrite: y}}}",
+                "routes[0].rules[0].rewrite: give either uri or uri_regex_rewrite",
+            ),
+            ("{clusters: [{name: c}], retries: {attempts: 1, retry_ons: []}}", "unknown field `retry_ons`"),
+        ];
+        for (r, want) in cases {
+            let e = err(&rule(r));
+            assert!(e.contains(want), "{r}\n got: {e}\nwant: {want}");
+        }
+        let cluster_cases = [
+            (
+                "{name: c, lb_policy: random, consistent_hash: {use_source_ip: true}}",
+                "clusters[0]: give either lb_policy or consistent_hash, not both",
+            ),
+            (
+                "{name: c, consistent_hash: {use_source_ip: true, http_header_name: x}}",
+                "clusters[0].consistent_hash: give one of",
+            ),
+            (
+                "{name: c, consistent_hash: {use_source_ip: true, maglev: {table_size: 65536}}}",
+                "clusters[0].consistent_hash.maglev.table_size: 65536 must be a prime",
+            ),
+            (
+                "{name: c, circuit_breakers: {max_connections: 0}}",
+                "clusters[0].circuit_breakers.max_connections: must be greater than 0",
+            ),
+            (
+                "{name: c, outlier_detection: {max_ejection_percent: 101}}",
+                "clusters[0].outlier_detection.max_ejection_percent: 101",
+            ),
+            (
+                "{name: c, outlier_detection: {interval: 0s}}",
+                "clusters[0].outlier_detection.interval: must be greater than 0",
+            ),
+            ("{name: c, tcp_keepalive: {time: 500ms}}", "clusters[0].tcp_keepalive.time: must be at least 1s"),
+        ];
+        for (c, want) in cluster_cases {
+            let e = err(&format!("clusters: [{c}]"));
+            assert!(e.contains(want), "{c}\n got: {e}\nwant: {want}");
+        }
+        let e = err("inbound: [{port: 80}, {port: 80}]");
+        assert_eq!(e, "inbound[1].port: port 80 is listed twice");
     }
 
     #[test]

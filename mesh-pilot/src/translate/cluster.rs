@@ -216,12 +216,7 @@ fn cluster(name: &str, layers: &[Layer], eds: EdsKey) -> ClusterOut {
         }
     }
     ClusterOut {
-        cluster: RawCluster {
-            name: name.to_string(),
-            lb_policy: policy,
-            connect_timeout,
-            protocol: Default::default(),
-        },
+        cluster: RawCluster { name: name.to_string(), lb_policy: policy, connect_timeout, ..Default::default() },
         eds: Some(eds),
     }
 }

@@ -38,7 +38,7 @@ pub(super) fn service_routes(t: &Translator, svc: &Service, vs: Option<&Object>,
                     if r.is_empty() && port.protocol == Protocol::Unknown {
                         r = tcp_rules(t, meta, spec, svc, port, f, &mut out.referenced);
                     }
-                    if port.protocol == Protocol::Http2 && r.iter().any(|r| r.matcher.is_some()) {
+                    if port.protocol == Protocol::Http2 && r.iter().any(|r| !r.matcher.is_empty()) {
                         let msg = format!(
                             "port {} of {} is HTTP/2 or gRPC, which mesh-proxy routes per connection as TCP: only the first rule without a match applies",
                             port.number, svc.hostname
@@ -82,7 +82,12 @@ fn http_rules(
             weighted(t, meta, &path, hr.route.iter().map(|d| (&d.destination, d.weight, &d.other)), svc, port, f, refs);
         let timeout = timeout(meta, &path, hr, f);
         for matcher in matches {
-            rules.push(RawRule { matcher, clusters: clusters.clone(), timeout: timeout.clone() });
+            rules.push(RawRule {
+                matcher: matcher.into_iter().collect(),
+                clusters: clusters.clone(),
+                timeout: timeout.clone(),
+                ..Default::default()
+            });
         }
     }
     rules
@@ -135,7 +140,7 @@ fn http_match(meta: &Meta, path: &str, m: &HttpMatch, f: &mut Findings) -> Optio
         }
         match string_match(meta, &hpath, sm, f) {
             Some(StringKind::Exact(v)) => {
-                raw.headers.insert(name.clone(), v);
+                raw.headers.insert(name.clone(), v.into());
             }
             Some(StringKind::Prefix(_)) => {
                 let msg =
@@ -208,7 +213,7 @@ fn tcp_rules(
         let clusters =
             weighted(t, meta, &path, tr.route.iter().map(|d| (&d.destination, d.weight, &d.other)), svc, port, f, refs);
         // The proxy picks a TCP connection's cluster by the first rule without conditions.
-        return vec![RawRule { matcher: None, clusters, timeout: None }];
+        return vec![RawRule { clusters, ..Default::default() }];
     }
     Vec::new()
 }
@@ -267,7 +272,7 @@ fn weighted<'a>(
         }
         total += w;
         if w > 0 {
-            out.push(RawWeightedCluster { name, weight: u32::try_from(w).unwrap_or(u32::MAX) });
+            out.push(RawWeightedCluster { name, weight: u32::try_from(w).unwrap_or(u32::MAX), headers: None });
         }
     }
     if dests.len() > 1 && total != 100 {
@@ -276,7 +281,7 @@ fn weighted<'a>(
     }
     if out.is_empty() {
         // Every weight 0 (or left out): share equally rather than route nowhere, and say so above.
-        out = names.into_iter().map(|name| RawWeightedCluster { name, weight: 1 }).collect();
+        out = names.into_iter().map(|name| RawWeightedCluster { name, weight: 1, headers: None }).collect();
     }
     out
 }

@@ -43,7 +43,7 @@ pub fn check(clusters: &[Cluster], own: &[SocketAddr], is_local: impl Fn(IpAddr)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{LbPolicy, UpstreamProtocol, DEFAULT_CONNECT_TIMEOUT};
+    use crate::config::{CircuitBreakers, LbPolicy, UpstreamProtocol, DEFAULT_CONNECT_TIMEOUT};
 
     fn cluster(eps: &[&str]) -> Cluster {
         Cluster {
@@ -51,6 +51,12 @@ mod tests {
             lb_policy: LbPolicy::RoundRobin,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             protocol: UpstreamProtocol::Http1,
+            consistent_hash: None,
+            tcp_keepalive: None,
+            circuit_breakers: CircuitBreakers::default(),
+            max_requests_per_connection: None,
+            idle_timeout: None,
+            outlier_detection: None,
             endpoints: eps.iter().map(|e| e.parse().unwrap()).collect(),
         }
     }

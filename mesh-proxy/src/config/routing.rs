@@ -11,16 +11,18 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use ipnet::IpNet;
+
 use super::{
     bootstrap::{opt_duration, socket_addr},
-    invalid, Bootstrap, Error,
+    invalid,
+    policy::{self, *},
+    Bootstrap, Error,
 };
 use crate::parse::{self, serialize_duration, Host};
 
 /// Envoy's default cluster connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Envoy's default route timeout: the longest wait for an upstream's response headers.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The routing sections of the file (or of discovery answers), as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,6 +33,7 @@ pub struct RawRouting {
     pub clusters: Vec<RawCluster>,
     pub endpoints: Vec<RawEndpoints>,
     pub hosts: Vec<RawHostEntry>,
+    pub inbound: Vec<RawInboundPort>,
 }
 
 /// A name the DNS proxy answers itself, with the virtual addresses the application should dial
@@ -87,17 +90,49 @@ pub enum Protocol {
     Auto,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+/// One rule of a route (Istio's `HTTPRoute` / `TCPRoute`): conditions, then exactly one action
+/// (`clusters`, `redirect` or `direct_response`) and the policies that apply on the way.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRule {
-    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
-    pub matcher: Option<RawMatch>,
+    /// Shown in `/config_dump` and access logs (Istio's `HTTPRoute.name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// One match block, or a list of blocks any of which may match; none matches every request.
+    #[serde(
+        default,
+        rename = "match",
+        deserialize_with = "policy::one_or_many",
+        serialize_with = "policy::serialize_one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub matcher: Vec<RawMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clusters: Vec<RawWeightedCluster>,
-    /// Longest wait for the response headers (default 15s, Envoy's route timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<RawRedirect>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<RawDirectResponse>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<RawRewrite>,
+    /// Header operations for every request of the rule (after the destination's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<RawHeaders>,
+    /// Longest wait for the response headers, retries included; none by default (Istio's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RawRetries>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<RawFault>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<RawMirror>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RawRateLimit>,
 }
 
+/// Conditions that must all hold (Istio's `HTTPMatchRequest`, plus `L4MatchAttributes`' port and
+/// subnets for TCP).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMatch {
@@ -105,34 +140,75 @@ pub struct RawMatch {
     pub path_prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// Exact value per header name.
+    /// RE2 syntax, matching the whole path (without the query string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_regex: Option<String>,
+    /// `path` and `path_prefix` compare ASCII case-insensitively (not `path_regex`, as in Istio).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_uri_case: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<RawStringMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<RawStringMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<RawStringMatch>,
+    /// Per header name: a value (exact), or `{exact|prefix|regex: ...}`, or `{}` (present).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, RawStringMatch>,
+    /// Per header name: the request must not have it (`{}`) or not with such a value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub without_headers: BTreeMap<String, RawStringMatch>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub query_params: BTreeMap<String, RawStringMatch>,
+    /// The destination port the application dialled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The original destination address is in one of these (CIDR); TCP and HTTP alike.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_subnets: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWeightedCluster {
     pub name: String,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Header operations for requests sent to this cluster (before the rule's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<RawHeaders>,
 }
 
 fn default_weight() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCluster {
     pub name: String,
     #[serde(default)]
     pub lb_policy: LbPolicy,
+    /// Replaces `lb_policy` (which must then be left at `round_robin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<RawConsistentHash>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<String>,
     /// The HTTP version spoken to its endpoints (Envoy's `http_protocol_options`).
     #[serde(default, skip_serializing_if = "is_default")]
     pub protocol: UpstreamProtocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_keepalive: Option<RawTcpKeepalive>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breakers: Option<RawCircuitBreakers>,
+    /// An upstream connection is closed after this many requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    /// An idle pooled upstream connection is closed after this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<RawOutlierDetection>,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -162,6 +238,8 @@ pub enum LbPolicy {
     /// Power of two choices: the less busy of two random endpoints.
     LeastRequest,
     Random,
+    /// To the original destination the application dialled (Envoy's `ORIGINAL_DST`); no endpoints.
+    Passthrough,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -185,6 +263,8 @@ pub struct Routing {
     pub clusters: Vec<Cluster>,
     /// Names the DNS proxy answers itself.
     pub hosts: Vec<HostEntry>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inbound: Vec<InboundPort>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -230,19 +310,74 @@ impl fmt::Display for Destination {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Rule {
-    #[serde(rename = "match")]
-    pub matcher: Match,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Any of them; none matches every request.
+    #[serde(rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<Match>,
+    /// Exactly one of `clusters`, `redirect` and `direct_response` is given.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub clusters: Vec<WeightedCluster>,
-    #[serde(serialize_with = "serialize_duration")]
-    pub timeout: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<DirectResponse>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Headers>,
+    /// None: no timeout (Istio's default).
+    #[serde(serialize_with = "serialize_opt_duration", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<Mirror>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Conditions that must all hold; the default matches every request.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Match {
     pub path: PathMatch,
-    /// Lower-case header names with the exact value required.
-    pub headers: Vec<(String, String)>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_uri_case: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority: Option<StringMatch>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<StringMatch>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<StringMatch>,
+    /// Lower-case header names with their condition.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, StringMatch)>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub without_headers: Vec<(String, StringMatch)>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<(String, StringMatch)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub destination_subnets: Vec<IpNet>,
+}
+
+impl Match {
+    /// Whether a TCP connection can be judged by it: no condition but port and subnets.
+    pub fn is_l4(&self) -> bool {
+        let Match {
+            path, ignore_uri_case: _, authority, method, scheme, headers, without_headers, query_params, ..
+        } = self;
+        *path == PathMatch::Any
+            && authority.is_none()
+            && method.is_none()
+            && scheme.is_none()
+            && headers.is_empty()
+            && without_headers.is_empty()
+            && query_params.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -252,21 +387,35 @@ pub enum PathMatch {
     Any,
     Prefix(String),
     Exact(String),
+    Regex(Pattern),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WeightedCluster {
     pub name: String,
     pub weight: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Headers>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Cluster {
     pub name: String,
     pub lb_policy: LbPolicy,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<ConsistentHash>,
     #[serde(serialize_with = "serialize_duration")]
     pub connect_timeout: Duration,
     pub protocol: UpstreamProtocol,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    pub circuit_breakers: CircuitBreakers,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    #[serde(serialize_with = "serialize_opt_duration", skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
     pub endpoints: Vec<SocketAddr>,
 }
 
@@ -314,13 +463,7 @@ impl RawRouting {
             if connect_timeout.is_zero() {
                 return Err(invalid(format!("{field}.connect_timeout"), "must be greater than 0"));
             }
-            clusters.push(Cluster {
-                name: c.name.clone(),
-                lb_policy: c.lb_policy,
-                connect_timeout,
-                protocol: c.protocol,
-                endpoints: Vec::new(),
-            });
+            clusters.push(validate_cluster(&field, c, connect_timeout)?);
         }
 
         let mut seen_eds = HashSet::new();
@@ -341,6 +484,12 @@ impl RawRouting {
                         "endpoints for cluster {:?} are given twice; list all its addresses in one entry",
                         e.cluster
                     ),
+                ));
+            }
+            if clusters[ci].lb_policy == LbPolicy::Passthrough && !e.addresses.is_empty() {
+                return Err(invalid(
+                    format!("{field}.addresses"),
+                    format!("cluster {:?} is a passthrough cluster: it has no endpoints", e.cluster),
                 ));
             }
             for (j, a) in e.addresses.iter().enumerate() {
@@ -382,7 +531,14 @@ impl RawRouting {
             let mut rules = Vec::with_capacity(r.rules.len());
             for (k, rule) in r.rules.iter().enumerate() {
                 let field = format!("{field}.rules[{k}]");
-                rules.push(validate_rule(&field, rule, &cluster_index)?);
+                let rule = validate_rule(&field, rule, &cluster_index)?;
+                if r.protocol == Protocol::Tcp && rule.clusters.is_empty() {
+                    return Err(invalid(
+                        field,
+                        "a tcp route's rules forward to clusters (redirect and direct_response are HTTP's)",
+                    ));
+                }
+                rules.push(rule);
             }
             routes.push(Route { name: r.name.clone(), destinations, protocol: r.protocol, rules });
         }
@@ -408,7 +564,11 @@ impl RawRouting {
             hosts.push(HostEntry { name, addresses });
         }
 
-        Ok(Routing { outbound_policy: self.outbound_policy, listeners, routes, clusters, hosts })
+        let inbound = policy::inbound_ports("inbound", &self.inbound)?;
+        if !inbound.is_empty() {
+            return Err(invalid("inbound", "not applied by this build of mesh-proxy yet"));
+        }
+        Ok(Routing { outbound_policy: self.outbound_policy, listeners, routes, clusters, hosts, inbound })
     }
 }
 
@@ -427,50 +587,199 @@ pub fn parse_destination(s: &str) -> Result<Destination, String> {
     }
 }
 
-fn validate_rule(field: &str, rule: &RawRule, clusters: &HashMap<&str, usize>) -> Result<Rule, Error> {
-    let mut matcher = Match::default();
-    if let Some(m) = &rule.matcher {
-        matcher.path = match (&m.path_prefix, &m.path) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(format!("{field}.match"), "give either path_prefix or path, not both"))
+fn validate_cluster(field: &str, c: &RawCluster, connect_timeout: Duration) -> Result<Cluster, Error> {
+    let consistent_hash = c
+        .consistent_hash
+        .as_ref()
+        .map(|h| policy::consistent_hash(&format!("{field}.consistent_hash"), h))
+        .transpose()?;
+    if consistent_hash.is_some() && c.lb_policy != LbPolicy::RoundRobin {
+        return Err(invalid(field, "give either lb_policy or consistent_hash, not both"));
+    }
+    let idle_timeout = match c.idle_timeout.as_deref() {
+        None => None,
+        Some(s) => {
+            let d = opt_duration(&format!("{field}.idle_timeout"), Some(s), Duration::ZERO)?;
+            if d.is_zero() {
+                return Err(invalid(format!("{field}.idle_timeout"), "must be greater than 0"));
             }
-            (Some(p), None) => PathMatch::Prefix(check_path(&format!("{field}.match.path_prefix"), p)?),
-            (None, Some(p)) => PathMatch::Exact(check_path(&format!("{field}.match.path"), p)?),
-            (None, None) => PathMatch::Any,
-        };
-        for (name, value) in &m.headers {
-            let hfield = format!("{field}.match.headers.{name}");
-            let lname = name.to_ascii_lowercase();
-            http::HeaderName::from_bytes(lname.as_bytes())
-                .map_err(|_| invalid(&hfield, format!("{name:?} is not a valid header name")))?;
-            http::HeaderValue::from_str(value)
-                .map_err(|_| invalid(&hfield, format!("{value:?} is not a valid header value")))?;
-            matcher.headers.push((lname, value.clone()));
+            Some(d)
         }
+    };
+    if c.max_requests_per_connection == Some(0) {
+        return Err(invalid(
+            format!("{field}.max_requests_per_connection"),
+            "must be greater than 0 (leave it out for no limit)",
+        ));
     }
-    if rule.clusters.is_empty() {
-        return Err(invalid(format!("{field}.clusters"), "at least one cluster is needed"));
+    Ok(Cluster {
+        name: c.name.clone(),
+        lb_policy: c.lb_policy,
+        consistent_hash,
+        connect_timeout,
+        protocol: c.protocol,
+        tcp_keepalive: c
+            .tcp_keepalive
+            .as_ref()
+            .map(|k| policy::tcp_keepalive(&format!("{field}.tcp_keepalive"), k))
+            .transpose()?,
+        circuit_breakers: match &c.circuit_breakers {
+            Some(cb) => policy::circuit_breakers(&format!("{field}.circuit_breakers"), cb)?,
+            None => CircuitBreakers::default(),
+        },
+        max_requests_per_connection: c.max_requests_per_connection,
+        idle_timeout,
+        outlier_detection: c
+            .outlier_detection
+            .as_ref()
+            .map(|o| policy::outlier_detection(&format!("{field}.outlier_detection"), o))
+            .transpose()?,
+        endpoints: Vec::new(),
+    })
+    .and_then(|c| {
+        not_applied_yet(
+            field,
+            &[
+                ("lb_policy", c.lb_policy == LbPolicy::Passthrough),
+                ("consistent_hash", c.consistent_hash.is_some()),
+                ("tcp_keepalive", c.tcp_keepalive.is_some()),
+                ("circuit_breakers", c.circuit_breakers != CircuitBreakers::default()),
+                ("max_requests_per_connection", c.max_requests_per_connection.is_some()),
+                ("idle_timeout", c.idle_timeout.is_some()),
+                ("outlier_detection", c.outlier_detection.is_some()),
+            ],
+        )?;
+        Ok(c)
+    })
+}
+
+fn validate_match(field: &str, m: &RawMatch) -> Result<Match, Error> {
+    let path = match (&m.path_prefix, &m.path, &m.path_regex) {
+        (None, None, None) => PathMatch::Any,
+        (Some(p), None, None) => PathMatch::Prefix(check_path(&format!("{field}.path_prefix"), p)?),
+        (None, Some(p), None) => PathMatch::Exact(check_path(&format!("{field}.path"), p)?),
+        (None, None, Some(r)) => match policy::string_match(
+            &format!("{field}.path_regex"),
+            &RawStringMatch { regex: Some(r.clone()), ..Default::default() },
+        )? {
+            StringMatch::Regex(p) => PathMatch::Regex(p),
+            _ => unreachable!("a regex string match is a regex"),
+        },
+        _ => return Err(invalid(field, "give one of path_prefix, path or path_regex")),
+    };
+    let one = |name: &str, v: &Option<RawStringMatch>| {
+        v.as_ref().map(|v| policy::string_match(&format!("{field}.{name}"), v)).transpose()
+    };
+    if m.port == Some(0) {
+        return Err(invalid(format!("{field}.port"), "must be 1 to 65535"));
     }
+    Ok(Match {
+        path,
+        ignore_uri_case: m.ignore_uri_case,
+        authority: one("authority", &m.authority)?,
+        method: one("method", &m.method)?,
+        scheme: one("scheme", &m.scheme)?,
+        headers: policy::header_matches(&format!("{field}.headers"), &m.headers)?,
+        without_headers: policy::header_matches(&format!("{field}.without_headers"), &m.without_headers)?,
+        query_params: policy::query_matches(&format!("{field}.query_params"), &m.query_params)?,
+        port: m.port,
+        destination_subnets: policy::subnets(&format!("{field}.destination_subnets"), &m.destination_subnets)?,
+    })
+}
+
+fn validate_rule(field: &str, rule: &RawRule, clusters: &HashMap<&str, usize>) -> Result<Rule, Error> {
+    if let Some(n) = &rule.name {
+        check_name(&format!("{field}.name"), n)?;
+    }
+    let matches = match rule.matcher.as_slice() {
+        [one] => vec![validate_match(&format!("{field}.match"), one)?],
+        many => many
+            .iter()
+            .enumerate()
+            .map(|(i, m)| validate_match(&format!("{field}.match[{i}]"), m))
+            .collect::<Result<_, _>>()?,
+    };
+    let actions = usize::from(!rule.clusters.is_empty())
+        + usize::from(rule.redirect.is_some())
+        + usize::from(rule.direct_response.is_some());
+    if actions != 1 {
+        return Err(invalid(field, "give exactly one of clusters, redirect or direct_response"));
+    }
+    let defined = |f: String, name: &str| -> Result<(), Error> {
+        if clusters.contains_key(name) {
+            Ok(())
+        } else {
+            Err(invalid(f, format!("cluster {name:?} is not defined in clusters")))
+        }
+    };
     let mut total: u64 = 0;
     let mut out = Vec::with_capacity(rule.clusters.len());
     for (i, wc) in rule.clusters.iter().enumerate() {
-        if !clusters.contains_key(wc.name.as_str()) {
-            return Err(invalid(
-                format!("{field}.clusters[{i}].name"),
-                format!("cluster {:?} is not defined in clusters", wc.name),
-            ));
-        }
+        defined(format!("{field}.clusters[{i}].name"), &wc.name)?;
         if wc.weight == 0 {
             return Err(invalid(format!("{field}.clusters[{i}].weight"), "weight must be greater than 0"));
         }
         total += u64::from(wc.weight);
-        out.push(WeightedCluster { name: wc.name.clone(), weight: wc.weight });
+        let headers =
+            wc.headers.as_ref().map(|h| policy::headers(&format!("{field}.clusters[{i}].headers"), h)).transpose()?;
+        out.push(WeightedCluster { name: wc.name.clone(), weight: wc.weight, headers });
     }
     if total > u64::from(u32::MAX) {
         return Err(invalid(format!("{field}.clusters"), "the weights add up to more than 4294967295"));
     }
-    let timeout = opt_duration(&format!("{field}.timeout"), rule.timeout.as_deref(), DEFAULT_REQUEST_TIMEOUT)?;
-    Ok(Rule { matcher, clusters: out, timeout })
+    // Istio's `0s` is "no timeout", like leaving it out.
+    let timeout = opt_duration(&format!("{field}.timeout"), rule.timeout.as_deref(), Duration::ZERO)?;
+    let timeout = (!timeout.is_zero()).then_some(timeout);
+    let mut mirrors = Vec::with_capacity(rule.mirrors.len());
+    for (i, m) in rule.mirrors.iter().enumerate() {
+        defined(format!("{field}.mirrors[{i}].cluster"), &m.cluster)?;
+        mirrors.push(policy::mirror(&format!("{field}.mirrors[{i}]"), m)?);
+    }
+    let validated = Rule {
+        name: rule.name.clone(),
+        matches,
+        clusters: out,
+        redirect: rule.redirect.as_ref().map(|r| policy::redirect(&format!("{field}.redirect"), r)).transpose()?,
+        direct_response: rule
+            .direct_response
+            .as_ref()
+            .map(|d| policy::direct_response(&format!("{field}.direct_response"), d))
+            .transpose()?,
+        rewrite: rule.rewrite.as_ref().map(|r| policy::rewrite(&format!("{field}.rewrite"), r)).transpose()?,
+        headers: rule.headers.as_ref().map(|h| policy::headers(&format!("{field}.headers"), h)).transpose()?,
+        timeout,
+        retries: rule.retries.as_ref().map(|r| policy::retries(&format!("{field}.retries"), r)).transpose()?,
+        fault: rule.fault.as_ref().map(|f| policy::fault(&format!("{field}.fault"), f)).transpose()?,
+        mirrors,
+        rate_limit: rule
+            .rate_limit
+            .as_ref()
+            .map(|r| policy::rate_limit(&format!("{field}.rate_limit"), r))
+            .transpose()?,
+    };
+    not_applied_yet(
+        field,
+        &[
+            ("redirect", validated.redirect.is_some()),
+            ("direct_response", validated.direct_response.is_some()),
+            ("rewrite", validated.rewrite.is_some()),
+            ("headers", validated.headers.is_some() || validated.clusters.iter().any(|c| c.headers.is_some())),
+            ("retries", validated.retries.is_some()),
+            ("fault", validated.fault.is_some()),
+            ("mirrors", !validated.mirrors.is_empty()),
+            ("rate_limit", validated.rate_limit.is_some()),
+        ],
+    )?;
+    Ok(validated)
+}
+
+/// The schema lands before the data path that applies it: a policy this build does not apply yet
+/// is refused, never accepted and ignored. Each part of the data path removes its line here.
+fn not_applied_yet(field: &str, given: &[(&str, bool)]) -> Result<(), Error> {
+    match given.iter().find(|(_, g)| *g) {
+        Some((name, _)) => Err(invalid(format!("{field}.{name}"), "not applied by this build of mesh-proxy yet")),
+        None => Ok(()),
+    }
 }
 
 fn check_path(field: &str, p: &str) -> Result<String, Error> {

@@ -42,7 +42,8 @@ pub fn pick_endpoint<R: Rng + ?Sized>(
         _ => i,
     };
     Some(match policy {
-        LbPolicy::RoundRobin => skip(rr.fetch_add(1, Ordering::Relaxed) % candidates),
+        // A passthrough cluster has one endpoint, the connection's original destination.
+        LbPolicy::RoundRobin | LbPolicy::Passthrough => skip(rr.fetch_add(1, Ordering::Relaxed) % candidates),
         LbPolicy::Random => skip(rng.random_range(0..candidates)),
         LbPolicy::LeastRequest => {
             if candidates == 1 {

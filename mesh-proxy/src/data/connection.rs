@@ -55,7 +55,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, drain
         return http::serve(ctx, stream).await;
     }
     match opaque {
-        Opaque::Route(route) => tcp::route(&snapshot.routes.routes[route], stream, peer, idle).await,
+        Opaque::Route(route) => tcp::route(&snapshot.routes.routes[route], stream, peer, dst.addr, idle).await,
         Opaque::Unrouted(Fallback::Passthrough(dst)) => {
             let counters = tcp::PassthroughCounters {
                 sessions: &proxy.passthrough_tcp,

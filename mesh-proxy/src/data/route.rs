@@ -3,7 +3,8 @@
 //!
 //! Built once per config snapshot with every cluster already resolved to its runtime object and
 //! every metric handle looked up, so matching a request is hash lookups and comparisons: no lock,
-//! no allocation unless the Host header has upper-case letters.
+//! no allocation unless the Host header has upper-case letters. A rule without conditions (the
+//! usual last rule) is matched by one length check.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -12,11 +13,11 @@ use std::{
     time::Duration,
 };
 
-use http::HeaderMap;
+use http::{HeaderMap, Method, Uri};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::{
-    config::{self, Destination, PathMatch, Protocol},
+    config::{self, Destination, PathMatch, Protocol, StringMatch},
     data::{balance, cluster::Cluster},
     metrics::{Metrics, RequestCounters},
     parse::{self, Host},
@@ -33,26 +34,34 @@ pub struct Target {
 
 #[derive(Debug)]
 pub struct RuleEntry {
-    pub matcher: config::Match,
+    /// Any of them; none matches every request.
+    pub matches: Vec<config::Match>,
     pub targets: Vec<Target>,
     /// Running sums of the weights, for [`balance::pick_weighted`].
     cumulative: Vec<u32>,
-    pub timeout: Duration,
+    /// None: no timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// What rules look at in a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+    /// The absolute URI's authority, else the Host header.
+    pub authority: Option<&'a str>,
+    /// Where the application sent it (the original destination).
+    pub dst: SocketAddr,
 }
 
 impl RuleEntry {
-    pub fn matches(&self, path: &str, headers: &HeaderMap) -> bool {
-        let path_ok = match &self.matcher.path {
-            PathMatch::Any => true,
-            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
-            PathMatch::Exact(p) => path == p,
-        };
-        path_ok
-            && self
-                .matcher
-                .headers
-                .iter()
-                .all(|(name, value)| headers.get_all(name.as_str()).iter().any(|v| v.as_bytes() == value.as_bytes()))
+    /// The index of the first match block the request satisfies (0 for a rule without any).
+    pub fn matches(&self, req: &RequestHead) -> Option<usize> {
+        if self.matches.is_empty() {
+            return Some(0);
+        }
+        self.matches.iter().position(|m| block_matches(m, req))
     }
 
     /// Picks a cluster by weight.
@@ -65,9 +74,61 @@ impl RuleEntry {
         &self.targets[i]
     }
 
-    fn is_unconditional(&self) -> bool {
-        self.matcher == config::Match::default()
+    /// Whether a TCP connection to `dst` takes this rule: it forwards to clusters and has no
+    /// conditions, or a block with only port and subnet conditions that `dst` meets.
+    fn takes_tcp(&self, dst: SocketAddr) -> bool {
+        !self.targets.is_empty()
+            && (self.matches.is_empty() || self.matches.iter().any(|m| m.is_l4() && l4_matches(m, dst)))
     }
+}
+
+fn l4_matches(m: &config::Match, dst: SocketAddr) -> bool {
+    m.port.is_none_or(|p| p == dst.port())
+        && (m.destination_subnets.is_empty() || m.destination_subnets.iter().any(|n| n.contains(&dst.ip())))
+}
+
+/// All conditions of one block, cheapest first.
+fn block_matches(m: &config::Match, req: &RequestHead) -> bool {
+    if !l4_matches(m, req.dst) {
+        return false;
+    }
+    let path = req.uri.path();
+    let path_ok = match &m.path {
+        PathMatch::Any => true,
+        PathMatch::Prefix(p) if m.ignore_uri_case => {
+            path.len() >= p.len() && path.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+        }
+        PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+        PathMatch::Exact(p) if m.ignore_uri_case => path.eq_ignore_ascii_case(p),
+        PathMatch::Exact(p) => path == p,
+        PathMatch::Regex(r) => r.regex().is_match(path),
+    };
+    path_ok
+        && m.method.as_ref().is_none_or(|c| c.matches(req.method.as_str()))
+        // Plaintext HTTP/1.1 from the application: `http` unless an absolute URI says otherwise.
+        && m.scheme.as_ref().is_none_or(|c| c.matches(req.uri.scheme_str().unwrap_or("http")))
+        && m.authority.as_ref().is_none_or(|c| req.authority.is_some_and(|a| c.matches(a)))
+        && m.headers.iter().all(|(name, c)| header_matches(req.headers, name, c))
+        && !m.without_headers.iter().any(|(name, c)| header_matches(req.headers, name, c))
+        && m.query_params.iter().all(|(name, c)| query_param(req.uri.query(), name).is_some_and(|v| c.matches(v)))
+}
+
+/// Whether the request has header `name` satisfying `c` (any of a repeated header's values).
+fn header_matches(headers: &HeaderMap, name: &str, c: &StringMatch) -> bool {
+    match c {
+        StringMatch::Present => headers.contains_key(name),
+        c => headers.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| c.matches(v))),
+    }
+}
+
+/// The first value of query parameter `name`, as sent (not percent-decoded); `""` for a bare
+/// `?name`.
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|pair| match pair.split_once('=') {
+        Some((k, v)) if k == name => Some(v),
+        None if pair == name => Some(""),
+        _ => None,
+    })
 }
 
 #[derive(Debug)]
@@ -78,14 +139,15 @@ pub struct RouteEntry {
 }
 
 impl RouteEntry {
-    /// The first rule that matches the request.
-    pub fn rule_for(&self, path: &str, headers: &HeaderMap) -> Option<&RuleEntry> {
-        self.rules.iter().find(|r| r.matches(path, headers))
+    /// The first rule that matches the request, and which of its match blocks did.
+    pub fn rule_for(&self, req: &RequestHead) -> Option<(&RuleEntry, usize)> {
+        self.rules.iter().find_map(|r| r.matches(req).map(|i| (r, i)))
     }
 
-    /// The rule a TCP connection uses: the first without conditions (path and headers are HTTP's).
-    pub fn tcp_rule(&self) -> Option<&RuleEntry> {
-        self.rules.iter().find(|r| r.is_unconditional())
+    /// The rule a TCP connection to `dst` uses: the first forwarding to clusters whose
+    /// conditions a connection can meet (HTTP's are never met).
+    pub fn tcp_rule(&self, dst: SocketAddr) -> Option<&RuleEntry> {
+        self.rules.iter().find(|r| r.takes_tcp(dst))
     }
 }
 
@@ -152,7 +214,7 @@ impl RouteTable {
                             Some(*sum)
                         })
                         .collect();
-                    RuleEntry { matcher: rule.matcher.clone(), targets, cumulative, timeout: rule.timeout }
+                    RuleEntry { matches: rule.matches.clone(), targets, cumulative, timeout: rule.timeout }
                 })
                 .collect();
             t.routes.push(RouteEntry { name: r.name.as_str().into(), protocol: r.protocol, rules });
@@ -236,16 +298,47 @@ routes:
     destinations: ["ratings"]
     rules: [{clusters: [{name: v1}]}]
   - name: mysql
-    destinations: ["10.96.0.30:3306"]
+    destinations: ["10.96.0.30:3306", "10.97.0.30:3306"]
     protocol: tcp
     rules:
       - match: { headers: { x: y } }
         clusters: [{ name: v2 }]
+      - match: { destination_subnets: ["10.97.0.0/16"] }
+        clusters: [{ name: v3 }]
+      - clusters: [{ name: db }]
+  - name: istio
+    destinations: ["10.96.0.40:80"]
+    rules:
+      - match:
+          - { path_regex: "/v[0-9]+/.*", method: GET }
+          - { path_prefix: /ADMIN, ignore_uri_case: true, without_headers: { x-debug: {} } }
+        clusters: [{ name: v1 }]
+      - match: { headers: { x-canary: {} }, query_params: { u: { regex: "a.*" } } }
+        clusters: [{ name: v2 }]
+      - match: { authority: { prefix: "istio." }, scheme: http, port: 80 }
+        clusters: [{ name: v3 }]
+      - match: { headers: { x-env: { prefix: prod } }, port: 81 }
+        clusters: [{ name: v3 }]
       - clusters: [{ name: db }]
 "#;
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    /// The cluster of the rule a request gets, with its match block.
+    fn decide(
+        r: &RouteEntry,
+        method: &str,
+        uri: &str,
+        h: &[(&'static str, &'static str)],
+        host: Option<&str>,
+    ) -> String {
+        let (method, uri, headers) = (method.parse().unwrap(), uri.parse().unwrap(), headers(h));
+        let head =
+            RequestHead { method: &method, uri: &uri, headers: &headers, authority: host, dst: addr("10.96.0.40:80") };
+        let (rule, block) = r.rule_for(&head).expect("a rule matches");
+        format!("{}#{block}", rule.targets[0].cluster.name)
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
@@ -278,22 +371,49 @@ routes:
     fn first_matching_rule_wins() {
         let t = table(CFG);
         let r = t.by_addr(addr("10.96.0.20:9080")).unwrap();
-        let pick = |path, h: &HeaderMap| r.rule_for(path, h).unwrap().targets[0].cluster.name.to_string();
-        assert_eq!(pick("/api/x", &headers(&[("end-user", "jason")])), "v2");
-        assert_eq!(pick("/api/x", &headers(&[("end-user", "bob")])), "v1");
-        assert_eq!(pick("/other", &headers(&[("end-user", "jason")])), "v1");
-        assert_eq!(pick("/exact", &headers(&[])), "v3");
-        assert_eq!(pick("/exact/", &headers(&[])), "v1");
+        let pick = |path, h| decide(r, "GET", path, h, None);
+        assert_eq!(pick("/api/x", &[("end-user", "jason")]), "v2#0");
+        assert_eq!(pick("/api/x", &[("end-user", "bob")]), "v1#0");
+        assert_eq!(pick("/other", &[("end-user", "jason")]), "v1#0");
+        assert_eq!(pick("/exact", &[]), "v3#0");
+        assert_eq!(pick("/exact?q=1", &[]), "v3#0", "the query string is not part of the path");
+        assert_eq!(pick("/exact/", &[]), "v1#0");
         // A repeated header matches when any of its values does.
-        assert_eq!(pick("/api", &headers(&[("end-user", "bob"), ("end-user", "jason")])), "v2");
+        assert_eq!(pick("/api", &[("end-user", "bob"), ("end-user", "jason")]), "v2#0");
     }
 
     #[test]
-    fn tcp_uses_the_first_unconditional_rule() {
+    fn istio_conditions() {
+        let t = table(CFG);
+        let r = t.by_addr(addr("10.96.0.40:80")).unwrap();
+        let get = |uri, h| decide(r, "GET", uri, h, Some("istio.example:80"));
+        // Blocks are ORed, the conditions of one ANDed; the regex matches the whole path.
+        assert_eq!(get("/v2/x", &[]), "v1#0");
+        assert_eq!(decide(r, "POST", "/v2/x", &[], None), "db#0");
+        assert_eq!(get("/xv2/x", &[]), "v3#0");
+        assert_eq!(get("/v2", &[]), "v3#0", "the regex needs the slash after the version");
+        assert_eq!(get("/admin/users", &[]), "v1#1", "ignore_uri_case");
+        assert_eq!(get("/admin/users", &[("x-debug", "")]), "v3#0", "without_headers: present, any value");
+        // Presence, and a query parameter by regex (not decoded, first occurrence).
+        assert_eq!(get("/q?u=abc", &[("x-canary", "")]), "v2#0");
+        assert_eq!(get("/q?x=1&u=abc&u=z", &[("x-canary", "no")]), "v2#0");
+        assert_eq!(get("/q?u=zzz", &[("x-canary", "")]), "v3#0");
+        assert_eq!(get("/q?u=abc", &[]), "v3#0", "x-canary absent");
+        // Authority by prefix; scheme http for origin-form requests; the destination port.
+        assert_eq!(decide(r, "GET", "/", &[], Some("other")), "db#0");
+        assert_eq!(decide(r, "GET", "/", &[], None), "db#0", "no authority: an authority condition fails");
+        assert_eq!(decide(r, "GET", "https://istio.x/", &[], Some("istio.x")), "db#0");
+        assert_eq!(get("/", &[("x-env", "production")]), "v3#0");
+        assert_eq!(decide(r, "GET", "/", &[("x-env", "production")], None), "db#0", "port 81 is not the destination");
+    }
+
+    #[test]
+    fn tcp_takes_the_first_rule_its_destination_meets() {
         let t = table(CFG);
         let r = t.by_addr(addr("10.96.0.30:3306")).unwrap();
         assert_eq!(r.protocol, Protocol::Tcp);
-        assert_eq!(&*r.tcp_rule().unwrap().targets[0].cluster.name, "db");
+        assert_eq!(&*r.tcp_rule(addr("10.96.0.30:3306")).unwrap().targets[0].cluster.name, "db");
+        assert_eq!(&*r.tcp_rule(addr("10.97.0.30:3306")).unwrap().targets[0].cluster.name, "v3");
     }
 
     #[test]

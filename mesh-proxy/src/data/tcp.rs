@@ -22,10 +22,11 @@ use crate::data::{
     socket,
 };
 
-/// A TCP route: one cluster per connection by weight, one endpoint by the cluster's policy.
-pub async fn route(entry: &RouteEntry, mut stream: TcpStream, peer: SocketAddr, idle: Duration) {
-    let Some(rule) = entry.tcp_rule() else {
-        tracing::info!(target: "access", kind = "tcp", %peer, route = &*entry.name, reason = "the route has no rule without conditions for TCP", "connection refused");
+/// A TCP route: the rule for `dst`, one cluster per connection by weight, one endpoint by the
+/// cluster's policy.
+pub async fn route(entry: &RouteEntry, mut stream: TcpStream, peer: SocketAddr, dst: SocketAddr, idle: Duration) {
+    let Some(rule) = entry.tcp_rule(dst) else {
+        tracing::info!(target: "access", kind = "tcp", %peer, route = &*entry.name, reason = "no rule of the route takes a TCP connection to this destination", "connection refused");
         return;
     };
     let target = rule.pick();

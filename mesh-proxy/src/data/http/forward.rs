@@ -39,13 +39,13 @@ pub(super) async fn forward(
     counters: &RequestCounters,
     route: &Arc<str>,
     mut req: Request<Incoming>,
-    timeout: Duration,
+    timeout: Option<Duration>,
     idle: Duration,
     log: AccessLog,
 ) -> Response<ProxyBody> {
     let log = log.with_route(route).with_cluster(&cluster.name);
     let grpc = is_grpc(&req);
-    let timeout = if grpc { grpc_timeout(req.headers()).unwrap_or(timeout) } else { timeout };
+    let timeout = if grpc { grpc_timeout(req.headers()).or(timeout) } else { timeout };
     let downstream_h2 = req.version() == Version::HTTP_2;
     let upgrade = Upgrade::take(&mut req);
     // Upgrades and CONNECT are HTTP/1.1's: they go upstream in it whatever the cluster says.
@@ -76,7 +76,11 @@ pub(super) async fn forward(
     };
     let guard = ep.start_request();
     let log = log.with_endpoint(ep.addr);
-    let sent = tokio::time::timeout(timeout, attempt(cluster, ep, upstream, req, h2)).await;
+    let sending = attempt(cluster, ep, upstream, req, h2);
+    let sent = match timeout {
+        Some(t) => tokio::time::timeout(t, sending).await,
+        None => Ok(sending.await),
+    };
     match sent {
         Ok(Ok((mut resp, sender))) => {
             counters.record(resp.status().as_u16());

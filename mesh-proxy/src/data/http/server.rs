@@ -29,6 +29,7 @@ use crate::{
         cluster::Cluster,
         detect::{self, Detected},
         dispatch::{Fallback, Refusal},
+        route::RequestHead,
         Proxy,
     },
     drain,
@@ -255,16 +256,7 @@ async fn respond(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
             Fallback::Passthrough(dst) => {
                 let cluster = ctx.passthrough.get_or_init(|| Arc::new(ctx.proxy.passthrough_cluster(dst)));
                 let counters = &ctx.proxy.passthrough_counters;
-                forward(
-                    cluster,
-                    counters,
-                    &ctx.proxy.passthrough_route,
-                    req,
-                    crate::config::DEFAULT_REQUEST_TIMEOUT,
-                    idle,
-                    log,
-                )
-                .await
+                forward(cluster, counters, &ctx.proxy.passthrough_route, req, None, idle, log).await
             }
             Fallback::Refuse(why) => {
                 let status = match why {
@@ -278,7 +270,9 @@ async fn respond(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
             }
         };
     };
-    let Some(rule) = route.rule_for(req.uri().path(), req.headers()) else {
+    let head =
+        RequestHead { method: req.method(), uri: req.uri(), headers: req.headers(), authority, dst: ctx.orig_dst };
+    let Some((rule, _)) = route.rule_for(&head) else {
         let why = "no rule of the route matches the request";
         log.with_route(&route.name).local(StatusCode::NOT_FOUND, why, why);
         return local_response(grpc, StatusCode::NOT_FOUND, why);
