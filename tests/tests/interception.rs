@@ -9,7 +9,7 @@
 
 use std::process::{Command, Output};
 
-use mesh_e2e::{bin, ebpf_status_of, origdst_server, script, PodNet, POD_V4, REMOTE_V4, REMOTE_V6};
+use mesh_e2e::{bin, ebpf_status_of, origdst_server, script, PodNet, POD_V4, POD_V6, REMOTE_V4, REMOTE_V6};
 use mesh_lab::{check, Cgroup, Proc};
 
 const PROXY_UID: u32 = 1337;
@@ -294,6 +294,20 @@ fn inbound_is_steered_to_the_inbound_port_except_excluded_ports(mode: Mode) {
     assert_eq!(r.port, 15001, "outbound still goes to the outbound port");
 }
 
+/// istio-iptables returns inbound connections to the tunnel port (`-e`, 15008: HBONE) before
+/// any redirection: the proxy listens there itself and must see the real destination.
+fn inbound_tunnel_port_is_not_steered(mode: Mode) {
+    let mut h = Harness::new(mode, "tunnel");
+    h.install(&["-e", "15010", "--dual-stack"].filter_for(mode));
+    h.proxy(&[15000, 15010]);
+    h.pod_app(&[15008]);
+    assert_eq!(h.dial_from_remote(&format!("{POD_V4}:15010")).port, 15010, "the tunnel port is not steered");
+    let r = h.dial_from_remote(&format!("{POD_V4}:15008"));
+    assert_eq!(r.port, 15000, "15008 is an ordinary port when -e names another");
+    let r = h.dial_from_remote(&v6(POD_V6, 15010));
+    assert_eq!(r.port, 15010, "nor over IPv6");
+}
+
 fn rerun_is_idempotent_and_other_flags_replace(mode: Mode) {
     let mut h = Harness::new(mode, "rerun");
     h.install(&["-o", "81"]);
@@ -503,6 +517,7 @@ macro_rules! all_modes {
                     excluded_cidrs_and_ports_bypass,
                     only_included_cidrs_are_captured,
                     inbound_is_steered_to_the_inbound_port_except_excluded_ports,
+                    inbound_tunnel_port_is_not_steered,
                     rerun_is_idempotent_and_other_flags_replace,
                     bad_input_changes_nothing,
                     validate_proves_interception,

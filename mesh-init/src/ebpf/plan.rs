@@ -61,6 +61,9 @@ impl MapPlan {
         add(PortSet::IncludeOutbound, &mut c.include_outbound_ports.iter());
         add(PortSet::ExcludeOutbound, &mut c.exclude_outbound_ports.iter());
         add(PortSet::ExcludeInbound, &mut c.exclude_inbound_ports.iter());
+        // istio-iptables returns the tunnel port (`-e`, HBONE) before any inbound redirection:
+        // the proxy listens there itself and must see the real destination.
+        add(PortSet::ExcludeInbound, &mut [c.tunnel_port].iter());
         let inbound = !c.include_inbound_ports.is_none();
         match &c.include_inbound_ports {
             Selection::All => flags |= CFG_INCLUDE_ALL_INBOUND_PORTS,
@@ -131,7 +134,11 @@ mod tests {
         let p = MapPlan::new(&base(), false).unwrap();
         assert_eq!((p.config.outbound_port, p.config.inbound_port), (15001, 15006));
         assert_eq!(p.config.flags, CFG_INCLUDE_ALL_CIDRS | CFG_INCLUDE_ALL_INBOUND_PORTS | CFG_INBOUND);
-        assert!(p.port_sets.iter().all(|w| *w == 0));
+        // Only the tunnel port (15008) is set: it is never steered inbound, as in istio-iptables.
+        let (index, bit) = PortSet::ExcludeInbound.slot(0, 15008);
+        for (i, w) in p.port_sets.iter().enumerate() {
+            assert_eq!(*w, if i == index as usize { bit } else { 0 }, "word {i}");
+        }
         assert!(p.inbound);
     }
 
