@@ -8,6 +8,7 @@
 //! - [`PROXY_UID`], [`PROXY_GID`]: the proxy's user, whose traffic is never captured.
 //! - [`ports`]: Istio's well-known sidecar ports and this project's defaults.
 //! - [`flags`]: the istio-iptables flags that more than one crate names.
+//! - [`duration`]: the one grammar of durations (Go's), for every flag and config field.
 //!
 //! `no_std` and without dependencies so that the eBPF side (`mesh-ebpf-common`) can use it.
 
@@ -15,6 +16,8 @@
 #![forbid(unsafe_code)]
 
 use core::net::{Ipv4Addr, Ipv6Addr};
+
+pub mod duration;
 
 /// The source address the proxy binds when it hands an inbound connection to the local
 /// application over IPv4 (Istio's convention). The capture rules and the eBPF inbound program

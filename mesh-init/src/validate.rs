@@ -134,14 +134,8 @@ pub fn istio_probe(ports: &[u16], probe_port: u16, timeout: Duration) -> Result<
     }
 }
 
-/// A duration such as `500ms`, `5s` or `1m` (what istio-iptables' `--probe-timeout` takes).
+/// A duration such as `500ms`, `5s` or `1m30s`: Go's grammar, as istio-iptables' `--probe-timeout`
+/// takes it (a bare number is refused there too).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("expected a duration such as 500ms, 5s or 1m, got {s:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(60 * n)),
-        _ => Err(format!("expected a duration such as 500ms, 5s or 1m, got {s:?}")),
-    }
+    mesh_common::duration::parse(s).map_err(|e| format!("invalid duration {:?}: {e}", s.trim()))
 }

@@ -8,33 +8,20 @@ use std::{
     time::Duration,
 };
 
-/// Parses `250ms`, `1s`, `1.5s`, `2m`, `1h`. A bare number is refused: the unit is never guessed.
+/// Parses `250ms`, `1.5s`, `1m30s` (Go's grammar, shared by every part of the mesh: see
+/// [`mesh_common::duration`]). A bare number is refused: the unit is never guessed.
 pub fn duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let expected = "expected a number followed by ms, s, m or h, e.g. 250ms or 1s";
-    let value: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: {expected}"))?;
-    let secs = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("invalid duration {s:?}: {expected}")),
-    };
-    if !secs.is_finite() || secs > 365.0 * 86400.0 {
-        return Err(format!("invalid duration {s:?}: too long"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    mesh_common::duration::parse(s).map_err(|e| format!("invalid duration {:?}: {e}", s.trim()))
 }
 
 /// Renders a duration the way [`duration`] reads it (`250ms`, `5s`).
 pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
+    let ns = d.as_nanos();
+    match ns {
+        _ if ns.is_multiple_of(1_000_000_000) => format!("{}s", ns / 1_000_000_000),
+        _ if ns.is_multiple_of(1_000_000) => format!("{}ms", ns / 1_000_000),
+        _ if ns.is_multiple_of(1_000) => format!("{}us", ns / 1_000),
+        _ => format!("{ns}ns"),
     }
 }
 
@@ -132,6 +119,7 @@ mod tests {
         assert!(duration("1e400s").is_err());
         assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
         assert_eq!(format_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(format_duration(Duration::from_micros(1500)), "1500us");
     }
 
     #[test]

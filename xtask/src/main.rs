@@ -44,14 +44,17 @@ enum Cli {
     LoadIdle(load::IdleArgs),
 }
 
-/// Seconds, fractions allowed (`1.5`), for duration flags.
+/// A duration flag of the benchmarks: the mesh's grammar (`1.5s`, `100ms`, see
+/// [`mesh_common::duration`]), or a bare number of seconds as the flags' defaults write them.
 fn parse_secs(s: &str) -> Result<Duration, String> {
-    s.trim_end_matches('s')
-        .parse::<f64>()
-        .ok()
-        .filter(|v| *v > 0.0)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| format!("expected seconds such as 10 or 1.5, got {s:?}"))
+    let d = match s.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
+        _ => mesh_common::duration::parse(s).map_err(|e| format!("invalid duration {s:?}: {e}"))?,
+    };
+    if d.is_zero() {
+        return Err(format!("invalid duration {s:?}: must be more than zero"));
+    }
+    Ok(d)
 }
 
 fn main() -> ExitCode {
