@@ -228,8 +228,12 @@ impl Backend {
                             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(name.as_bytes()))))
                         }
                     });
-                    let _ =
-                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    // Above hyper's default of 100 headers: a request at the proxy's own limit
+                    // arrives with the headers the proxy adds (x-request-id, x-forwarded-*, its hop).
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .max_headers(128)
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
                 });
             }
         });

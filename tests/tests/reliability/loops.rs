@@ -62,7 +62,7 @@ fn an_endpoint_that_is_the_proxys_own_listener_is_refused() {
     for looping in ["127.0.0.1:15000".to_string(), format!("{POD_V4}:15000"), "127.0.0.1:15090".to_string()] {
         lab.write_config(&config(&[&looping], ""));
         lab.net.pod.run(|| {
-            wait_until(Duration::from_secs(10), "the rejection", || {
+            wait_until(Duration::from_secs(20), &format!("the rejection of {looping}"), || {
                 admin_get("/config_dump").1.contains(&format!("{looping} is the proxy's own")).then_some(())
             });
             let r = Client::connect(SERVICE).and_then(|mut c| c.get("/")).unwrap();
@@ -89,7 +89,8 @@ fn a_loop_through_another_hop_ends_after_one_turn() {
     lab.net.pod.run(|| {
         // `svc:9080` is a host route: the forwarded request is routed again by its Host.
         let mut c = Client::connect(SERVICE).unwrap();
-        let r = c.send("GET", "/", &[("Host", "svc:9080")], b"").unwrap();
+        c.host = "svc:9080".into();
+        let r = c.get("/").unwrap();
         assert_eq!(r.status, 508, "{r:?}");
         assert!(r.body_text().contains("loop"), "{}", r.body_text());
     });

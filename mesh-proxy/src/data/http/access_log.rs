@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use http::{Method, Request, StatusCode, Uri};
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use hyper::body::Incoming;
 
 /// The access-log line of one request, filled in as the request makes its way.
@@ -22,6 +22,9 @@ pub(super) struct LogFields {
     cluster: Option<Arc<str>>,
     endpoint: Option<SocketAddr>,
     status: u16,
+    /// `x-request-id`, made by the proxy when the client sent none: ties the line to the request
+    /// the backends saw.
+    request_id: Option<HeaderValue>,
 }
 
 impl AccessLog {
@@ -38,6 +41,7 @@ impl AccessLog {
                     cluster: None,
                     endpoint: None,
                     status: 0,
+                    request_id: req.headers().get("x-request-id").cloned(),
                 })
             }),
         }
@@ -112,6 +116,7 @@ fn clone_fields(f: &LogFields) -> LogFields {
         cluster: f.cluster.clone(),
         endpoint: f.endpoint,
         status: f.status,
+        request_id: f.request_id.clone(),
     }
 }
 
@@ -127,6 +132,7 @@ fn emit(f: &LogFields, status: u16, bytes: u64, reason: Option<&str>) {
         endpoint = %f.endpoint.map_or_else(|| "-".to_string(), |e| e.to_string()),
         status,
         bytes,
+        request_id = f.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
         duration_ms = f.start.elapsed().as_secs_f64() * 1000.0,
         reason = reason.unwrap_or("-"),
     );

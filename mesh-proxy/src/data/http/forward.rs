@@ -108,12 +108,19 @@ pub(super) async fn forward(
             })
         }
         Ok(Err(e)) => {
-            ep.record_error();
-            counters.record(503);
-            let why = format!("upstream reset before response headers: {e}");
-            let body = "upstream connect error or disconnect/reset before headers";
-            log.local(StatusCode::SERVICE_UNAVAILABLE, &why, body);
-            local_response(grpc, StatusCode::SERVICE_UNAVAILABLE, body)
+            let (status, body) = if e.is_client_body() {
+                (StatusCode::BAD_REQUEST, "invalid request body")
+            } else if e.is_invalid_response() {
+                (StatusCode::BAD_GATEWAY, "upstream sent an invalid response")
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers")
+            };
+            if status != StatusCode::BAD_REQUEST {
+                ep.record_error();
+            }
+            counters.record(status.as_u16());
+            log.local(status, &format!("{body}: {e}"), body);
+            local_response(grpc, status, body)
         }
         Err(_) => {
             ep.record_error();
@@ -132,6 +139,19 @@ pub(super) enum AttemptError {
     Connect(std::io::Error),
     #[error(transparent)]
     Upstream(#[from] hyper::Error),
+}
+
+impl AttemptError {
+    /// The client's request body failed while it was sent (an invalid chunk, a reset): the
+    /// client's fault (400), not the endpoint's.
+    pub(super) fn is_client_body(&self) -> bool {
+        matches!(self, AttemptError::Upstream(e) if e.is_user() && std::error::Error::source(e).is_some())
+    }
+
+    /// The upstream answered with something that is not HTTP (502, Envoy's answer).
+    pub(super) fn is_invalid_response(&self) -> bool {
+        matches!(self, AttemptError::Upstream(e) if e.is_parse() || e.is_parse_too_large() || e.is_parse_status())
+    }
 }
 
 /// One try of `req` on endpoint `ep`, over `upstream` (HTTP/2 when `h2`).

@@ -2,7 +2,7 @@
 //! request goes upstream as HTTP/1.1 in origin form with `Host`, or as HTTP/2 with the authority in
 //! the URI (`:authority`); the response comes back in the downstream's version.
 
-use std::sync::OnceLock;
+use std::{net::SocketAddr, sync::OnceLock};
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -89,13 +89,87 @@ pub(super) fn looped(headers: &HeaderMap) -> bool {
     headers.get_all(&HOP).iter().any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii() == id))
 }
 
+/// Why a request is refused with 400 before it is routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BadRequest {
+    TwoHosts,
+    NoHost,
+}
+
+impl BadRequest {
+    pub(super) fn reason(self) -> &'static str {
+        match self {
+            BadRequest::TwoHosts => "more than one Host header",
+            BadRequest::NoHost => "an HTTP/1.1 request without Host",
+        }
+    }
+}
+
+/// Checks the request's `Host` (RFC 9112 §3.2) and adds what a proxy owes the next hop, before the
+/// request is routed: `x-request-id` when absent (a random UUID, as Envoy makes one; the access log
+/// keeps it), the client's address appended to `x-forwarded-for`, `x-forwarded-proto`. An HTTP/1.0
+/// request without `Host` gets the address the client dialled (`dst`): it is forwarded as HTTP/1.1,
+/// which must have one (nginx answers 400 otherwise).
+pub(super) fn prepare_downstream_request<B>(
+    req: &mut Request<B>,
+    dst: SocketAddr,
+    peer: SocketAddr,
+) -> Result<(), BadRequest> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next().is_some();
+    if hosts.next().is_some() {
+        return Err(BadRequest::TwoHosts);
+    }
+    if !host && req.uri().authority().is_none() && req.method() != Method::CONNECT {
+        match req.version() {
+            Version::HTTP_10 | Version::HTTP_09 => {
+                let v = HeaderValue::from_str(&dst.to_string()).expect("an address is a valid header value");
+                req.headers_mut().insert(header::HOST, v);
+            }
+            Version::HTTP_11 => return Err(BadRequest::NoHost),
+            _ => {}
+        }
+    }
+    let headers = req.headers_mut();
+    if !headers.contains_key(&REQUEST_ID) {
+        let id = uuid_v4(rand::random());
+        headers.insert(REQUEST_ID, HeaderValue::from_str(&id).expect("a UUID is a valid header value"));
+    }
+    let ip = peer.ip().to_canonical();
+    let xff = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip.to_string(),
+    };
+    // Several x-forwarded-for lines become one, with this hop last.
+    headers.insert(FORWARDED_FOR, HeaderValue::from_str(&xff).expect("addresses are valid header values"));
+    headers.insert(FORWARDED_PROTO, HeaderValue::from_static("http"));
+    Ok(())
+}
+
+const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+const FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
+const FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
+
+/// `n` as a version 4 (random) UUID: the version and variant bits set, hyphenated.
+fn uuid_v4(n: u128) -> String {
+    let n = (n & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
+    let h = format!("{n:032x}");
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
 /// Readies `req` for the upstream hop in HTTP/2 (`h2`) or HTTP/1.1.
 pub(super) fn prepare_upstream_request<B>(req: &mut Request<B>, h2: bool) {
     req.headers_mut().append(HOP, hop_id().clone());
     // `TE: trailers` is the one TE HTTP/2 allows, and gRPC servers require it.
     let te_trailers =
         h2 && req.headers().get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    // Transfer codings besides chunked (`gzip, chunked`) describe the body bytes, which pass
+    // unchanged: they go on (hyper re-chunks, and adds `chunked` if it is missing).
+    let codings = (!h2).then(|| req.headers().get(header::TRANSFER_ENCODING).cloned()).flatten();
     strip_hop_by_hop(req.headers_mut());
+    if let Some(te) = codings {
+        req.headers_mut().insert(header::TRANSFER_ENCODING, te);
+    }
     if h2 {
         if te_trailers {
             req.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
@@ -110,11 +184,9 @@ pub(super) fn prepare_upstream_request<B>(req: &mut Request<B>, h2: bool) {
     }
     if let Some(a) = req.uri().authority() {
         // Absolute-form from a client that thinks it talks to a forward proxy: origin-form
-        // upstream, the authority in Host.
-        if !req.headers().contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
-            }
+        // upstream, the authority (which routed it) in Host, replacing any other (RFC 9112 §3.2.2).
+        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
         }
         let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
         if let Ok(uri) = pq.parse::<Uri>() {
@@ -145,10 +217,14 @@ fn to_h2_form<B>(req: &mut Request<B>) {
 pub(super) fn prepare_downstream_response(resp: &mut Response<Incoming>, h2: bool) {
     // The upstream's connection management (close, HTTP/1.0) is its hop's business; the downstream
     // connection stays keep-alive.
-    let chunked = !h2 && resp.headers().get(header::TRANSFER_ENCODING).is_some();
+    // The transfer codings stay (`gzip, chunked`: the body bytes pass unchanged); with them, a
+    // Content-Length is wrong (RFC 9112 §6.3: Transfer-Encoding wins) and would make hyper refuse
+    // to write the response at all.
+    let codings = (!h2).then(|| resp.headers().get(header::TRANSFER_ENCODING).cloned()).flatten();
     strip_hop_by_hop(resp.headers_mut());
-    if chunked {
-        resp.headers_mut().insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    if let Some(te) = codings {
+        resp.headers_mut().insert(header::TRANSFER_ENCODING, te);
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
     }
     *resp.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
 }
@@ -191,6 +267,12 @@ mod tests {
         let mut h = map(&[("host", "a"), ("accept", "*/*")]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        assert_eq!(uuid_v4(0), "00000000-0000-4000-8000-000000000000");
+        assert_eq!(uuid_v4(u128::MAX), "ffffffff-ffff-4fff-bfff-ffffffffffff");
     }
 
     #[test]

@@ -23,6 +23,7 @@ use super::{
     access_log::AccessLog,
     body::{is_grpc, local_response, ProxyBody},
     forward::forward,
+    headers::{looped, prepare_downstream_request},
 };
 use crate::{
     data::{
@@ -114,6 +115,9 @@ pub async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream) {
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
+            // A client that sends its request then shuts its write side (`nc -N`, batch clients)
+            // still gets the response: hyper's default takes the EOF for an abandoned connection.
+            .half_close(true)
             // hyper refuses (431) a head that does not fit its buffer; the exact 60 KiB limit on
             // header bytes is checked per request in `handle`, which sees them parsed.
             .max_buf_size(MAX_HEADER_BYTES + 16 * 1024)
@@ -228,11 +232,16 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
     resp
 }
 
-async fn respond(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn respond(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
     let grpc = is_grpc(&req);
     let snapshot = ctx.proxy.snapshot.load_full();
+    let bad = prepare_downstream_request(&mut req, ctx.orig_dst, ctx.peer);
     let log = AccessLog::start(&req, ctx.peer, start);
+    if let Err(why) = bad {
+        log.local(StatusCode::BAD_REQUEST, why.reason(), why.reason());
+        return local_response(grpc, StatusCode::BAD_REQUEST, why.reason());
+    }
     let header_bytes: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
     if header_bytes > MAX_HEADER_BYTES {
         let why = "request headers exceed 60 KiB";
@@ -241,7 +250,7 @@ async fn respond(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp;
     }
-    if super::headers::looped(req.headers()) {
+    if looped(req.headers()) {
         let why = "routing loop: the request came back to the proxy that forwarded it";
         log.local(StatusCode::LOOP_DETECTED, why, why);
         return local_response(grpc, StatusCode::LOOP_DETECTED, why);
