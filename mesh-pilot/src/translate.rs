@@ -179,7 +179,14 @@ impl<'a> Translator<'a> {
     pub fn scope(&self, namespace: &str) -> ScopeConfig {
         let mut out = ScopeConfig::default();
         if let Some(addr) = self.opts.listener {
-            out.listeners.push(RawListener { name: "virtual".into(), address: addr.to_string() });
+            // Not transparent here: a TPROXY pod's proxy is told so by its injected environment.
+            let virtual_listener = RawListener {
+                name: "virtual".into(),
+                address: addr.to_string(),
+                transparent: false,
+                tproxy_mark: None,
+            };
+            out.listeners.push(virtual_listener);
         }
         let sidecar = self.sidecars.get(namespace).or_else(|| self.sidecars.get(&self.opts.root_namespace));
         let mut claimed: BTreeSet<String> = BTreeSet::new();

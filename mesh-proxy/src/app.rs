@@ -55,6 +55,10 @@ pub struct Options {
     /// Serve DNS with the default settings even if the file has no `dns` section (`--dns-capture`,
     /// which `mesh-init inject --redirect-dns` sets, as Istio's `ISTIO_META_DNS_CAPTURE`).
     pub dns_capture: bool,
+    /// Inbound arrives through mesh-init's TPROXY rules with this mark (`--inbound-tproxy-mark`,
+    /// which `mesh-init inject` sets in TPROXY mode): every listener is transparent, whatever the
+    /// config says.
+    pub inbound_tproxy_mark: Option<u32>,
 }
 
 /// Why the proxy could not start, or stopped waiting.
@@ -162,9 +166,11 @@ pub async fn build(config: Loaded, options: Options) -> Result<Bound, Error> {
     let metrics = Arc::new(Metrics::new());
     let (handle, trigger) = (data.handle.clone(), drain.clone());
     // The first build, off the caller's runtime like every later one.
-    let control = tokio::task::spawn_blocking(move || Control::start(config, admin, handle, trigger, local, metrics))
-        .await
-        .map_err(|e| Error::Panicked(e.to_string()))??;
+    let tproxy = options.inbound_tproxy_mark;
+    let control =
+        tokio::task::spawn_blocking(move || Control::start(config, admin, handle, trigger, local, metrics, tproxy))
+            .await
+            .map_err(|e| Error::Panicked(e.to_string()))??;
     let control = Arc::new(control);
     let dns = match bootstrap.dns.clone().or_else(|| options.dns_capture.then(Default::default)) {
         Some(settings) => dns::start(&settings, control.proxy.snapshot.clone(), control.metrics(), &data.handle)?,

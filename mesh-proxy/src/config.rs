@@ -335,6 +335,18 @@ discovery:
     }
 
     #[test]
+    fn transparent_listeners_carry_the_tproxy_mark() {
+        let listener = |extra: &str| format!("listeners: [{{ name: in, address: 0.0.0.0:15006{extra} }}]\n");
+        let (_, r) = validate("x", &listener(", transparent: true")).unwrap();
+        assert_eq!(r.listeners[0].transparent, Some(1337), "mesh-init's default -t");
+        let (_, r) = validate("x", &listener(", transparent: true, tproxy_mark: 7")).unwrap();
+        assert_eq!(r.listeners[0].transparent, Some(7));
+        assert_eq!(validate("x", &listener("")).unwrap().1.listeners[0].transparent, None);
+        assert_eq!(err(&listener(", tproxy_mark: 7")), "listeners[0].tproxy_mark: only a transparent listener has one");
+        assert_eq!(err(&listener(", transparent: true, tproxy_mark: 0")), "listeners[0].tproxy_mark: must not be 0");
+    }
+
+    #[test]
     fn unknown_field_names_field_and_line() {
         let e = err("listeners:\n  - name: a\n    adress: 127.0.0.1:1\n");
         assert!(e.contains("unknown field `adress`"), "{e}");

@@ -132,11 +132,12 @@ impl Control {
         drain: Arc<drain::Trigger>,
         local_addrs: LocalAddrs,
         metrics: Arc<Metrics>,
+        tproxy: Option<u32>,
     ) -> Result<Self, UpdateError> {
         let Loaded { path, version, bootstrap, routing: raw } = loaded;
         let file_source = format!("file:{}", path.display());
         let routing = raw.validate(&bootstrap)?;
-        let listeners = Listeners::new(data, drain);
+        let listeners = Listeners::new(data, drain, tproxy);
         let prepared = listeners.prepare(&routing.listeners)?;
         refuse_loops(&routing, &prepared, admin, &local_addrs)?;
         let registry = EndpointRegistry::default();

@@ -69,6 +69,11 @@ struct Args {
     /// by `mesh-init inject --redirect-dns`, whose rules send the pod's queries there.
     #[arg(long, env = "MESH_PROXY_DNS_CAPTURE")]
     dns_capture: bool,
+    /// Inbound arrives through mesh-init's TPROXY rules (`-m TPROXY`) with this mark (their `-t`):
+    /// every listener is transparent and hands inbound connections to the application from the
+    /// client's address. Needs CAP_NET_ADMIN. Set by `mesh-init inject` in TPROXY mode.
+    #[arg(long, env = "MESH_PROXY_INBOUND_TPROXY_MARK", value_parser = clap::value_parser!(u32).range(1..))]
+    inbound_tproxy_mark: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -134,8 +139,14 @@ fn run(args: Args, log: logging::LogHandle) -> anyhow::Result<()> {
     let control =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the control runtime")?;
     control.block_on(async {
-        let bound =
-            app::build(config, app::Options { workers, log: Some(log), status, dns_capture: args.dns_capture }).await?;
+        let options = app::Options {
+            workers,
+            log: Some(log),
+            status,
+            dns_capture: args.dns_capture,
+            inbound_tproxy_mark: args.inbound_tproxy_mark,
+        };
+        let bound = app::build(config, options).await?;
         bound.wait_termination().await
     })?;
     Ok(())

@@ -460,6 +460,26 @@ fn dns_proxy_answers_the_mesh_and_forwards_the_rest_iptables() {
     assert!(dns("udp", "cache") + dns("tcp", "cache") >= 1, "the outside name asked again within its TTL: {stats}");
 }
 
+/// What `mesh-init inject --redirect-dns` writes: the capture's `--redirect-dns` and the proxy's
+/// `MESH_PROXY_DNS_CAPTURE`, with a config that has no `dns` section. Before the injector set the
+/// variable, nothing listened on 15053 and every lookup in the pod failed.
+#[test]
+fn dns_capture_as_injected_answers_in_the_pod() {
+    if !privileged("dns_capture_as_injected_answers_in_the_pod") {
+        return;
+    }
+    let mut mesh = Mesh::new(Mode::Iptables, "dni");
+    let pod = mesh.net.pod.name().to_string();
+    let etc = NetnsEtc::new(&pod);
+    etc.resolv_conf(&format!("{SEARCH}nameserver {REMOTE_V4}\noptions ndots:1 timeout:1 attempts:1\n"));
+    mesh.mesh_init(&["--dual-stack", "--redirect-dns"]);
+    let config = format!("hosts:\n  - {{ name: {SVC_NAME}, addresses: [{SVC_V4}, \"{SVC_V6}\"] }}\n");
+    mesh.start_proxy(&config, 1337, &["env", "MESH_PROXY_DNS_CAPTURE=true"]);
+    let name = format!("{SVC_NAME}.");
+    assert_eq!(in_pod(&pod, 0, &["getent", "ahostsv4", &name]).split_whitespace().next(), Some(SVC_V4));
+    assert_eq!(getaddrinfo(&pod, &name), format!("{SVC_V4} {SVC_V6}"));
+}
+
 #[test]
 fn the_ebpf_mode_refuses_dns_capture() {
     if !privileged("the_ebpf_mode_refuses_dns_capture") {
@@ -475,4 +495,88 @@ fn the_ebpf_mode_refuses_dns_capture() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("--redirect-dns"), "{stderr}");
+}
+
+/// TPROXY (`mesh-init iptables -m TPROXY`): an inbound request over IPv4 and IPv6 reaches the
+/// application through the proxy's transparent listener, and the application sees the remote
+/// client's address (with REDIRECT it would see 127.0.0.6). The proxy runs as `mesh-init inject`
+/// writes it in this mode (Istio's injector too): user 0 with group 1337 (the rules exempt its
+/// outbound traffic by group) and only CAP_NET_ADMIN. `wrapper` adds how the proxy learns the mode;
+/// `backend` is mesh-init's extra flags.
+fn tproxy_inbound(tag: &str, backend: &[&str], config: &str, wrapper: &[&str]) {
+    let mut mesh = Mesh::new(Mode::Iptables, tag);
+    mesh.mesh_init(&[&["-m", "TPROXY", "-g", "1337", "--dual-stack"], backend].concat());
+    let caps = ["setpriv", "--clear-groups", "--bounding-set=-all,+net_admin", "--inh-caps=-all", "--"];
+    mesh.start_proxy(config, 0, &[wrapper, &caps].concat());
+    // The application, on 0.0.0.0 and [::]: answers each connection with the peer it sees.
+    let mut app = mesh.pod_cmd(0, 0, "python3");
+    app.arg(script("origdst_server.py")).arg("8080");
+    let mut app = Proc::spawn(&mut app);
+    app.wait_for_line("ready");
+    mesh.procs.push(app);
+    let probe = |addr: &str| {
+        let out = mesh.net.remote.command("python3").arg(script("probe.py")).args([addr, "3"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let v4 = probe(&format!("{}:8080", mesh_e2e::POD_V4));
+    let v6 = probe(&format!("[{}]:8080", mesh_e2e::POD_V6));
+    let log = mesh.log();
+    assert!(v4.contains(&format!("peer={REMOTE_V4}:")), "the application sees the client's IPv4 address: {v4}\n{log}");
+    assert!(
+        v6.contains(&format!("peer=[{REMOTE_V6}]:")),
+        "the application sees the client's IPv6 address: {v6}\n{log}"
+    );
+    let stats = mesh.admin("/stats/prometheus");
+    let inbound =
+        series(&stats, "mesh_proxy_tcp_connections_total", "route=\"inbound\",cluster=\"InboundPassthroughCluster\"");
+    assert_eq!(inbound, 2, "both went through the proxy: {stats}\n{log}");
+}
+
+/// The listener says `transparent: true` (a config written for TPROXY).
+#[test]
+fn tproxy_inbound_keeps_the_client_address_by_config() {
+    if !privileged("tproxy_inbound_keeps_the_client_address_by_config") {
+        return;
+    }
+    let config = "listeners: [{ name: virtual, address: 0.0.0.0:15000, transparent: true }]\n";
+    tproxy_inbound("tpc", &[], config, &[]);
+}
+
+/// The config says nothing about the mode; the environment `mesh-init inject` writes in TPROXY
+/// mode (`MESH_PROXY_INBOUND_TPROXY_MARK`) makes the listener transparent. Without it (before
+/// this existed) the request timed out: TPROXY drops what no transparent socket takes.
+#[test]
+fn tproxy_inbound_keeps_the_client_address_as_injected() {
+    if !privileged("tproxy_inbound_keeps_the_client_address_as_injected") {
+        return;
+    }
+    let config = "listeners: [{ name: virtual, address: 0.0.0.0:15000 }]\n";
+    tproxy_inbound("tpi", &[], config, &["env", "MESH_PROXY_INBOUND_TPROXY_MARK=1337"]);
+}
+
+/// The same rules written by mesh-init's native nftables backend.
+#[test]
+fn tproxy_inbound_keeps_the_client_address_native_nftables() {
+    if !privileged("tproxy_inbound_keeps_the_client_address_native_nftables") {
+        return;
+    }
+    let config = "listeners: [{ name: virtual, address: 0.0.0.0:15000 }]\n";
+    tproxy_inbound("tpn", &["--native-nftables"], config, &["env", "MESH_PROXY_INBOUND_TPROXY_MARK=1337"]);
+}
+
+#[test]
+fn the_ebpf_mode_refuses_tproxy() {
+    if !privileged("the_ebpf_mode_refuses_tproxy") {
+        return;
+    }
+    let mesh = Mesh::new(Mode::Ebpf, "tpe");
+    let out = Command::new(bin("mesh-init"))
+        .arg("ebpf")
+        .arg("--cgroup")
+        .arg(mesh.cgroup.path())
+        .args(["--netns", mesh.net.pod.name(), "-p", "15000", "-m", "TPROXY"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("TPROXY"), "{stderr}");
 }

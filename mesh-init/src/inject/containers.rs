@@ -82,6 +82,13 @@ pub struct Sidecar {
     pub prometheus: Option<String>,
     /// Whether the pod's scrape annotations were pointed at the status port.
     pub metrics_merged: bool,
+    /// The capture redirects the pod's DNS (`--redirect-dns`): the proxy must answer it
+    /// (`MESH_PROXY_DNS_CAPTURE`, as Istio sets `ISTIO_META_DNS_CAPTURE` on its proxy).
+    pub dns_capture: bool,
+    /// Inbound is TPROXY'd (`-m TPROXY`) with this mark (`-t`): the proxy is told so
+    /// (`MESH_PROXY_INBOUND_TPROXY_MARK`, its listeners become transparent) and needs
+    /// `CAP_NET_ADMIN` for its transparent listener and hand-off.
+    pub tproxy_mark: Option<u32>,
 }
 
 /// The status annotation's value: what was added, by name, and what was changed.
@@ -209,6 +216,11 @@ pub struct SeccompProfile {
 }
 
 const RUNTIME_DEFAULT: Option<SeccompProfile> = Some(SeccompProfile { kind: "RuntimeDefault" });
+
+/// mesh-proxy's `--dns-capture` as an environment variable.
+const DNS_CAPTURE_ENV: &str = "MESH_PROXY_DNS_CAPTURE";
+/// mesh-proxy's `--inbound-tproxy-mark` as an environment variable.
+const TPROXY_MARK_ENV: &str = "MESH_PROXY_INBOUND_TPROXY_MARK";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Capabilities {
@@ -342,13 +354,35 @@ impl Sidecar {
         }
     }
 
-    /// mesh-proxy as the UID the capture exempts, with no capabilities.
+    /// The sidecar's security context in TPROXY mode, as Istio's injector writes it: user 0 with
+    /// the proxy's group and `NET_ADMIN` alone. Kubernetes gives a non-root container no
+    /// capability it could use (no ambient capabilities), and user 0 is also what keeps the
+    /// transparent hand-off to the application out of the rules' redirect of the proxy UID's
+    /// connections to the pod (with user 1337 the hand-off comes back to the proxy); the rules
+    /// exempt the proxy's outbound traffic by its group.
+    fn tproxy_context(&self) -> SecurityContext {
+        SecurityContext {
+            capabilities: Capabilities { add: vec!["NET_ADMIN"], drop: vec!["ALL"] },
+            run_as_non_root: false,
+            run_as_user: 0,
+            ..self.unprivileged()
+        }
+    }
+
+    /// mesh-proxy as the UID the capture exempts, with no capabilities (in TPROXY mode, see
+    /// [`Self::tproxy_context`]).
     pub fn proxy_container(&self) -> Container {
         let mut args = vec!["--config".into(), format!("{CONFIG_DIR}/config.yaml")];
         if let Some(workers) = self.workers {
             args.extend(["--workers".into(), workers.to_string()]);
         }
         let mut env = vec![];
+        if self.dns_capture {
+            env.push(EnvVar { name: DNS_CAPTURE_ENV, value: Some("true".into()), value_from: None });
+        }
+        if let Some(mark) = self.tproxy_mark {
+            env.push(EnvVar { name: TPROXY_MARK_ENV, value: Some(mark.to_string()), value_from: None });
+        }
         if let Some(port) = self.status_port {
             env.push(EnvVar { name: STATUS_ADDRESS_ENV, value: Some(format!("0.0.0.0:{port}")), value_from: None });
             // Where the application's probes go, as the kubelet's would (Istio's variable).
@@ -409,7 +443,7 @@ impl Sidecar {
             )),
             startup_probe: Some(ready(None, 1, 3, 600)),
             restart_policy: self.native.then_some("Always"),
-            security_context: self.unprivileged(),
+            security_context: if self.tproxy_mark.is_some() { self.tproxy_context() } else { self.unprivileged() },
             volume_mounts: vec![VolumeMount { name: CONFIG_VOLUME, mount_path: CONFIG_DIR, read_only: true }],
         }
     }

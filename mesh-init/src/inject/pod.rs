@@ -16,7 +16,7 @@ use super::{
     workload::get,
     Mode, NativeSidecar, Settings, MIN_NATIVE_SIDECAR,
 };
-use crate::capture::{CaptureConfig, InvalidFlag, Selection};
+use crate::capture::{CaptureConfig, InboundMode, InvalidFlag, Selection};
 
 /// Why a pod cannot be injected: an annotation (named) or anything else (the reason names the
 /// flag or field).
@@ -288,6 +288,10 @@ fn decide(
             probers: None,
             prometheus: None,
             metrics_merged: false,
+            // What the init container is told (`render_flags`), not what this machine's
+            // resolv.conf would make of it: the pod's has nameservers even where the injector's has none.
+            dns_capture: capture.redirect_dns,
+            tproxy_mark: (config.inbound_mode == InboundMode::Tproxy).then_some(config.tproxy_mark),
         },
         config,
         notes,

@@ -21,6 +21,8 @@ use super::{
 };
 use crate::parse::{self, serialize_duration, Host};
 
+/// mesh-init's (and istio-iptables') default `-t`: the mark of TPROXY'd connections.
+pub const DEFAULT_TPROXY_MARK: u32 = 1337;
 /// Envoy's default cluster connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -63,6 +65,15 @@ pub enum OutboundPolicy {
 pub struct RawListener {
     pub name: String,
     pub address: String,
+    /// `IP_TRANSPARENT`: accepts the connections mesh-init's TPROXY rules (`-m TPROXY`) deliver,
+    /// and hands inbound ones to the application from the client's own address. Needs
+    /// `CAP_NET_ADMIN`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transparent: bool,
+    /// The mark of those hand-offs, which mesh-init's rules route back to the proxy: its `-t`
+    /// (default 1337). Only with `transparent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tproxy_mark: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -278,6 +289,8 @@ pub struct HostEntry {
 pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
+    /// The TPROXY mark when the listener is transparent.
+    pub transparent: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -444,7 +457,15 @@ impl RawRouting {
             if fixed && bootstrap.readiness.is_some_and(|r| r.address == address) {
                 return Err(invalid(format!("{field}.address"), format!("{address} is the readiness address")));
             }
-            listeners.push(Listener { name: l.name.clone(), address });
+            let transparent = match (l.transparent, l.tproxy_mark) {
+                (true, Some(0)) => return Err(invalid(format!("{field}.tproxy_mark"), "must not be 0")),
+                (true, mark) => Some(mark.unwrap_or(DEFAULT_TPROXY_MARK)),
+                (false, Some(_)) => {
+                    return Err(invalid(format!("{field}.tproxy_mark"), "only a transparent listener has one"))
+                }
+                (false, None) => None,
+            };
+            listeners.push(Listener { name: l.name.clone(), address, transparent });
         }
 
         let mut clusters: Vec<Cluster> = Vec::with_capacity(self.clusters.len());

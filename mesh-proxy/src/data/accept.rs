@@ -8,6 +8,10 @@
 //! A listener on `0.0.0.0:P` also listens on `[::]:P` (IPv6 only) when the namespace has IPv6, as
 //! an Istio sidecar does on a dual-stack pod: mesh-init redirects IPv6 to the same port. A
 //! listener on `[::]:P` is dual-stack by itself.
+//!
+//! A `transparent` listener's sockets have `IP_TRANSPARENT` (`IPV6_TRANSPARENT`), so that the
+//! connections mesh-init's TPROXY rules deliver (addressed to the pod, not to the proxy) are
+//! accepted; its connections carry the TPROXY mark to the inbound hand-off.
 
 use std::{
     collections::HashMap,
@@ -41,6 +45,8 @@ pub struct BindError {
 /// A bound, running listener.
 struct Running {
     name: String,
+    /// Its TPROXY mark, if transparent: a socket cannot become (or stop being) transparent.
+    transparent: Option<u32>,
     /// Where its sockets are bound (the configured address, with the kernel's port for port 0,
     /// and the IPv6 companion of `0.0.0.0`).
     bound: Vec<SocketAddr>,
@@ -74,12 +80,21 @@ pub struct Listeners {
     /// Where accept loops and connections run.
     data: Handle,
     drain: Arc<drain::Trigger>,
+    /// The TPROXY mark every listener takes when the command line says inbound arrives by TPROXY
+    /// (`--inbound-tproxy-mark`, which `mesh-init inject` sets): the config, written for any
+    /// interception mode, need not say `transparent`.
+    tproxy: Option<u32>,
     running: Mutex<HashMap<SocketAddr, Running>>,
 }
 
 impl Listeners {
-    pub fn new(data: Handle, drain: Arc<drain::Trigger>) -> Self {
-        Self { data, drain, running: Mutex::new(HashMap::new()) }
+    pub fn new(data: Handle, drain: Arc<drain::Trigger>, tproxy: Option<u32>) -> Self {
+        Self { data, drain, tproxy, running: Mutex::new(HashMap::new()) }
+    }
+
+    /// The TPROXY mark of `l`: its own, else the command line's.
+    fn transparent(&self, l: &config::Listener) -> Option<u32> {
+        l.transparent.or(self.tproxy)
     }
 
     /// Binds every listener of `wanted` that is not running yet. On error nothing changes.
@@ -87,16 +102,22 @@ impl Listeners {
         let running = self.running.lock().expect("listeners lock poisoned");
         let mut prepared = Prepared { bound: Vec::new(), keep: Vec::new(), addresses: Vec::new() };
         for l in wanted {
+            let err = |error| BindError { name: l.name.clone(), address: l.address, error };
+            let transparent = self.transparent(l);
             if let Some(r) = running.get(&l.address) {
+                if r.transparent != transparent {
+                    let why = "transparent (or its tproxy_mark) cannot change while the address is bound; \
+                               remove the listener in one update and add it back in the next, or restart";
+                    return Err(err(io::Error::other(why)));
+                }
                 prepared.keep.push(l.address);
                 prepared.addresses.extend(&r.bound);
                 continue;
             }
-            let err = |error| BindError { name: l.name.clone(), address: l.address, error };
-            let mut sockets = vec![bind(l.address, false).map_err(err)?];
+            let mut sockets = vec![bind_with(l.address, false, transparent.is_some()).map_err(err)?];
             if l.address.ip() == std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
                 let v6 = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), l.address.port());
-                match bind(v6, true) {
+                match bind_with(v6, true, transparent.is_some()) {
                     Ok(s) => sockets.push(s),
                     // No IPv6 in this namespace: the IPv4 listener is all there is.
                     Err(e) if no_ipv6(&e) => {
@@ -126,6 +147,7 @@ impl Listeners {
         });
         for (l, sockets) in prepared.bound {
             let _guard = self.data.enter();
+            let transparent = self.transparent(&l);
             let mut stops = Vec::with_capacity(sockets.len());
             let mut bound = Vec::with_capacity(sockets.len());
             for socket in sockets {
@@ -140,10 +162,18 @@ impl Listeners {
                 tracing::info!(listener = %l.name, address = %local, "listening");
                 bound.push(local);
                 let (stop_tx, stop_rx) = oneshot::channel();
-                self.data.spawn(accept_loop(listener, l.name.clone(), proxy.clone(), self.drain.handle(), stop_rx));
+                let labels = ListenerLabels { listener: l.name.clone() };
+                self.data.spawn(accept_loop(
+                    listener,
+                    labels,
+                    transparent,
+                    proxy.clone(),
+                    self.drain.handle(),
+                    stop_rx,
+                ));
                 stops.push(stop_tx);
             }
-            running.insert(l.address, Running { name: l.name, bound, _stop: stops });
+            running.insert(l.address, Running { name: l.name, transparent, bound, _stop: stops });
         }
     }
 
@@ -178,7 +208,22 @@ pub(crate) fn no_ipv6(e: &io::Error) -> bool {
 
 /// A non-blocking listening socket (the admin side's too).
 pub(crate) fn bind(addr: SocketAddr, v6_only: bool) -> io::Result<std::net::TcpListener> {
+    bind_with(addr, v6_only, false)
+}
+
+/// [`bind`], with `IP_TRANSPARENT` for a transparent listener.
+fn bind_with(addr: SocketAddr, v6_only: bool, transparent: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if transparent {
+        let set = if addr.is_ipv4() { socket.set_ip_transparent_v4(true) } else { socket.set_ip_transparent_v6(true) };
+        set.map_err(|e| match e.raw_os_error() {
+            Some(nix::libc::EPERM) => io::Error::new(
+                e.kind(),
+                "transparent: IP_TRANSPARENT needs CAP_NET_ADMIN (mesh-init inject grants it in TPROXY mode)",
+            ),
+            _ => e,
+        })?;
+    }
     // A restarted proxy must be able to bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -192,12 +237,12 @@ pub(crate) fn bind(addr: SocketAddr, v6_only: bool) -> io::Result<std::net::TcpL
 
 async fn accept_loop(
     listener: TcpListener,
-    name: String,
+    labels: ListenerLabels,
+    transparent: Option<u32>,
     proxy: Arc<Proxy>,
     drain: drain::Handle,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let labels = ListenerLabels { listener: name };
     let total = proxy.metrics.downstream_connections.get_or_create(&labels).clone();
     let active = proxy.metrics.downstream_connections_active.get_or_create(&labels).clone();
     loop {
@@ -211,7 +256,7 @@ async fn accept_loop(
                 active.inc();
                 let (proxy, drain, active) = (proxy.clone(), drain.watch(), active.clone());
                 tokio::spawn(async move {
-                    connection::serve(proxy, stream, peer, drain).await;
+                    connection::serve(proxy, stream, peer, transparent, drain).await;
                     active.dec();
                 });
             }

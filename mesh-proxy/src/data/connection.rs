@@ -23,8 +23,15 @@ enum Opaque {
     Unrouted(Fallback),
 }
 
-/// Handles one accepted connection to its end.
-pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, drain: drain::Watch) {
+/// Handles one accepted connection to its end. `transparent` is the TPROXY mark of a connection
+/// accepted by a transparent listener: an inbound one is then handed over from the client's address.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    transparent: Option<u32>,
+    drain: drain::Watch,
+) {
     let dst = match orig_dst::original_dst(&stream) {
         Ok(d) => d,
         Err(e) => {
@@ -38,7 +45,13 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, drain
     let snapshot = proxy.snapshot.load_full();
     let idle = proxy.tcp_idle_timeout;
     let (protocol, fallback, opaque) = match dispatch::plan(&snapshot, dst, &proxy.local_addrs.load()) {
-        Plan::Inbound(addr) => return inbound::serve(&proxy.inbound_tcp, stream, peer, addr, idle).await,
+        Plan::Inbound(addr) => {
+            let source = match transparent {
+                Some(mark) => inbound::Source::Client { mark },
+                None => inbound::Source::Passthrough,
+            };
+            return inbound::serve(&proxy.inbound_tcp, stream, peer, addr, source, idle).await;
+        }
         Plan::Route { route, protocol, fallback } => (protocol, fallback, Opaque::Route(route)),
         Plan::Detect { fallback } => (Protocol::Auto, fallback, Opaque::Unrouted(fallback)),
         Plan::Unrouted(fallback) => (Protocol::Tcp, fallback, Opaque::Unrouted(fallback)),

@@ -6,6 +6,12 @@
 //! redirected back to the proxy, in a loop. 127.0.0.6 is on `lo` already (all of 127/8 is). ::6
 //! is not unless someone assigned it; then the proxy connects to `[::1]:port` instead, which the
 //! rules never redirect (the application must listen on `::` or `::1`, as with Istio before 1.10).
+//!
+//! A connection that mesh-init's TPROXY rules delivered to a transparent listener is handed over
+//! from the client's own address instead (a transparent socket bound to it, carrying the TPROXY
+//! mark): the application sees who called, which is why one chooses TPROXY. The rules route the
+//! application's answers back to the proxy: the hand-off's mark is saved on its connection
+//! (CONNMARK) and restored on the answers, which the mark's route table delivers locally.
 
 use std::{
     collections::HashSet,
@@ -55,11 +61,30 @@ impl LocalAddrs {
     }
 }
 
+/// Where the hand-off to the application comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// 127.0.0.6 / ::6 (REDIRECT, eBPF).
+    Passthrough,
+    /// The client's address, with the TPROXY mark (a transparent listener).
+    Client { mark: u32 },
+}
+
 /// Hands a connection redirected to this namespace's `dst` to the local application listening there.
 /// `sessions` counts them.
-pub async fn serve(sessions: &Counter, stream: TcpStream, peer: SocketAddr, dst: SocketAddr, idle: Duration) {
+pub async fn serve(
+    sessions: &Counter,
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    source: Source,
+    idle: Duration,
+) {
     sessions.inc();
-    let upstream = connect_local(dst, DEFAULT_CONNECT_TIMEOUT).await;
+    let upstream = match source {
+        Source::Passthrough => connect_local(dst, DEFAULT_CONNECT_TIMEOUT).await,
+        Source::Client { mark } => socket::connect_transparent(dst, peer.ip(), mark, DEFAULT_CONNECT_TIMEOUT).await,
+    };
     tcp::splice_logged(idle, stream, upstream, peer, dst, "inbound", "InboundPassthroughCluster").await;
 }
 

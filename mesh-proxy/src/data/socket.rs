@@ -6,6 +6,7 @@ use std::{
     time::Duration,
 };
 
+use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Connects to `addr` within `timeout`, optionally from source address `bind` (port chosen by the
@@ -15,6 +16,31 @@ pub async fn connect(addr: SocketAddr, bind: Option<IpAddr>, timeout: Duration) 
     if let Some(ip) = bind {
         socket.bind(SocketAddr::new(ip, 0))?;
     }
+    finish(socket, addr, timeout).await
+}
+
+/// Connects to `addr` from `source`, an address of another host (the client of a TPROXY'd
+/// connection): a transparent socket (`IP_TRANSPARENT`, which needs `CAP_NET_ADMIN`) with `mark`,
+/// the TPROXY mark mesh-init's rules route the answers back to this socket by.
+pub async fn connect_transparent(
+    addr: SocketAddr,
+    source: IpAddr,
+    mark: u32,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv4() {
+        socket.set_ip_transparent_v4(true)?;
+    } else {
+        socket.set_ip_transparent_v6(true)?;
+    }
+    socket.set_mark(mark)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    finish(TcpSocket::from_std_stream(socket.into()), addr, timeout).await
+}
+
+async fn finish(socket: TcpSocket, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, socket.connect(addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect timed out after {timeout:?}")))??;

@@ -113,7 +113,13 @@ impl InProcess {
         let config = dir.path().join("proxy.yaml");
         std::fs::write(&config, yaml.replace("{admin}", "127.0.0.1:0")).unwrap();
         let loaded = mesh_proxy::config::load(&config).unwrap();
-        let options = mesh_proxy::app::Options { workers: 2, log: None, status: None, dns_capture: false };
+        let options = mesh_proxy::app::Options {
+            workers: 2,
+            log: None,
+            status: None,
+            dns_capture: false,
+            inbound_tproxy_mark: None,
+        };
         let bound = mesh_proxy::app::build(loaded, options).await.unwrap();
         Self { bound, config, _dir: dir }
     }
