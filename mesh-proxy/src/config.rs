@@ -98,6 +98,8 @@ pub struct RawConfig {
     pub drain_minimum: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_idle_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_idle_timeout: Option<String>,
 }
 
 /// A whole file validated: what the proxy would run if it started with it.
@@ -130,6 +132,7 @@ impl RawConfig {
             drain_timeout: self.drain_timeout,
             drain_minimum: self.drain_minimum,
             tcp_idle_timeout: self.tcp_idle_timeout,
+            stream_idle_timeout: self.stream_idle_timeout,
         };
         let routing = RawRouting {
             outbound_policy: self.outbound_policy,

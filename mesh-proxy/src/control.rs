@@ -144,8 +144,9 @@ impl Control {
         let origin = Origin { source: file_source.clone(), version: format!("file={version}") };
         let snapshot = build(routing, origin, &prepared, admin, &registry, &metrics);
         registry.prune();
-        let idle = bootstrap.tcp_idle_timeout;
-        let proxy = Arc::new(Proxy::new(Arc::new(ArcSwap::from_pointee(snapshot)), metrics, local_addrs, idle));
+        let (idle, stream_idle) = (bootstrap.tcp_idle_timeout, bootstrap.stream_idle_timeout);
+        let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+        let proxy = Arc::new(Proxy::new(snapshot, metrics, local_addrs, idle, stream_idle));
         listeners.commit(prepared, &proxy);
         let state = State {
             file: raw.clone(),

@@ -65,6 +65,8 @@ pub struct Proxy {
     pub(crate) inbound_tcp: Counter,
     /// The bootstrap's `tcp_idle_timeout`, fixed for the life of the process.
     pub tcp_idle_timeout: Duration,
+    /// The bootstrap's `stream_idle_timeout`, likewise.
+    pub stream_idle_timeout: Duration,
 }
 
 impl Proxy {
@@ -73,6 +75,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         local_addrs: LocalAddrs,
         tcp_idle_timeout: Duration,
+        stream_idle_timeout: Duration,
     ) -> Self {
         Self {
             passthrough_counters: metrics.request_counters("passthrough", PASSTHROUGH_CLUSTER),
@@ -84,6 +87,7 @@ impl Proxy {
             metrics,
             local_addrs: ArcSwap::from_pointee(local_addrs),
             tcp_idle_timeout,
+            stream_idle_timeout,
         }
     }
 

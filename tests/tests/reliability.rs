@@ -3,7 +3,7 @@
 //! mesh-init's iptables rules in a pod namespace, python, curl and raw-socket clients and
 //! servers — and the behaviour that fixed it.
 //!
-//! One module per failure of the issue: [`config_file`] (1, 2), [`pool`] (3), [`loops`] (4), [`drain`] (5), [`scale`] (6), [`http`] (8, 9), [`admin`] (10, 11).
+//! One module per failure of the issue: [`config_file`] (1, 2), [`pool`] (3), [`loops`] (4), [`drain`] (5), [`scale`] (6), [`timeouts`] (7), [`http`] (8, 9), [`admin`] (10, 11).
 
 #[path = "reliability/admin.rs"]
 mod admin;
@@ -21,3 +21,5 @@ mod loops;
 mod pool;
 #[path = "reliability/scale.rs"]
 mod scale;
+#[path = "reliability/timeouts.rs"]
+mod timeouts;

@@ -21,6 +21,8 @@ pub const DEFAULT_ADMIN_ADDRESS: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, mesh_common::ports::ADMIN));
 /// Envoy's `tcp_proxy` default idle timeout.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Envoy's HTTP connection manager default `stream_idle_timeout`.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Istio's default termination drain duration.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the discovery service is asked when `poll_interval` is absent.
@@ -52,6 +54,9 @@ pub struct RawBootstrap {
     /// A TCP session (routed, passthrough or inbound) with no bytes either way for this long is
     /// closed (default 1h, Envoy's).
     pub tcp_idle_timeout: Option<String>,
+    /// An HTTP response with no bytes from the upstream for this long — its headers awaited with no
+    /// route timeout, or its body — is ended (default 5 min, Envoy's `stream_idle_timeout`).
+    pub stream_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -148,6 +153,8 @@ pub struct Bootstrap {
     pub drain_minimum: Duration,
     #[serde(serialize_with = "serialize_duration")]
     pub tcp_idle_timeout: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub stream_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -209,6 +216,11 @@ impl RawBootstrap {
         if tcp_idle_timeout.is_zero() {
             return Err(invalid("tcp_idle_timeout", "must be greater than 0"));
         }
+        let stream_idle_timeout =
+            opt_duration("stream_idle_timeout", self.stream_idle_timeout.as_deref(), DEFAULT_STREAM_IDLE_TIMEOUT)?;
+        if stream_idle_timeout.is_zero() {
+            return Err(invalid("stream_idle_timeout", "must be greater than 0"));
+        }
         let discovery = match &self.discovery {
             None => None,
             Some(d) => {
@@ -260,6 +272,7 @@ impl RawBootstrap {
             drain_timeout,
             drain_minimum,
             tcp_idle_timeout,
+            stream_idle_timeout,
         })
     }
 }
@@ -319,6 +332,10 @@ impl Bootstrap {
         if self.tcp_idle_timeout != wanted.tcp_idle_timeout {
             let (r, w) = (format_duration(self.tcp_idle_timeout), format_duration(wanted.tcp_idle_timeout));
             return differs("tcp_idle_timeout", r, w);
+        }
+        if self.stream_idle_timeout != wanted.stream_idle_timeout {
+            let (r, w) = (format_duration(self.stream_idle_timeout), format_duration(wanted.stream_idle_timeout));
+            return differs("stream_idle_timeout", r, w);
         }
         Ok(())
     }

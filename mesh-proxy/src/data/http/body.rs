@@ -1,21 +1,29 @@
 //! Response bodies: made by the proxy, or streamed from an upstream. An upstream body returns its
 //! connection to the endpoint's pool and writes the access-log line when it has been read to the
-//! end.
+//! end, and is ended with an error after the stream idle timeout without a byte. A request body
+//! streamed upstream says when it has been sent ([`RequestEnd`]): the route timeout starts there.
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::{
+    sync::oneshot,
+    time::{Instant, Sleep},
+};
 
 use super::access_log::AccessLog;
 use crate::data::{
     cluster::{Endpoint, RequestGuard},
-    pool::Sender,
+    pool::{BoxError, RequestBody, Sender},
 };
 
 /// A response the proxy makes itself: `body` as plain text, or, to a gRPC request (`grpc`), a
@@ -66,9 +74,9 @@ pub enum ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream(u) => Pin::new(u).poll_frame(cx),
@@ -94,7 +102,41 @@ impl Body for ProxyBody {
 /// endpoint's pool and the access-log line is written.
 pub struct UpstreamBody {
     pub(super) inner: Incoming,
+    pub(super) idle: IdleTimer,
     pub(super) done: Option<Done>,
+}
+
+/// The upstream sent no byte of the response body for the stream idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no byte from the upstream for the stream idle timeout ({0:?})")]
+pub struct StreamIdle(Duration);
+
+/// The stream idle timeout of a response body: the time of the last frame, and a timer made only
+/// when the body first has to wait (most small bodies never do), moved only when it fires early.
+pub(super) struct IdleTimer {
+    limit: Duration,
+    last: Instant,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl IdleTimer {
+    pub(super) fn new(limit: Duration) -> Self {
+        Self { limit, last: Instant::now(), timer: None }
+    }
+
+    fn active(&mut self) {
+        self.last = Instant::now();
+    }
+
+    /// Whether the limit has passed since the last frame; else the task is woken when it would.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = self.last + self.limit;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
 }
 
 pub(super) struct Done {
@@ -121,13 +163,14 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                this.idle.active();
                 if let (Some(d), Some(data)) = (this.done.as_mut(), frame.data_ref()) {
                     d.bytes += data.len() as u64;
                 }
@@ -137,9 +180,58 @@ impl Body for UpstreamBody {
             }
             Poll::Ready(None) => this.finish(true),
             Poll::Ready(Some(Err(_))) => this.finish(false),
-            Poll::Pending => {}
+            Poll::Pending => {
+                if this.idle.expired(cx) {
+                    this.finish(false);
+                    return Poll::Ready(Some(Err(StreamIdle(this.idle.limit).into())));
+                }
+            }
+        }
+        polled.map_err(BoxError::from)
+    }
+}
+
+/// A request body on its way upstream that says, through its [`oneshot`], when it has all been
+/// sent (or is dropped unsent).
+pub(super) struct RequestEnd {
+    inner: RequestBody,
+    sent: Option<oneshot::Sender<()>>,
+}
+
+impl RequestEnd {
+    /// `req` with its body watched, and the receiver told when it has been sent; `None` when it
+    /// is empty (sent as soon as the head is), which costs nothing more.
+    pub(super) fn watch(req: Request<RequestBody>) -> (Request<RequestBody>, Option<oneshot::Receiver<()>>) {
+        if req.body().is_end_stream() {
+            return (req, None);
+        }
+        let (tx, rx) = oneshot::channel();
+        let req = req.map(|inner| RequestEnd { inner, sent: Some(tx) }.boxed_unsync());
+        (req, Some(rx))
+    }
+}
+
+impl Body for RequestEnd {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || this.inner.is_end_stream() {
+            if let Some(tx) = this.sent.take() {
+                let _ = tx.send(());
+            }
         }
         polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -16,7 +16,7 @@ use hyper::body::{Body, Incoming};
 
 use super::{
     access_log::AccessLog,
-    body::{is_grpc, local_response, Done, ProxyBody, UpstreamBody},
+    body::{is_grpc, local_response, Done, IdleTimer, ProxyBody, RequestEnd, UpstreamBody},
     headers::{prepare_downstream_response, prepare_upstream_request},
     upgrade::Upgrade,
 };
@@ -29,8 +29,18 @@ use crate::{
     metrics::RequestCounters,
 };
 
+/// How long traffic may pause: a tunnel (an accepted upgrade or CONNECT) with no byte either way
+/// for `tcp` ends; an HTTP response with no byte from the upstream for `stream` — its headers
+/// awaited without a route timeout, or its body — is ended (Envoy's `stream_idle_timeout`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Idle {
+    pub tcp: Duration,
+    pub stream: Duration,
+}
+
 /// Sends `req` to an endpoint of `cluster`; a failed connect is retried once on another endpoint.
-/// An upgrade the upstream accepts becomes a tunnel that ends after `idle` without a byte. A gRPC
+/// The response headers must come within `timeout` (or `idle.stream` without one) from the end of
+/// the request — not its start: a slow upload is not the upstream's delay (Envoy). A gRPC
 /// call's `grpc-timeout` replaces `timeout` (as Envoy does when `max_grpc_timeout` is set: the
 /// client's deadline is the call's), and the errors the proxy answers it with are gRPC statuses.
 #[allow(clippy::too_many_arguments)]
@@ -40,7 +50,7 @@ pub(super) async fn forward(
     route: &Arc<str>,
     mut req: Request<Incoming>,
     timeout: Option<Duration>,
-    idle: Duration,
+    idle: Idle,
     log: AccessLog,
 ) -> Response<ProxyBody> {
     let log = log.with_route(route).with_cluster(&cluster.name);
@@ -55,7 +65,8 @@ pub(super) async fn forward(
             UpstreamProtocol::Http2 => true,
             UpstreamProtocol::Auto => downstream_h2,
         };
-    let mut req = req.map(|body| body.map_err(BoxError::from).boxed_unsync());
+    let (req, sent) = RequestEnd::watch(req.map(|body| body.map_err(BoxError::from).boxed_unsync()));
+    let mut req = req;
     prepare_upstream_request(&mut req, h2);
     if let Some(u) = &upgrade {
         u.restore_request_headers(req.headers_mut());
@@ -76,12 +87,18 @@ pub(super) async fn forward(
     };
     let guard = ep.start_request();
     let log = log.with_endpoint(ep.addr);
-    let sending = attempt(cluster, ep, upstream, req, h2);
-    let sent = match timeout {
-        Some(t) => tokio::time::timeout(t, sending).await,
-        None => Ok(sending.await),
+    let limit = timeout.unwrap_or(idle.stream);
+    let expired = async {
+        if let Some(rx) = sent {
+            let _ = rx.await; // sent, or the body failed: either way the request is over
+        }
+        tokio::time::sleep(limit).await
     };
-    match sent {
+    let outcome = tokio::select! {
+        r = attempt(cluster, ep, upstream, req, h2) => Ok(r),
+        () = expired => Err(()),
+    };
+    match outcome {
         Ok(Ok((mut resp, sender))) => {
             counters.record(resp.status().as_u16());
             let status = resp.status();
@@ -90,13 +107,14 @@ pub(super) async fn forward(
                 drop(sender);
                 let chosen = resp.headers().get(http::header::UPGRADE).cloned();
                 prepare_downstream_response(&mut resp, downstream_h2);
-                u.join(&mut resp, chosen, idle, log.with_status(status), guard);
+                u.join(&mut resp, chosen, idle.tcp, log.with_status(status), guard);
                 return resp.map(|_| ProxyBody::Local(None));
             }
             prepare_downstream_response(&mut resp, downstream_h2);
             resp.map(|inner| {
                 ProxyBody::Upstream(UpstreamBody {
                     inner,
+                    idle: IdleTimer::new(idle.stream),
                     done: Some(Done {
                         sender,
                         endpoint: ep.clone(),
@@ -122,11 +140,12 @@ pub(super) async fn forward(
             log.local(status, &format!("{body}: {e}"), body);
             local_response(grpc, status, body)
         }
-        Err(_) => {
+        Err(()) => {
             ep.record_error();
             counters.record(504);
-            log.local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", "upstream request timeout");
-            local_response(grpc, StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+            let why = if timeout.is_some() { "upstream request timeout" } else { "stream idle timeout" };
+            log.local(StatusCode::GATEWAY_TIMEOUT, why, why);
+            local_response(grpc, StatusCode::GATEWAY_TIMEOUT, why)
         }
     }
 }

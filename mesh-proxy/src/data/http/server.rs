@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use super::{
     access_log::AccessLog,
     body::{is_grpc, local_response, ProxyBody},
-    forward::forward,
+    forward::{forward, Idle},
     headers::{looped, prepare_downstream_request},
 };
 use crate::{
@@ -259,7 +259,7 @@ async fn respond(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<ProxyBod
     // only the original destination routes it.
     let connect = req.method() == Method::CONNECT;
     let authority = if connect { None } else { authority(&req) };
-    let idle = ctx.proxy.tcp_idle_timeout;
+    let idle = Idle { tcp: ctx.proxy.tcp_idle_timeout, stream: ctx.proxy.stream_idle_timeout };
     let Some(route) = snapshot.routes.for_request(ctx.orig_dst, authority) else {
         return match ctx.fallback {
             Fallback::Passthrough(dst) => {
