@@ -115,6 +115,8 @@ struct EndpointView {
     active_requests: u64,
     total_requests: u64,
     errors: u64,
+    /// Envoy's: `healthy`, or `/failed_outlier_check` while outlier detection ejects it.
+    health_flags: &'static str,
 }
 
 #[derive(Serialize)]
@@ -229,6 +231,7 @@ impl Admin {
                                 active_requests: e.stats.active_requests.load(Ordering::Relaxed),
                                 total_requests: e.stats.total_requests.load(Ordering::Relaxed),
                                 errors: e.stats.errors.load(Ordering::Relaxed),
+                                health_flags: if e.outlier.is_ejected() { "/failed_outlier_check" } else { "healthy" },
                             })
                             .collect(),
                     })
@@ -248,6 +251,7 @@ impl Admin {
                         ] {
                             let _ = writeln!(out, "{}::{}::{stat}::{v}", c.name, e.address);
                         }
+                        let _ = writeln!(out, "{}::{}::health_flags::{}", c.name, e.address, e.health_flags);
                     }
                 }
                 text(StatusCode::OK, out)

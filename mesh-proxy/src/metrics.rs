@@ -93,6 +93,10 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub tcp_connections: Family<TcpLabels, Counter>,
     pub upstream_connect_failures: Family<ClusterLabels, Counter>,
+    /// Requests a circuit breaker answered 503 (Envoy's `upstream_rq_pending_overflow`).
+    pub upstream_rq_pending_overflow: Family<ClusterLabels, Counter>,
+    pub outlier_ejections: Family<ClusterLabels, Counter>,
+    pub outlier_ejections_active: Family<ClusterLabels, Gauge>,
     pub config_updates: Family<UpdateLabels, Counter>,
     /// Discovery polls that got no usable answer (unreachable, non-200); not a rejection.
     pub discovery_fetch_errors: Counter,
@@ -115,6 +119,9 @@ impl Metrics {
             requests: Family::default(),
             tcp_connections: Family::default(),
             upstream_connect_failures: Family::default(),
+            upstream_rq_pending_overflow: Family::default(),
+            outlier_ejections: Family::default(),
+            outlier_ejections_active: Family::default(),
             config_updates: Family::default(),
             discovery_fetch_errors: Counter::default(),
             dns_queries: Family::default(),
@@ -131,6 +138,17 @@ impl Metrics {
             "upstream_connect_failures",
             "Failed connects to an upstream endpoint",
             m.upstream_connect_failures.clone(),
+        );
+        registry.register(
+            "upstream_rq_pending_overflow",
+            "Requests answered 503 by a circuit breaker (connections, pending requests, requests in flight)",
+            m.upstream_rq_pending_overflow.clone(),
+        );
+        registry.register("outlier_ejections", "Endpoints ejected by outlier detection", m.outlier_ejections.clone());
+        registry.register(
+            "outlier_ejections_active",
+            "Endpoints ejected by outlier detection now",
+            m.outlier_ejections_active.clone(),
         );
         registry.register("config_updates", "Configuration updates by source and result", m.config_updates.clone());
         registry.register(
@@ -161,6 +179,18 @@ impl Metrics {
 
     pub fn connect_failures(&self, cluster: &str) -> Counter {
         self.upstream_connect_failures.get_or_create(&ClusterLabels { cluster: cluster.into() }).clone()
+    }
+
+    pub fn overflows(&self, cluster: &str) -> Counter {
+        self.upstream_rq_pending_overflow.get_or_create(&ClusterLabels { cluster: cluster.into() }).clone()
+    }
+
+    pub fn outlier_ejections(&self, cluster: &str) -> Counter {
+        self.outlier_ejections.get_or_create(&ClusterLabels { cluster: cluster.into() }).clone()
+    }
+
+    pub fn outlier_ejections_active(&self, cluster: &str) -> Gauge {
+        self.outlier_ejections_active.get_or_create(&ClusterLabels { cluster: cluster.into() }).clone()
     }
 
     pub fn dns_query(&self, transport: &str, answer: &str) -> Counter {

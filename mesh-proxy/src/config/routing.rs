@@ -662,12 +662,16 @@ fn validate_cluster(field: &str, c: &RawCluster, connect_timeout: Duration) -> R
             field,
             &[
                 ("lb_policy", c.lb_policy == LbPolicy::Passthrough),
-                ("consistent_hash", c.consistent_hash.is_some()),
                 ("tcp_keepalive", c.tcp_keepalive.is_some()),
-                ("circuit_breakers", c.circuit_breakers != CircuitBreakers::default()),
+                // Retries in flight are counted by the route side's retries.
+                ("circuit_breakers.max_retries", c.circuit_breakers.max_retries.is_some()),
+                (
+                    "circuit_breakers.retry_budget",
+                    c.circuit_breakers.retry_budget_percent != CircuitBreakers::default().retry_budget_percent
+                        || c.circuit_breakers.min_retry_concurrency != CircuitBreakers::default().min_retry_concurrency,
+                ),
                 ("max_requests_per_connection", c.max_requests_per_connection.is_some()),
                 ("idle_timeout", c.idle_timeout.is_some()),
-                ("outlier_detection", c.outlier_detection.is_some()),
             ],
         )?;
         Ok(c)

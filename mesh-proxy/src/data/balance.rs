@@ -2,6 +2,9 @@
 //!
 //! Pure functions over indices and loads, so they are tested without sockets; the random source is
 //! passed in (a fixed seed in tests, a per-thread `SmallRng` in the proxy, which needs no lock).
+//! [`hash`]: consistent hashing (ring hash and Maglev) for sticky keys.
+
+pub mod hash;
 
 use std::{
     cell::RefCell,

@@ -5,8 +5,15 @@
 //! [`pool`]: crate::data::pool
 //!
 //! Endpoints outlive config snapshots: a reload that keeps `cluster/ip:port` hands the same
-//! [`Endpoint`] (its counters and idle connections) to the new snapshot, through the
-//! [`EndpointRegistry`].
+//! [`Endpoint`] (its counters, idle connections and outlier record) to the new snapshot, through
+//! the [`EndpointRegistry`], and a cluster's circuit-breaker counts likewise.
+//!
+//! A cluster's traffic policy, each part an `Option` a cluster without it skips in one branch:
+//! consistent hashing (`balance::hash`), circuit breakers ([`limits`]), outlier detection
+//! ([`outlier`]).
+
+pub mod limits;
+pub mod outlier;
 
 use std::{
     collections::HashMap,
@@ -20,14 +27,23 @@ use std::{
     time::Duration,
 };
 
+use http::{header, HeaderMap, HeaderValue, Uri};
 use prometheus_client::metrics::counter::Counter;
+
+use self::{
+    limits::{Limits, Load, Overflow, RequestPermit},
+    outlier::{Detector, Outcome},
+};
 use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::{
-    config::{self, LbPolicy, UpstreamProtocol},
+    config::{self, HashAlgorithm, HashKey, LbPolicy, UpstreamProtocol},
     data::{
-        balance,
+        balance::{
+            self,
+            hash::{key_hash, HashTable},
+        },
         pool::{self, Pool, Sender, Upstream},
         socket,
     },
@@ -58,6 +74,10 @@ pub struct Endpoint {
     pub stats: EndpointStats,
     /// HTTP connections ready for another request.
     pub pool: Pool,
+    /// The circuit-breaker counts of its cluster (shared by all the cluster's endpoints).
+    pub load: Arc<Load>,
+    /// Its consecutive errors and ejection, for outlier detection.
+    pub outlier: Arc<outlier::State>,
 }
 
 /// Decrements `active_connections` when the upstream connection it travels with closes.
@@ -66,11 +86,13 @@ pub struct ConnectionGuard(Arc<Endpoint>);
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.stats.active_connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.load.closed();
     }
 }
 
-/// Decrements `active_requests` when the request or TCP session ends.
-pub struct RequestGuard(Arc<Endpoint>);
+/// Decrements `active_requests` when the request or TCP session ends, and releases the request's
+/// place under its cluster's `max_requests`.
+pub struct RequestGuard(Arc<Endpoint>, Option<RequestPermit>);
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
@@ -78,16 +100,24 @@ impl Drop for RequestGuard {
     }
 }
 
+impl RequestGuard {
+    /// Holds the request's `permit` as long as the request.
+    pub fn with(mut self, permit: Option<RequestPermit>) -> Self {
+        self.1 = permit;
+        self
+    }
+}
+
 impl Endpoint {
-    pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, stats: EndpointStats::default(), pool: Pool::default() }
+    pub fn new(addr: SocketAddr, load: Arc<Load>) -> Self {
+        Self { addr, stats: EndpointStats::default(), pool: Pool::default(), load, outlier: Arc::default() }
     }
 
     /// Counts a request (or TCP session) until the guard drops.
     pub fn start_request(self: &Arc<Self>) -> RequestGuard {
         self.stats.active_requests.fetch_add(1, Ordering::Relaxed);
         self.stats.total_requests.fetch_add(1, Ordering::Relaxed);
-        RequestGuard(self.clone())
+        RequestGuard(self.clone(), None)
     }
 
     pub fn record_error(&self) {
@@ -96,10 +126,34 @@ impl Endpoint {
 
     /// Opens a counted TCP connection.
     pub async fn connect(self: &Arc<Self>, timeout: Duration) -> io::Result<(TcpStream, ConnectionGuard)> {
-        let stream = socket::connect(self.addr, None, timeout).await?;
+        self.open(timeout, false).await
+    }
+
+    /// Opens a counted TCP connection; `reserved`: its cluster's [`Load`] already counts it (and
+    /// is told when the connect fails).
+    async fn open(self: &Arc<Self>, timeout: Duration, reserved: bool) -> io::Result<(TcpStream, ConnectionGuard)> {
+        let stream = match socket::connect(self.addr, None, timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                if reserved {
+                    self.load.closed();
+                }
+                return Err(e);
+            }
+        };
+        if !reserved {
+            self.load.opened();
+        }
         self.stats.active_connections.fetch_add(1, Ordering::Relaxed);
         self.stats.total_connections.fetch_add(1, Ordering::Relaxed);
         Ok((stream, ConnectionGuard(self.clone())))
+    }
+
+    /// Returns a connection whose response was read to the end, and tells the requests waiting
+    /// for one under a connection limit.
+    pub fn checkin(&self, sender: Sender) {
+        self.pool.checkin(sender);
+        self.load.wake();
     }
 
     /// A pooled connection of the given version if one is usable, else a new one: for HTTP/1.1
@@ -119,7 +173,11 @@ impl Endpoint {
         if h2 {
             return Ok(self.pool.h2(true, || self.connect_h2(timeout)).await?.sender);
         }
-        let (stream, guard) = self.connect(timeout).await?;
+        self.connect_http1(timeout, false).await
+    }
+
+    async fn connect_http1(self: &Arc<Self>, timeout: Duration, reserved: bool) -> io::Result<Sender> {
+        let (stream, guard) = self.open(timeout, reserved).await?;
         Ok(Sender::Http1(pool::handshake(stream, self.addr, guard).await?))
     }
 
@@ -141,9 +199,33 @@ pub struct Cluster {
     /// The HTTP version requests are sent to its endpoints in.
     pub protocol: UpstreamProtocol,
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// Consistent hashing, which replaces `policy` for requests that carry the key.
+    hash: Option<HashPolicy>,
+    /// Circuit breakers; their counts are in every endpoint's `load`.
+    limits: Option<Limits>,
+    /// The same `Load` as the endpoints', for clusters without endpoints too.
+    load: Arc<Load>,
+    outlier: Option<Detector>,
     /// Round-robin cursor; shared by all threads, so relaxed atomic increments.
     rr: AtomicUsize,
     connect_failures: Counter,
+    /// Requests answered 503 by a circuit breaker.
+    overflows: Counter,
+}
+
+/// A cluster's consistent hashing: what the key is, and the table built from its endpoints.
+#[derive(Debug)]
+struct HashPolicy {
+    key: HashKey,
+    table: HashTable,
+}
+
+/// Where one request must go by its key: the key's hash, and the cookie to issue with the response
+/// when the key is a cookie the request did not have.
+#[derive(Debug)]
+pub struct Affinity {
+    pub hash: u64,
+    pub set_cookie: Option<HeaderValue>,
 }
 
 /// No endpoint of a cluster could be connected to.
@@ -153,12 +235,22 @@ pub enum ConnectError {
     NoEndpoints { cluster: Arc<str> },
     #[error("cluster {cluster}: endpoint {addr}: {source}")]
     Failed { cluster: Arc<str>, addr: SocketAddr, source: io::Error },
+    #[error("cluster {cluster}: {source}")]
+    Overflow { cluster: Arc<str>, source: Overflow },
 }
 
 impl Cluster {
     pub fn new(c: &config::Cluster, registry: &mut Registered<'_>, metrics: &Metrics) -> Self {
         let name: Arc<str> = Arc::from(c.name.as_str());
-        let endpoints = c.endpoints.iter().map(|a| registry.get(&name, *a)).collect();
+        let load = registry.load(&name);
+        let endpoints = c.endpoints.iter().map(|a| registry.get(&name, *a, &load)).collect();
+        let hash = c.consistent_hash.as_ref().map(|h| HashPolicy {
+            key: h.key.clone(),
+            table: match h.algorithm {
+                HashAlgorithm::RingHash { minimum_ring_size } => HashTable::ring(&c.endpoints, minimum_ring_size),
+                HashAlgorithm::Maglev { table_size } => HashTable::maglev(&c.endpoints, table_size),
+            },
+        });
         Self {
             connect_failures: metrics.connect_failures(&name),
             name,
@@ -166,37 +258,158 @@ impl Cluster {
             connect_timeout: c.connect_timeout,
             protocol: c.protocol,
             endpoints,
+            hash,
+            limits: Limits::new(&c.circuit_breakers),
+            load,
+            outlier: c.outlier_detection.clone().map(|o| {
+                Detector::new(o, metrics.outlier_ejections(&c.name), metrics.outlier_ejections_active(&c.name))
+            }),
             rr: AtomicUsize::new(0),
+            overflows: metrics.overflows(&c.name),
+        }
+    }
+
+    /// The request's consistent-hash key, when the cluster hashes and the request has the key (or
+    /// the cluster issues the cookie); `None` sends it by the cluster's `policy`, as Envoy does
+    /// with a request that has no key.
+    pub fn affinity(&self, uri: &Uri, headers: &HeaderMap, peer: SocketAddr) -> Option<Affinity> {
+        let hash = self.hash.as_ref()?;
+        let keyed = |key: &[u8]| Some(Affinity { hash: key_hash(key), set_cookie: None });
+        match &hash.key {
+            HashKey::Header(name) => keyed(headers.get(name.as_str())?.as_bytes()),
+            HashKey::SourceIp => self.source_hash(peer).map(|hash| Affinity { hash, set_cookie: None }),
+            HashKey::QueryParameter(name) => {
+                let value = uri.query()?.split('&').find_map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (k == name).then_some(v)
+                })?;
+                keyed(value.as_bytes())
+            }
+            HashKey::Cookie { name, path, ttl } => {
+                if let Some(v) = cookie(headers, name) {
+                    return keyed(v);
+                }
+                // Without a ttl the cookie is only read, never issued (Istio's semantics).
+                let ttl = (*ttl)?;
+                let value = format!("{:016x}", balance::with_rng(|r| rand::Rng::random::<u64>(r)));
+                let mut set = format!("{name}={value}");
+                if !ttl.is_zero() {
+                    set.push_str(&format!("; Max-Age={}", ttl.as_secs().max(1)));
+                }
+                if let Some(p) = path {
+                    set.push_str(&format!("; Path={p}"));
+                }
+                set.push_str("; HttpOnly");
+                Some(Affinity { hash: key_hash(value.as_bytes()), set_cookie: HeaderValue::try_from(set).ok() })
+            }
+        }
+    }
+
+    /// The hash of the client's address when the cluster hashes by source IP (TCP sessions too).
+    pub fn source_hash(&self, peer: SocketAddr) -> Option<u64> {
+        match self.hash.as_ref()?.key {
+            HashKey::SourceIp => Some(match peer.ip() {
+                std::net::IpAddr::V4(ip) => key_hash(&ip.octets()),
+                std::net::IpAddr::V6(ip) => key_hash(&ip.octets()),
+            }),
+            _ => None,
         }
     }
 
     /// The original destination of one downstream connection as a cluster (Istio's
     /// PassthroughCluster), for HTTP requests no route claims.
     pub fn passthrough(addr: SocketAddr, connect_timeout: Duration, connect_failures: Counter) -> Self {
+        let load = Arc::new(Load::default());
         Self {
             name: Arc::from(PASSTHROUGH_CLUSTER),
             policy: LbPolicy::RoundRobin,
             connect_timeout,
             // The application chose the protocol for the destination it dialled.
             protocol: UpstreamProtocol::Auto,
-            endpoints: vec![Arc::new(Endpoint::new(addr))],
+            endpoints: vec![Arc::new(Endpoint::new(addr, load.clone()))],
+            hash: None,
+            limits: None,
+            load,
+            outlier: None,
             rr: AtomicUsize::new(0),
             connect_failures,
+            overflows: Counter::default(),
         }
     }
 
-    /// Picks an endpoint by the cluster's policy, avoiding `exclude`.
-    pub fn pick(&self, exclude: Option<usize>) -> Option<usize> {
-        balance::with_rng(|rng| {
-            balance::pick_endpoint(
-                self.policy,
-                self.endpoints.len(),
-                exclude,
-                &self.rr,
-                |i| self.endpoints[i].stats.active_requests.load(Ordering::Relaxed),
-                rng,
-            )
-        })
+    /// Picks an endpoint by the request's key `hash` if it has one, else by the cluster's policy,
+    /// avoiding `exclude`.
+    pub fn pick(&self, hash: Option<u64>, exclude: Option<usize>) -> Option<usize> {
+        let ejecting = self.outlier.as_ref().is_some_and(|d| d.honoured(self.endpoints.iter().map(|e| &e.outlier)));
+        let usable = |i: usize| Some(i) != exclude && !(ejecting && self.endpoints[i].outlier.is_ejected());
+        if let (Some(h), Some(policy)) = (hash, &self.hash) {
+            return policy.table.pick(h, usable);
+        }
+        let load = |i: usize| self.endpoints[i].stats.active_requests.load(Ordering::Relaxed);
+        if !ejecting {
+            return balance::with_rng(|rng| {
+                balance::pick_endpoint(self.policy, self.endpoints.len(), exclude, &self.rr, load, rng)
+            });
+        }
+        // Some endpoints are ejected: balance over the others (a list made only meanwhile).
+        let healthy: Vec<usize> = (0..self.endpoints.len()).filter(|&i| usable(i)).collect();
+        let j = balance::with_rng(|rng| {
+            balance::pick_endpoint(self.policy, healthy.len(), None, &self.rr, |j| load(healthy[j]), rng)
+        })?;
+        Some(healthy[j])
+    }
+
+    /// A place for one more request under the cluster's `max_requests`, if it has one.
+    pub fn admit(&self) -> Result<Option<RequestPermit>, ConnectError> {
+        match self.limits.and_then(|l| l.max_requests) {
+            None => Ok(None),
+            Some(max) => self.load.admit(max).map(Some).map_err(|e| self.overflow(e)),
+        }
+    }
+
+    /// Counts a request a circuit breaker refused.
+    fn overflow(&self, source: Overflow) -> ConnectError {
+        self.overflows.inc();
+        ConnectError::Overflow { cluster: self.name.clone(), source }
+    }
+
+    /// An HTTP connection to `ep`: as [`Endpoint::http`], within the cluster's `max_connections`.
+    /// At the bound, the request waits for a connection to come back to `ep`'s pool or to close
+    /// (closing an idle one of another endpoint to make room), if fewer than
+    /// `max_pending_requests` are waiting already; otherwise it overflows.
+    pub async fn http(&self, ep: &Arc<Endpoint>, h2: bool) -> io::Result<Upstream> {
+        let Some(max) = self.limits.and_then(|l| l.max_connections).filter(|_| !h2) else {
+            return ep.http(self.connect_timeout, h2).await;
+        };
+        let mut pending = None;
+        loop {
+            let freed = ep.load.freed();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(sender) = ep.pool.checkout().await {
+                return Ok(Upstream { sender, reused: true });
+            }
+            if ep.load.try_reserve(max) {
+                return Ok(Upstream { sender: ep.connect_http1(self.connect_timeout, true).await?, reused: false });
+            }
+            if pending.is_none() {
+                let max_pending = self.limits.and_then(|l| l.max_pending);
+                pending = Some(ep.load.enter_pending(max_pending).map_err(io::Error::other)?);
+                // Room may be held by idle connections to other endpoints: close one.
+                let _ = self.endpoints.iter().any(|other| !Arc::ptr_eq(other, ep) && other.pool.evict_idle());
+            }
+            freed.await;
+        }
+    }
+
+    /// Counts how an exchange with `ep` ended, for outlier detection; ejects it when that is its
+    /// last straw.
+    pub fn record_outcome(&self, ep: &Arc<Endpoint>, outcome: Outcome) {
+        if let Some(d) = &self.outlier {
+            if d.record(&ep.outlier, outcome, self.endpoints.iter().map(|e| &e.outlier)) {
+                tracing::warn!(cluster = %self.name, endpoint = %ep.addr, ?outcome, "endpoint ejected by outlier detection");
+            }
+        }
     }
 
     pub fn record_connect_failure(&self, endpoint: &Endpoint, error: &io::Error) {
@@ -205,10 +418,15 @@ impl Cluster {
         tracing::warn!(cluster = %self.name, endpoint = %endpoint.addr, %error, "upstream connect failed");
     }
 
-    /// Connects to an endpoint picked by the cluster's policy with `connect`; a failed connect is
-    /// counted against its endpoint and retried once on another one. The one place that decides
-    /// which endpoint a connection goes to, for TCP sessions and HTTP requests alike.
-    pub async fn connect<'a, T, F, Fut>(&'a self, mut connect: F) -> Result<(&'a Arc<Endpoint>, T), ConnectError>
+    /// Connects to an endpoint picked by the key `hash` or the cluster's policy with `connect`; a
+    /// failed connect is counted against its endpoint and retried once on another one (for a key,
+    /// the next one along its ring or table). The one place that decides which endpoint a
+    /// connection goes to, for TCP sessions and HTTP requests alike.
+    pub async fn connect<'a, T, F, Fut>(
+        &'a self,
+        hash: Option<u64>,
+        mut connect: F,
+    ) -> Result<(&'a Arc<Endpoint>, T), ConnectError>
     where
         F: FnMut(&'a Arc<Endpoint>) -> Fut,
         Fut: Future<Output = io::Result<T>>,
@@ -216,11 +434,16 @@ impl Cluster {
         let mut exclude = None;
         let mut last = None;
         for _ in 0..2 {
-            let Some(i) = self.pick(exclude) else { break };
+            let Some(i) = self.pick(hash, exclude) else { break };
             let ep = &self.endpoints[i];
             match connect(ep).await {
                 Ok(c) => return Ok((ep, c)),
+                Err(e) if e.get_ref().is_some_and(|e| e.is::<Overflow>()) => {
+                    let source = *e.into_inner().and_then(|e| e.downcast().ok()).expect("checked: an overflow");
+                    return Err(self.overflow(source));
+                }
                 Err(e) => {
+                    self.record_outcome(ep, Outcome::Failed);
                     self.record_connect_failure(ep, &e);
                     exclude = Some(i);
                     last = Some((ep.addr, e));
@@ -234,27 +457,56 @@ impl Cluster {
     }
 }
 
+/// The value of cookie `name` among the request's `Cookie` headers.
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
+    headers.get_all(header::COOKIE).iter().find_map(|v| {
+        v.as_bytes().split(|&b| b == b';').find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|&b| b == b'=')?;
+            let value = pair[eq + 1..].trim_ascii();
+            (pair[..eq].trim_ascii() == name.as_bytes())
+                .then(|| value.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(value))
+        })
+    })
+}
+
 /// Cluster name and address.
 type EndpointKey = (Arc<str>, SocketAddr);
 
 /// Hands out the same [`Endpoint`] for the same cluster name and address across reloads, so
-/// counters and pooled connections survive an update that keeps the endpoint.
+/// counters and pooled connections survive an update that keeps the endpoint; and the same
+/// circuit-breaker [`Load`] for the same cluster name.
 #[derive(Debug, Default)]
 pub struct EndpointRegistry {
     endpoints: Mutex<HashMap<EndpointKey, Weak<Endpoint>>>,
+    loads: Mutex<HashMap<Arc<str>, Weak<Load>>>,
 }
 
 /// The registry locked for one snapshot build: one lock for all its endpoints.
-pub struct Registered<'a>(std::sync::MutexGuard<'a, HashMap<EndpointKey, Weak<Endpoint>>>);
+pub struct Registered<'a> {
+    endpoints: std::sync::MutexGuard<'a, HashMap<EndpointKey, Weak<Endpoint>>>,
+    loads: std::sync::MutexGuard<'a, HashMap<Arc<str>, Weak<Load>>>,
+}
 
 impl Registered<'_> {
-    pub fn get(&mut self, cluster: &Arc<str>, addr: SocketAddr) -> Arc<Endpoint> {
+    /// The circuit-breaker counts of `cluster`.
+    pub fn load(&mut self, cluster: &Arc<str>) -> Arc<Load> {
+        if let Some(l) = self.loads.get(cluster).and_then(Weak::upgrade) {
+            return l;
+        }
+        let l = Arc::new(Load::default());
+        self.loads.insert(cluster.clone(), Arc::downgrade(&l));
+        l
+    }
+
+    /// `load` is the cluster's, from [`Registered::load`].
+    pub fn get(&mut self, cluster: &Arc<str>, addr: SocketAddr, load: &Arc<Load>) -> Arc<Endpoint> {
         let key = (cluster.clone(), addr);
-        if let Some(ep) = self.0.get(&key).and_then(Weak::upgrade) {
+        if let Some(ep) = self.endpoints.get(&key).and_then(Weak::upgrade) {
             return ep;
         }
-        let ep = Arc::new(Endpoint::new(addr));
-        self.0.insert(key, Arc::downgrade(&ep));
+        let ep = Arc::new(Endpoint::new(addr, load.clone()));
+        self.endpoints.insert(key, Arc::downgrade(&ep));
         ep
     }
 }
@@ -262,12 +514,16 @@ impl Registered<'_> {
 impl EndpointRegistry {
     /// Locks the registry for a snapshot build.
     pub fn lock(&self) -> Registered<'_> {
-        Registered(self.endpoints.lock().expect("registry lock poisoned"))
+        Registered {
+            endpoints: self.endpoints.lock().expect("registry lock poisoned"),
+            loads: self.loads.lock().expect("registry lock poisoned"),
+        }
     }
 
-    /// Forgets the endpoints no snapshot holds any more: once per update, after the swap (it was
-    /// once per lookup, which made a 10,000-route config take 35 s to load).
+    /// Forgets the endpoints (and loads) no snapshot holds any more: once per update, after the
+    /// swap (it was once per lookup, which made a 10,000-route config take 35 s to load).
     pub fn prune(&self) {
         self.endpoints.lock().expect("registry lock poisoned").retain(|_, w| w.strong_count() > 0);
+        self.loads.lock().expect("registry lock poisoned").retain(|_, w| w.strong_count() > 0);
     }
 }

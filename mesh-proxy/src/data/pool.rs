@@ -120,6 +120,12 @@ impl Pool {
         }
     }
 
+    /// Closes one idle HTTP/1.1 connection, if there is one: room under a cluster's connection
+    /// limit for a request to another endpoint.
+    pub fn evict_idle(&self) -> bool {
+        self.idle.lock().expect("pool lock poisoned").pop().is_some()
+    }
+
     /// The shared HTTP/2 connection if it is usable.
     fn shared_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
         let slot = self.h2.lock().expect("pool lock poisoned");

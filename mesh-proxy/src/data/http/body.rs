@@ -152,7 +152,7 @@ impl UpstreamBody {
     fn finish(&mut self, complete: bool) {
         if let Some(done) = self.done.take() {
             if complete {
-                done.endpoint.pool.checkin(done.sender);
+                done.endpoint.checkin(done.sender);
             } else {
                 done.endpoint.record_error();
             }

@@ -23,7 +23,7 @@ use super::{
 use crate::{
     config::UpstreamProtocol,
     data::{
-        cluster::{Cluster, ConnectError, Endpoint},
+        cluster::{outlier::Outcome, Affinity, Cluster, ConnectError, Endpoint},
         pool::{BoxError, RequestBody, Sender, Upstream},
     },
     metrics::RequestCounters,
@@ -38,7 +38,9 @@ pub(super) struct Idle {
     pub stream: Duration,
 }
 
-/// Sends `req` to an endpoint of `cluster`; a failed connect is retried once on another endpoint.
+/// Sends `req` to an endpoint of `cluster` (the one its `affinity` hashes to, if it has one, and
+/// the cookie it must be issued goes with the response); a failed connect is retried once on
+/// another endpoint.
 /// The response headers must come within `timeout` (or `idle.stream` without one) from the end of
 /// the request — not its start: a slow upload is not the upstream's delay (Envoy). A gRPC
 /// call's `grpc-timeout` replaces `timeout` (as Envoy does when `max_grpc_timeout` is set: the
@@ -49,6 +51,7 @@ pub(super) async fn forward(
     counters: &RequestCounters,
     route: &Arc<str>,
     mut req: Request<Incoming>,
+    affinity: Option<Affinity>,
     timeout: Option<Duration>,
     idle: Idle,
     log: AccessLog,
@@ -71,21 +74,35 @@ pub(super) async fn forward(
     if let Some(u) = &upgrade {
         u.restore_request_headers(req.headers_mut());
     }
-    let (ep, upstream) = match cluster.connect(|ep| ep.http(cluster.connect_timeout, h2)).await {
+    let hash = affinity.as_ref().map(|a| a.hash);
+    let connected = match cluster.admit() {
+        Ok(permit) => cluster.connect(hash, |ep| cluster.http(ep, h2)).await.map(|c| (c, permit)),
+        Err(e) => Err(e),
+    };
+    let ((ep, upstream), permit) = match connected {
         Ok(c) => c,
         Err(e) => {
             counters.record(503);
-            let why = match e {
+            let (why, body) = match e {
                 ConnectError::Failed { addr, source, .. } => {
-                    format!("no endpoint could be connected to; last: {addr}: {source}")
+                    (format!("no endpoint could be connected to; last: {addr}: {source}"), "no healthy upstream")
                 }
-                ConnectError::NoEndpoints { .. } => "the cluster has no endpoints".to_string(),
+                ConnectError::NoEndpoints { .. } => ("the cluster has no endpoints".to_string(), "no healthy upstream"),
+                // Envoy's words and header for a circuit breaker's refusal.
+                ConnectError::Overflow { source, .. } => (
+                    format!("upstream_rq_pending_overflow: {source}"),
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                ),
             };
-            log.local(StatusCode::SERVICE_UNAVAILABLE, &why, "no healthy upstream");
-            return local_response(grpc, StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            log.local(StatusCode::SERVICE_UNAVAILABLE, &why, body);
+            let mut resp = local_response(grpc, StatusCode::SERVICE_UNAVAILABLE, body);
+            if why.starts_with("upstream_rq_pending_overflow") {
+                resp.headers_mut().insert("x-envoy-overloaded", http::HeaderValue::from_static("true"));
+            }
+            return resp;
         }
     };
-    let guard = ep.start_request();
+    let guard = ep.start_request().with(permit);
     let log = log.with_endpoint(ep.addr);
     let limit = timeout.unwrap_or(idle.stream);
     let expired = async {
@@ -102,6 +119,7 @@ pub(super) async fn forward(
         Ok(Ok((mut resp, sender))) => {
             counters.record(resp.status().as_u16());
             let status = resp.status();
+            cluster.record_outcome(ep, Outcome::Status(status.as_u16()));
             if let Some(u) = upgrade.filter(|u| u.accepted(status)) {
                 // The upstream connection leaves HTTP (and its pool) for the tunnel.
                 drop(sender);
@@ -111,6 +129,9 @@ pub(super) async fn forward(
                 return resp.map(|_| ProxyBody::Local(None));
             }
             prepare_downstream_response(&mut resp, downstream_h2);
+            if let Some(cookie) = affinity.and_then(|a| a.set_cookie) {
+                resp.headers_mut().append(http::header::SET_COOKIE, cookie);
+            }
             resp.map(|inner| {
                 ProxyBody::Upstream(UpstreamBody {
                     inner,
@@ -135,6 +156,7 @@ pub(super) async fn forward(
             };
             if status != StatusCode::BAD_REQUEST {
                 ep.record_error();
+                cluster.record_outcome(ep, Outcome::Failed);
             }
             counters.record(status.as_u16());
             log.local(status, &format!("{body}: {e}"), body);
@@ -142,6 +164,7 @@ pub(super) async fn forward(
         }
         Err(()) => {
             ep.record_error();
+            cluster.record_outcome(ep, Outcome::Status(504));
             counters.record(504);
             let why = if timeout.is_some() { "upstream request timeout" } else { "stream idle timeout" };
             log.local(StatusCode::GATEWAY_TIMEOUT, why, why);

@@ -265,7 +265,7 @@ async fn respond(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<ProxyBod
             Fallback::Passthrough(dst) => {
                 let cluster = ctx.passthrough.get_or_init(|| Arc::new(ctx.proxy.passthrough_cluster(dst)));
                 let counters = &ctx.proxy.passthrough_counters;
-                forward(cluster, counters, &ctx.proxy.passthrough_route, req, None, idle, log).await
+                forward(cluster, counters, &ctx.proxy.passthrough_route, req, None, None, idle, log).await
             }
             Fallback::Refuse(why) => {
                 let status = match why {
@@ -287,7 +287,8 @@ async fn respond(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<ProxyBod
         return local_response(grpc, StatusCode::NOT_FOUND, why);
     };
     let target = rule.pick();
-    forward(&target.cluster, &target.requests, &route.name, req, rule.timeout, idle, log).await
+    let affinity = target.cluster.affinity(req.uri(), req.headers(), ctx.peer);
+    forward(&target.cluster, &target.requests, &route.name, req, affinity, rule.timeout, idle, log).await
 }
 
 /// The request's authority: the absolute URI's, else the Host header.
