@@ -361,3 +361,30 @@ async fn an_ejected_endpoint_gets_nothing_then_traffic_again() {
     assert!(stats.contains("mesh_proxy_outlier_ejections_total{cluster=\"c\"} 2"), "{stats}");
     assert!(stats.contains("mesh_proxy_outlier_ejections_active{cluster=\"c\"} 0"), "{stats}");
 }
+
+/// TCP keepalive on upstream connections, as the kernel reports it (`ss -o`: the keepalive timer
+/// runs from `time`); `/config_dump` shows every cluster policy as applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_keepalive_reaches_the_kernel_and_the_dump_shows_the_policies() {
+    let b = Backend::start("k").await;
+    let listen = free_addr();
+    let policy = "tcp_keepalive: { time: 7s, interval: 2s, probes: 4 }, circuit_breakers: { max_requests: 50 }, \
+                  outlier_detection: { consecutive_gateway_errors: 2 }";
+    let proxy = InProcess::start(&config(listen, policy, &[b.addr])).await;
+    let mut c = HttpClient::connect(listen).await.unwrap();
+    assert_eq!(c.get("/", &[]).await.unwrap(), (200, "k".into()));
+    // The upstream connection now idles in the pool.
+    let out = Command::new("ss").args(["-tnoH", "state", "established", "dst", &b.addr.to_string()]).output().unwrap();
+    let ss = String::from_utf8_lossy(&out.stdout);
+    let timer = ss.split("timer:(keepalive,").nth(1).unwrap_or_else(|| panic!("no keepalive timer: {ss:?}"));
+    // The time left to the first probe, in seconds: ss writes `6.98sec` or (iproute2 6.x) `6.988ms`.
+    let number: String = timer.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    let secs: f64 = number.parse().unwrap_or_else(|_| panic!("{ss}"));
+    assert!((5.0..=7.0).contains(&secs), "keepalive timer {secs}s: {ss}");
+
+    let cluster = &proxy.config_dump().await["config"]["clusters"][0];
+    assert_eq!(cluster["tcp_keepalive"], serde_json::json!({ "probes": 4, "time": "7s", "interval": "2s" }));
+    assert_eq!(cluster["circuit_breakers"]["max_requests"], 50);
+    assert_eq!(cluster["outlier_detection"]["consecutive_gateway_errors"], 2);
+    assert_eq!(cluster["outlier_detection"]["base_ejection_time"], "30s");
+}

@@ -662,7 +662,6 @@ fn validate_cluster(field: &str, c: &RawCluster, connect_timeout: Duration) -> R
             field,
             &[
                 ("lb_policy", c.lb_policy == LbPolicy::Passthrough),
-                ("tcp_keepalive", c.tcp_keepalive.is_some()),
                 // Retries in flight are counted by the route side's retries.
                 ("circuit_breakers.max_retries", c.circuit_breakers.max_retries.is_some()),
                 (

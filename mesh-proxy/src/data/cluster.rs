@@ -38,7 +38,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::{
-    config::{self, HashAlgorithm, HashKey, LbPolicy, UpstreamProtocol},
+    config::{self, HashAlgorithm, HashKey, LbPolicy, TcpKeepalive, UpstreamProtocol},
     data::{
         balance::{
             self,
@@ -125,14 +125,19 @@ impl Endpoint {
     }
 
     /// Opens a counted TCP connection.
-    pub async fn connect(self: &Arc<Self>, timeout: Duration) -> io::Result<(TcpStream, ConnectionGuard)> {
-        self.open(timeout, false).await
+    pub async fn connect(self: &Arc<Self>, dial: &Dial) -> io::Result<(TcpStream, ConnectionGuard)> {
+        self.open(dial, false).await
     }
 
     /// Opens a counted TCP connection; `reserved`: its cluster's [`Load`] already counts it (and
     /// is told when the connect fails).
-    async fn open(self: &Arc<Self>, timeout: Duration, reserved: bool) -> io::Result<(TcpStream, ConnectionGuard)> {
-        let stream = match socket::connect(self.addr, None, timeout).await {
+    async fn open(self: &Arc<Self>, dial: &Dial, reserved: bool) -> io::Result<(TcpStream, ConnectionGuard)> {
+        let connected = socket::connect(self.addr, None, dial.timeout).await;
+        let connected = match (connected, &dial.keepalive) {
+            (Ok(s), Some(k)) => socket::keepalive(&s, k.time, k.interval, k.probes).map(|()| s),
+            (c, _) => c,
+        };
+        let stream = match connected {
             Ok(s) => s,
             Err(e) => {
                 if reserved {
@@ -158,36 +163,45 @@ impl Endpoint {
 
     /// A pooled connection of the given version if one is usable, else a new one: for HTTP/1.1
     /// an idle one, for HTTP/2 the endpoint's shared one.
-    pub async fn http(self: &Arc<Self>, connect_timeout: Duration, h2: bool) -> io::Result<Upstream> {
+    pub async fn http(self: &Arc<Self>, dial: &Dial, h2: bool) -> io::Result<Upstream> {
         if h2 {
-            return self.pool.h2(false, || self.connect_h2(connect_timeout)).await;
+            return self.pool.h2(false, || self.connect_h2(dial)).await;
         }
         match self.pool.checkout().await {
             Some(sender) => Ok(Upstream { sender, reused: true }),
-            None => Ok(Upstream { sender: self.connect_http(connect_timeout, false).await?, reused: false }),
+            None => Ok(Upstream { sender: self.connect_http(dial, false).await?, reused: false }),
         }
     }
 
     /// Opens a new, counted connection; an HTTP/2 one becomes the endpoint's shared one.
-    pub async fn connect_http(self: &Arc<Self>, timeout: Duration, h2: bool) -> io::Result<Sender> {
+    pub async fn connect_http(self: &Arc<Self>, dial: &Dial, h2: bool) -> io::Result<Sender> {
         if h2 {
-            return Ok(self.pool.h2(true, || self.connect_h2(timeout)).await?.sender);
+            return Ok(self.pool.h2(true, || self.connect_h2(dial)).await?.sender);
         }
-        self.connect_http1(timeout, false).await
+        self.connect_http1(dial, false).await
     }
 
-    async fn connect_http1(self: &Arc<Self>, timeout: Duration, reserved: bool) -> io::Result<Sender> {
-        let (stream, guard) = self.open(timeout, reserved).await?;
+    async fn connect_http1(self: &Arc<Self>, dial: &Dial, reserved: bool) -> io::Result<Sender> {
+        let (stream, guard) = self.open(dial, reserved).await?;
         Ok(Sender::Http1(pool::handshake(stream, self.addr, guard).await?))
     }
 
     async fn connect_h2(
         self: &Arc<Self>,
-        timeout: Duration,
+        dial: &Dial,
     ) -> io::Result<hyper::client::conn::http2::SendRequest<pool::RequestBody>> {
-        let (stream, guard) = self.connect(timeout).await?;
+        let (stream, guard) = self.connect(dial).await?;
         pool::handshake_h2(stream, self.addr, guard).await
     }
+}
+
+/// How a cluster's endpoints are connected to.
+#[derive(Debug, Clone, Copy)]
+pub struct Dial {
+    pub timeout: Duration,
+    /// TCP keepalive on its connections (Istio's `connectionPool.tcp.tcpKeepalive`); unset fields
+    /// keep the kernel's values.
+    pub keepalive: Option<TcpKeepalive>,
 }
 
 /// A set of equivalent endpoints and the policy that spreads load over them.
@@ -195,7 +209,8 @@ impl Endpoint {
 pub struct Cluster {
     pub name: Arc<str>,
     pub policy: LbPolicy,
-    pub connect_timeout: Duration,
+    /// How its endpoints are connected to.
+    pub dial: Dial,
     /// The HTTP version requests are sent to its endpoints in.
     pub protocol: UpstreamProtocol,
     pub endpoints: Vec<Arc<Endpoint>>,
@@ -255,7 +270,7 @@ impl Cluster {
             connect_failures: metrics.connect_failures(&name),
             name,
             policy: c.lb_policy,
-            connect_timeout: c.connect_timeout,
+            dial: Dial { timeout: c.connect_timeout, keepalive: c.tcp_keepalive },
             protocol: c.protocol,
             endpoints,
             hash,
@@ -323,7 +338,7 @@ impl Cluster {
         Self {
             name: Arc::from(PASSTHROUGH_CLUSTER),
             policy: LbPolicy::RoundRobin,
-            connect_timeout,
+            dial: Dial { timeout: connect_timeout, keepalive: None },
             // The application chose the protocol for the destination it dialled.
             protocol: UpstreamProtocol::Auto,
             endpoints: vec![Arc::new(Endpoint::new(addr, load.clone()))],
@@ -379,7 +394,7 @@ impl Cluster {
     /// `max_pending_requests` are waiting already; otherwise it overflows.
     pub async fn http(&self, ep: &Arc<Endpoint>, h2: bool) -> io::Result<Upstream> {
         let Some(max) = self.limits.and_then(|l| l.max_connections).filter(|_| !h2) else {
-            return ep.http(self.connect_timeout, h2).await;
+            return ep.http(&self.dial, h2).await;
         };
         let mut pending = None;
         loop {
@@ -390,7 +405,7 @@ impl Cluster {
                 return Ok(Upstream { sender, reused: true });
             }
             if ep.load.try_reserve(max) {
-                return Ok(Upstream { sender: ep.connect_http1(self.connect_timeout, true).await?, reused: false });
+                return Ok(Upstream { sender: ep.connect_http1(&self.dial, true).await?, reused: false });
             }
             if pending.is_none() {
                 let max_pending = self.limits.and_then(|l| l.max_pending);

@@ -47,3 +47,24 @@ async fn finish(socket: TcpSocket, addr: SocketAddr, timeout: Duration) -> io::R
     stream.set_nodelay(true)?;
     Ok(stream)
 }
+
+/// Turns TCP keepalive on for `stream`: the first probe after `time` idle, then every `interval`,
+/// `probes` unanswered ones closing the connection; what is not given keeps the kernel's value.
+pub fn keepalive(
+    stream: &TcpStream,
+    time: Option<Duration>,
+    interval: Option<Duration>,
+    probes: Option<u32>,
+) -> io::Result<()> {
+    let mut k = socket2::TcpKeepalive::new();
+    if let Some(t) = time {
+        k = k.with_time(t);
+    }
+    if let Some(i) = interval {
+        k = k.with_interval(i);
+    }
+    if let Some(p) = probes {
+        k = k.with_retries(p);
+    }
+    socket2::SockRef::from(stream).set_tcp_keepalive(&k)
+}

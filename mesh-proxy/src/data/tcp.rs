@@ -32,8 +32,8 @@ pub async fn route(entry: &RouteEntry, mut stream: TcpStream, peer: SocketAddr, 
     let target = rule.pick();
     target.tcp_connections.inc();
     let start = Instant::now();
-    let timeout = target.cluster.connect_timeout;
-    match target.cluster.connect(target.cluster.source_hash(peer), |ep| ep.connect(timeout)).await {
+    let dial = target.cluster.dial;
+    match target.cluster.connect(target.cluster.source_hash(peer), |ep| ep.connect(&dial)).await {
         Ok((ep, (mut upstream, _conn_guard))) => {
             let _req = ep.start_request();
             let result = splice(&mut stream, &mut upstream, idle).await;

@@ -226,7 +226,7 @@ pub(super) async fn attempt(
         },
     };
     tracing::debug!(endpoint = %ep.addr, "pooled connection closed by the peer; sending on a fresh one");
-    let mut fresh = match ep.connect_http(cluster.connect_timeout, h2).await {
+    let mut fresh = match ep.connect_http(&cluster.dial, h2).await {
         Ok(s) => s,
         Err(ce) => {
             cluster.record_connect_failure(ep, &ce);
