@@ -523,3 +523,40 @@ fn proxy_passthrough_inbound_dead_backend_registry_only() {
         assert_eq!(Http::connect(SERVICE).unwrap().get("/", &[]).unwrap(), (200, "v2".to_string()));
     });
 }
+
+/// Istio's `PASSTHROUGH` load balancer (Envoy's ORIGINAL_DST cluster): a route whose cluster is
+/// `lb_policy: passthrough` sends each connection or request to the address the application
+/// dialled, counted under the route and that cluster, even under `registry_only` (which refuses
+/// the same destinations when no route claims them).
+#[test]
+fn proxy_passthrough_cluster_goes_to_the_original_destination() {
+    if !privileged("proxy_passthrough_cluster_goes_to_the_original_destination") {
+        return;
+    }
+    let config = format!(
+        "admin: {{ address: {ADMIN} }}
+outbound_policy: registry_only
+listeners: [{{ name: virtual, address: 0.0.0.0:15000 }}]
+routes:
+  - {{ name: direct, destinations: [\"{V1}\"], protocol: http, rules: [{{ clusters: [{{ name: orig }}] }}] }}
+  - {{ name: direct-tcp, destinations: [\"{V2}\"], protocol: tcp, rules: [{{ clusters: [{{ name: orig }}] }}] }}
+clusters: [{{ name: orig, lb_policy: passthrough, connect_timeout: 1s }}]
+"
+    );
+    let mesh = Mesh::start("pxo", &config);
+    mesh.net.pod.run(|| {
+        let mut c = Http::connect(V1).unwrap();
+        for _ in 0..3 {
+            assert_eq!(c.get("/", &[]).unwrap(), (200, "v1".to_string()));
+        }
+        assert_eq!(Http::connect(V2).unwrap().get("/", &[]).unwrap(), (200, "v2".to_string()));
+        // No route for v3: refused.
+        assert!(Http::connect(V3).and_then(|mut c| c.get("/", &[])).is_err());
+        let stats = admin("/stats/prometheus");
+        assert!(
+            stats.contains("mesh_proxy_requests_total{route=\"direct\",cluster=\"orig\",response_class=\"2xx\"} 3"),
+            "{stats}"
+        );
+        assert!(stats.contains("mesh_proxy_tcp_connections_total{route=\"direct-tcp\",cluster=\"orig\"} 1"), "{stats}");
+    });
+}

@@ -661,7 +661,6 @@ fn validate_cluster(field: &str, c: &RawCluster, connect_timeout: Duration) -> R
         not_applied_yet(
             field,
             &[
-                ("lb_policy", c.lb_policy == LbPolicy::Passthrough),
                 // Retries in flight are counted by the route side's retries.
                 ("circuit_breakers.max_retries", c.circuit_breakers.max_retries.is_some()),
                 (

@@ -68,7 +68,11 @@ pub async fn serve(
         return http::serve(ctx, stream).await;
     }
     match opaque {
-        Opaque::Route(route) => tcp::route(&snapshot.routes.routes[route], stream, peer, dst.addr, idle).await,
+        Opaque::Route(route) => {
+            // A connection made straight to a listener has itself as its destination.
+            let original = (!snapshot.own_addrs.contains(&dst.addr)).then_some(&proxy.passthrough_connect_failures);
+            tcp::route(&snapshot.routes.routes[route], stream, peer, dst.addr, original, idle).await
+        }
         Opaque::Unrouted(Fallback::Passthrough(dst)) => {
             let counters = tcp::PassthroughCounters {
                 sessions: &proxy.passthrough_tcp,

@@ -16,15 +16,24 @@ pub use splice::{splice, Transfer};
 
 use prometheus_client::metrics::counter::Counter;
 
+use crate::config::LbPolicy;
 use crate::data::{
-    cluster::{PASSTHROUGH_CLUSTER, PASSTHROUGH_CONNECT_TIMEOUT},
+    cluster::{Cluster, PASSTHROUGH_CLUSTER, PASSTHROUGH_CONNECT_TIMEOUT},
     route::RouteEntry,
     socket,
 };
 
 /// A TCP route: the rule for `dst`, one cluster per connection by weight, one endpoint by the
-/// cluster's policy.
-pub async fn route(entry: &RouteEntry, mut stream: TcpStream, peer: SocketAddr, dst: SocketAddr, idle: Duration) {
+/// cluster's policy — or `dst` itself for a passthrough cluster, when `original` allows it (with
+/// the counter of failed connects to original destinations; `None`: `dst` is the proxy's own).
+pub async fn route(
+    entry: &RouteEntry,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    original: Option<&Counter>,
+    idle: Duration,
+) {
     let Some(rule) = entry.tcp_rule(dst) else {
         tracing::info!(target: "access", kind = "tcp", %peer, route = &*entry.name, reason = "no rule of the route takes a TCP connection to this destination", "connection refused");
         return;
@@ -32,8 +41,18 @@ pub async fn route(entry: &RouteEntry, mut stream: TcpStream, peer: SocketAddr, 
     let target = rule.pick();
     target.tcp_connections.inc();
     let start = Instant::now();
-    let dial = target.cluster.dial;
-    match target.cluster.connect(target.cluster.source_hash(peer), |ep| ep.connect(&dial)).await {
+    let passthrough;
+    let mut cluster = &*target.cluster;
+    if cluster.policy == LbPolicy::Passthrough {
+        let Some(failures) = original else {
+            tracing::info!(target: "access", kind = "tcp", %peer, route = &*entry.name, reason = "a passthrough cluster for a connection that was not redirected (it would loop)", "connection refused");
+            return;
+        };
+        passthrough = Cluster::passthrough(dst, cluster.dial.timeout, failures.clone());
+        cluster = &passthrough;
+    }
+    let dial = cluster.dial;
+    match cluster.connect(cluster.source_hash(peer), |ep| ep.connect(&dial)).await {
         Ok((ep, (mut upstream, _conn_guard))) => {
             let _req = ep.start_request();
             let result = splice(&mut stream, &mut upstream, idle).await;

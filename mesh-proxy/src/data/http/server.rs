@@ -26,6 +26,7 @@ use super::{
     headers::{looped, prepare_downstream_request},
 };
 use crate::{
+    config::LbPolicy,
     data::{
         cluster::Cluster,
         detect::{self, Detected},
@@ -287,8 +288,19 @@ async fn respond(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<ProxyBod
         return local_response(grpc, StatusCode::NOT_FOUND, why);
     };
     let target = rule.pick();
-    let affinity = target.cluster.affinity(req.uri(), req.headers(), ctx.peer);
-    forward(&target.cluster, &target.requests, &route.name, req, affinity, rule.timeout, idle, log).await
+    let mut cluster = &target.cluster;
+    if cluster.policy == LbPolicy::Passthrough {
+        // Istio's PASSTHROUGH (Envoy's ORIGINAL_DST): the destination the application dialled,
+        // on the connection's one-endpoint cluster, as its unrouted requests.
+        if snapshot.own_addrs.contains(&ctx.orig_dst) {
+            let why = "a passthrough cluster for a connection that was not redirected (it would loop)";
+            log.with_route(&route.name).local(StatusCode::NOT_FOUND, why, why);
+            return local_response(grpc, StatusCode::NOT_FOUND, why);
+        }
+        cluster = ctx.passthrough.get_or_init(|| Arc::new(ctx.proxy.passthrough_cluster(ctx.orig_dst)));
+    }
+    let affinity = cluster.affinity(req.uri(), req.headers(), ctx.peer);
+    forward(cluster, &target.requests, &route.name, req, affinity, rule.timeout, idle, log).await
 }
 
 /// The request's authority: the absolute URI's, else the Host header.
