@@ -388,3 +388,18 @@ async fn tcp_keepalive_reaches_the_kernel_and_the_dump_shows_the_policies() {
     assert_eq!(cluster["outlier_detection"]["consecutive_gateway_errors"], 2);
     assert_eq!(cluster["outlier_detection"]["base_ejection_time"], "30s");
 }
+
+/// `max_requests_per_connection` (Istio's `maxRequestsPerConnection`): an upstream connection
+/// carries that many requests, the last with `connection: close`, then a new one is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_connection_carries_at_most_max_requests() {
+    let b = Backend::start("m").await;
+    let listen = free_addr();
+    let proxy = InProcess::start(&config(listen, "max_requests_per_connection: 2", &[b.addr])).await;
+    let mut c = HttpClient::connect(listen).await.unwrap();
+    for _ in 0..6 {
+        assert_eq!(c.get("/", &[]).await.unwrap(), (200, "m".into()));
+    }
+    let clusters = proxy.admin("/clusters").await.1;
+    assert!(clusters.contains(&format!("c::{}::cx_total::3\n", b.addr)), "{clusters}");
+}

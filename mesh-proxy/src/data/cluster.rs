@@ -183,7 +183,7 @@ impl Endpoint {
 
     async fn connect_http1(self: &Arc<Self>, dial: &Dial, reserved: bool) -> io::Result<Sender> {
         let (stream, guard) = self.open(dial, reserved).await?;
-        Ok(Sender::Http1(pool::handshake(stream, self.addr, guard).await?))
+        Ok(Sender::Http1(pool::handshake(stream, self.addr, guard).await?, 1))
     }
 
     async fn connect_h2(
@@ -216,6 +216,9 @@ pub struct Cluster {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Consistent hashing, which replaces `policy` for requests that carry the key.
     hash: Option<HashPolicy>,
+    /// An HTTP/1.1 connection is closed after carrying this many requests (the last one is sent
+    /// with `connection: close`, so the endpoint knows too).
+    pub max_requests_per_connection: Option<u32>,
     /// Circuit breakers; their counts are in every endpoint's `load`.
     limits: Option<Limits>,
     /// The same `Load` as the endpoints', for clusters without endpoints too.
@@ -274,6 +277,7 @@ impl Cluster {
             protocol: c.protocol,
             endpoints,
             hash,
+            max_requests_per_connection: c.max_requests_per_connection,
             limits: Limits::new(&c.circuit_breakers),
             load,
             outlier: c.outlier_detection.clone().map(|o| {
@@ -343,6 +347,7 @@ impl Cluster {
             protocol: UpstreamProtocol::Auto,
             endpoints: vec![Arc::new(Endpoint::new(addr, load.clone()))],
             hash: None,
+            max_requests_per_connection: None,
             limits: None,
             load,
             outlier: None,

@@ -46,7 +46,9 @@ const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
 
 /// A connection ready for a request.
 pub enum Sender {
-    Http1(SendRequest<RequestBody>),
+    /// With the number of requests the connection has carried, this one included (a cluster's
+    /// `max_requests_per_connection` closes it after the last).
+    Http1(SendRequest<RequestBody>, u32),
     /// A handle on the endpoint's shared HTTP/2 connection (cloned per request).
     Http2(http2::SendRequest<RequestBody>),
 }
@@ -59,9 +61,14 @@ impl Sender {
         req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, TrySendError<Request<RequestBody>>> {
         match self {
-            Sender::Http1(s) => s.try_send_request(req).await,
+            Sender::Http1(s, _) => s.try_send_request(req).await,
             Sender::Http2(s) => s.try_send_request(req).await,
         }
+    }
+
+    /// Whether this request is the `max`-th on an HTTP/1.1 connection (HTTP/2 is not counted).
+    pub fn is_last(&self, max: u32) -> bool {
+        matches!(self, Sender::Http1(_, n) if *n >= max)
     }
 }
 
@@ -70,7 +77,7 @@ impl Sender {
 pub struct Pool {
     /// HTTP/1.1 connections ready for another request. Most recently returned last: handed out
     /// first, as the least likely to have been closed by the peer's keep-alive timeout.
-    idle: Mutex<Vec<SendRequest<RequestBody>>>,
+    idle: Mutex<Vec<(SendRequest<RequestBody>, u32)>>,
     /// The HTTP/2 connection every request to this endpoint shares, while it is usable.
     h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
     /// Held while an HTTP/2 connection is being opened, so that the requests that find none wait
@@ -90,7 +97,7 @@ impl Pool {
     /// An idle pooled HTTP/1.1 connection that is still usable, if there is one.
     pub async fn checkout(&self) -> Option<Sender> {
         loop {
-            let mut sender = self.idle.lock().expect("pool lock poisoned").pop()?;
+            let (mut sender, served) = self.idle.lock().expect("pool lock poisoned").pop()?;
             // Closed by the peer while idle: dropped here, never handed out.
             if sender.is_closed() {
                 continue;
@@ -98,7 +105,7 @@ impl Pool {
             // Waits only for a connection whose previous response is being finished; one that
             // closed meanwhile errors at once and is dropped.
             if sender.ready().await.is_ok() {
-                return Some(Sender::Http1(sender));
+                return Some(Sender::Http1(sender, served + 1));
             }
         }
     }
@@ -107,16 +114,16 @@ impl Pool {
     /// connections the peer closed meanwhile are evicted first to make room. An HTTP/2 handle is
     /// just dropped: the connection stays shared in the pool.
     pub fn checkin(&self, sender: Sender) {
-        let Sender::Http1(sender) = sender else { return };
+        let Sender::Http1(sender, served) = sender else { return };
         if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().expect("pool lock poisoned");
         if idle.len() >= MAX_IDLE_PER_ENDPOINT {
-            idle.retain(|s| !s.is_closed());
+            idle.retain(|(s, _)| !s.is_closed());
         }
         if idle.len() < MAX_IDLE_PER_ENDPOINT {
-            idle.push(sender);
+            idle.push((sender, served));
         }
     }
 
@@ -160,7 +167,7 @@ impl Pool {
     /// the shared HTTP/2 connection.
     pub fn idle_connections(&self) -> usize {
         let mut idle = self.idle.lock().expect("pool lock poisoned");
-        idle.retain(|s| !s.is_closed());
+        idle.retain(|(s, _)| !s.is_closed());
         idle.len() + usize::from(self.shared_h2().is_some())
     }
 }

@@ -102,6 +102,10 @@ pub(super) async fn forward(
             return resp;
         }
     };
+    // Not on an upgrade, whose connection leaves HTTP anyway.
+    if upgrade.is_none() && cluster.max_requests_per_connection.is_some_and(|max| upstream.sender.is_last(max)) {
+        req.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
     let guard = ep.start_request().with(permit);
     let log = log.with_endpoint(ep.addr);
     let limit = timeout.unwrap_or(idle.stream);
