@@ -2,7 +2,7 @@
 //! routes, every stream routed on its own (weights and header rules over one connection),
 //! upstream HTTP/2 on one multiplexed connection per endpoint or HTTP/1.1 as the cluster says
 //! (translated both ways), trailers passed through, and the proxy's own errors answered to gRPC
-//! calls as gRPC statuses (`grpc-timeout` respected).
+//! calls as gRPC statuses (`grpc-timeout` respected); the rapid-reset bound on.
 
 mod support;
 
@@ -231,5 +231,55 @@ async fn http1_is_still_served_and_a_post_is_not_mistaken_for_the_preface() {
     let mut c = HttpClient::connect(listen).await.unwrap();
     assert_eq!(c.request(hyper::Method::POST, "/", &[]).await.unwrap(), (200, "a".to_string()));
     assert_eq!(c.request(hyper::Method::PUT, "/", &[]).await.unwrap(), (200, "a".to_string()));
+    drop(proxy);
+}
+
+/// One raw HTTP/2 frame: its 9-byte header, then `payload`.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// The rapid-reset attack (CVE-2023-44487): a client opening streams and resetting each at once
+/// makes the server start work it never finishes. hyper's bound is on: after 20 streams reset
+/// before they were accepted, the proxy sends GOAWAY with ENHANCE_YOUR_CALM and closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_ends_the_connection_with_enhance_your_calm() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = H2Backend::start("v1", Duration::from_secs(1)).await;
+    let listen = free_addr();
+    let yaml = listener_route(listen, "http", "      - clusters: [{ name: v1 }]", &[("v1", &[backend.addr])]);
+    let proxy = InProcess::start(&yaml).await;
+    let mut conn = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+                                       // HPACK: :method GET, :scheme http, :path / (static table), :authority "a" (literal).
+    let headers = [0x82, 0x86, 0x84, 0x01, 0x01, b'a'];
+    for i in 0..200u32 {
+        let stream = 2 * i + 1;
+        out.extend(frame(0x1, 0x5, stream, &headers)); // HEADERS, END_STREAM | END_HEADERS
+        out.extend(frame(0x3, 0, stream, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+    }
+    conn.write_all(&out).await.unwrap();
+    // Read frames until GOAWAY (or the end of the connection, which is a failure).
+    let goaway = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut head = [0u8; 9];
+        loop {
+            conn.read_exact(&mut head).await.expect("GOAWAY before the connection ends");
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            conn.read_exact(&mut payload).await.unwrap();
+            if head[3] == 0x7 {
+                return u32::from_be_bytes(payload[4..8].try_into().unwrap());
+            }
+        }
+    })
+    .await
+    .expect("GOAWAY within 5 s");
+    assert_eq!(goaway, 0xb, "ENHANCE_YOUR_CALM");
+    assert!(backend.requests.load(Ordering::Relaxed) < 200, "not every reset stream reached the backend");
     drop(proxy);
 }
