@@ -1,7 +1,10 @@
 //! Logging: `tracing` to stderr, as text or JSON lines, with a filter the admin API can change.
 //!
 //! Access-log lines use the target `access`, so they can be switched off or on alone
-//! (`--log-level info,access=off`, or `POST /logging?level=info,access=off`).
+//! (`--log-level info,access=off`, or `POST /logging?level=info,access=off`); they are not
+//! `tracing` events but are formatted and batched by [`access`], off the request path.
+
+pub mod access;
 
 use tracing_subscriber::{filter::EnvFilter, fmt, layer::SubscriberExt, reload, util::SubscriberInitExt, Registry};
 
@@ -17,6 +20,8 @@ pub enum Error {
     Filter { directives: String, reason: String },
     #[error("a global logger is already installed")]
     AlreadySet,
+    #[error("starting the access log's writer thread: {0}")]
+    AccessWriter(std::io::Error),
 }
 
 /// Changes the filter of the installed subscriber.
@@ -45,6 +50,7 @@ pub fn init(directives: &str, format: LogFormat) -> Result<LogHandle, Error> {
             .try_init(),
     };
     result.map_err(|_| Error::AlreadySet)?;
+    access::start(format).map_err(Error::AccessWriter)?;
     Ok(LogHandle(handle))
 }
 

@@ -157,6 +157,13 @@ impl Metrics {
             m.discovery_fetch_errors.clone(),
         );
         registry.register("dns_queries", "DNS queries by transport and how they were answered", m.dns_queries.clone());
+        let access = &*crate::logging::access::COUNTERS;
+        registry.register("access_log_lines", "Access-log lines queued for writing", access.lines.clone());
+        registry.register(
+            "access_log_dropped_lines",
+            "Access-log lines dropped because their writer fell behind",
+            access.dropped.clone(),
+        );
         Self { registry, ..m }
     }
 

@@ -312,5 +312,5 @@ async fn a_connection_straight_to_the_listener_without_a_route_is_closed_not_loo
         stats.contains("mesh_proxy_downstream_connections_total{listener=\"main\"} 1"),
         "one connection, no loop: {stats}"
     );
-    assert!(proxy.log_text().contains("addressed to the proxy's own listener"), "{}", proxy.log_text());
+    proxy.wait_log("addressed to the proxy's own listener").await;
 }

@@ -81,7 +81,7 @@ pub async fn serve(
             tcp::passthrough(counters, stream, peer, dst, idle).await
         }
         Opaque::Unrouted(Fallback::Refuse(why)) => {
-            tracing::info!(target: "access", kind = "tcp", %peer, reason = why.reason(), "connection refused");
+            tcp::log_unserved("connection refused", peer, None, None, None, &why.reason());
         }
     }
 }

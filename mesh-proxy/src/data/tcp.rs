@@ -16,11 +16,14 @@ pub use splice::{splice, Transfer};
 
 use prometheus_client::metrics::counter::Counter;
 
-use crate::config::LbPolicy;
-use crate::data::{
-    cluster::{Cluster, PASSTHROUGH_CLUSTER, PASSTHROUGH_CONNECT_TIMEOUT},
-    route::RouteEntry,
-    socket,
+use crate::{
+    config::LbPolicy,
+    data::{
+        cluster::{Cluster, PASSTHROUGH_CLUSTER, PASSTHROUGH_CONNECT_TIMEOUT},
+        route::RouteEntry,
+        socket,
+    },
+    logging::access,
 };
 
 /// A TCP route: the rule for `dst`, one cluster per connection by weight, one endpoint by the
@@ -35,7 +38,14 @@ pub async fn route(
     idle: Duration,
 ) {
     let Some(rule) = entry.tcp_rule(dst) else {
-        tracing::info!(target: "access", kind = "tcp", %peer, route = &*entry.name, reason = "no rule of the route takes a TCP connection to this destination", "connection refused");
+        log_unserved(
+            "connection refused",
+            peer,
+            Some(&entry.name),
+            None,
+            None,
+            &"no rule of the route takes a TCP connection to this destination",
+        );
         return;
     };
     let target = rule.pick();
@@ -70,7 +80,14 @@ pub async fn route(
             }
         }
         Err(e) => {
-            tracing::info!(target: "access", kind = "tcp", %peer, route = &*entry.name, cluster = &*target.cluster.name, reason = %e, "connection closed: no endpoint");
+            log_unserved(
+                "connection closed: no endpoint",
+                peer,
+                Some(&entry.name),
+                Some(&target.cluster.name),
+                None,
+                &e,
+            );
         }
     }
 }
@@ -115,7 +132,7 @@ pub async fn splice_logged(
             log(peer, route, cluster, Some(dst), start, result.as_ref().ok(), result.as_ref().err());
         }
         Err(e) => {
-            tracing::info!(target: "access", kind = "tcp", %peer, route, cluster, endpoint = %dst, reason = %e, "connection closed: connect failed");
+            log_unserved("connection closed: connect failed", peer, Some(route), Some(cluster), Some(dst), &e);
         }
     }
 }
@@ -130,16 +147,36 @@ fn log(
     transfer: Option<&Transfer>,
     error: Option<&io::Error>,
 ) {
-    tracing::info!(
-        target: "access",
-        kind = "tcp",
-        %peer,
-        route,
-        cluster,
-        endpoint = %endpoint.map_or_else(|| "-".into(), |e| e.to_string()),
-        sent = transfer.map_or(0, |t| t.sent),
-        received = transfer.map_or(0, |t| t.received),
-        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-        error = %error.map_or_else(|| "-".into(), |e| e.to_string()),
-    );
+    access::write(|l| {
+        l.str("kind", "tcp")
+            .display("peer", peer)
+            .str("route", route)
+            .str("cluster", cluster)
+            .opt_display("endpoint", endpoint)
+            .u64("sent", transfer.map_or(0, |t| t.sent))
+            .u64("received", transfer.map_or(0, |t| t.received))
+            .millis("duration_ms", start.elapsed())
+            .opt_display("error", error);
+    });
+}
+
+/// The access-log line of a TCP connection that got no session: `message` says what happened to
+/// it, `reason` why.
+pub fn log_unserved(
+    message: &str,
+    peer: SocketAddr,
+    route: Option<&str>,
+    cluster: Option<&str>,
+    endpoint: Option<SocketAddr>,
+    reason: &dyn std::fmt::Display,
+) {
+    access::write(|l| {
+        l.message(message)
+            .str("kind", "tcp")
+            .display("peer", peer)
+            .opt_str("route", route)
+            .opt_str("cluster", cluster)
+            .opt_display("endpoint", endpoint)
+            .display("reason", reason);
+    });
 }

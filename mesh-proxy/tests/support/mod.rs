@@ -44,6 +44,11 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Starts the proxy; `{admin}` in `yaml` is replaced by a free admin address. Waits for `/ready`.
     pub async fn start(yaml: &str) -> Self {
+        Self::start_with(yaml, &[]).await
+    }
+
+    /// [`ProxyProcess::start`] with more command-line arguments.
+    pub async fn start_with(yaml: &str, args: &[&str]) -> Self {
         let dir = TempDir::new("proxy");
         let admin = free_addr();
         let config = dir.path().join("proxy.yaml");
@@ -51,12 +56,11 @@ impl ProxyProcess {
         let log = dir.path().join("proxy.log");
         let proc = Proc::spawn_logged(
             "mesh-proxy",
-            Command::new(env!("CARGO_BIN_EXE_mesh-proxy")).arg("--config").arg(&config).args([
-                "--workers",
-                "2",
-                "--log-level",
-                "info",
-            ]),
+            Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+                .arg("--config")
+                .arg(&config)
+                .args(["--workers", "2", "--log-level", "info"])
+                .args(args),
             &log,
         );
         let what = format!("mesh-proxy's /ready (its log: {})", log.display());
@@ -69,6 +73,16 @@ impl ProxyProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for a log line containing `needle` and returns it: access-log lines are written in
+    /// batches, up to a second after their request.
+    pub async fn wait_log(&self, needle: &str) -> String {
+        let what = format!("a log line with {needle:?} (log: {})", self.log.display());
+        wait_until_async(Duration::from_secs(5), &what, || {
+            std::future::ready(self.log_text().lines().find(|l| l.contains(needle)).map(str::to_string))
+        })
+        .await
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {

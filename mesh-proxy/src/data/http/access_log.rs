@@ -1,17 +1,22 @@
-//! The access-log line of one HTTP request (target `access`), filled in as the request makes its
-//! way; nothing is copied when access logging is off.
+//! The access-log line of one HTTP request, filled in as the request makes its way and handed to
+//! [`logging::access`](crate::logging::access) (formatted on this thread, written by another) when
+//! the response ends. Nothing is kept per request when access logging is off; when it is on, the
+//! URI and the route and cluster names are shared with the request and the snapshot, not copied.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use hyper::body::Incoming;
 
+use crate::logging::access;
+
 /// The access-log line of one request, filled in as the request makes its way.
 pub(super) struct AccessLog {
     /// None when access logging is off: then nothing is copied per request.
-    fields: Option<Box<LogFields>>,
+    fields: Option<LogFields>,
 }
 
+#[derive(Clone)]
 pub(super) struct LogFields {
     start: Instant,
     /// The downstream client.
@@ -29,26 +34,23 @@ pub(super) struct LogFields {
 
 impl AccessLog {
     pub(super) fn start(req: &Request<Incoming>, peer: SocketAddr, start: Instant) -> Self {
-        let on = tracing::enabled!(target: "access", tracing::Level::INFO);
         Self {
-            fields: on.then(|| {
-                Box::new(LogFields {
-                    start,
-                    peer,
-                    method: req.method().clone(),
-                    uri: req.uri().clone(),
-                    route: None,
-                    cluster: None,
-                    endpoint: None,
-                    status: 0,
-                    request_id: req.headers().get("x-request-id").cloned(),
-                })
+            fields: access::enabled().then(|| LogFields {
+                start,
+                peer,
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                route: None,
+                cluster: None,
+                endpoint: None,
+                status: 0,
+                request_id: req.headers().get("x-request-id").cloned(),
             }),
         }
     }
 
     fn with(mut self, f: impl FnOnce(&mut LogFields)) -> Self {
-        if let Some(fields) = self.fields.as_deref_mut() {
+        if let Some(fields) = self.fields.as_mut() {
             f(fields);
         }
         self
@@ -63,7 +65,7 @@ impl AccessLog {
     }
 
     pub(super) fn with_endpoint(&self, e: SocketAddr) -> Self {
-        AccessLog { fields: self.fields.as_ref().map(|f| Box::new(LogFields { endpoint: Some(e), ..clone_fields(f) })) }
+        AccessLog { fields: self.fields.as_ref().map(|f| LogFields { endpoint: Some(e), ..f.clone() }) }
     }
 
     pub(super) fn with_status(self, s: StatusCode) -> Self {
@@ -106,34 +108,19 @@ impl AccessLog {
     }
 }
 
-fn clone_fields(f: &LogFields) -> LogFields {
-    LogFields {
-        start: f.start,
-        peer: f.peer,
-        method: f.method.clone(),
-        uri: f.uri.clone(),
-        route: f.route.clone(),
-        cluster: f.cluster.clone(),
-        endpoint: f.endpoint,
-        status: f.status,
-        request_id: f.request_id.clone(),
-    }
-}
-
 fn emit(f: &LogFields, status: u16, bytes: u64, reason: Option<&str>) {
-    tracing::info!(
-        target: "access",
-        kind = "http",
-        peer = %f.peer,
-        method = %f.method,
-        path = %f.uri,
-        route = f.route.as_deref().unwrap_or("-"),
-        cluster = f.cluster.as_deref().unwrap_or("-"),
-        endpoint = %f.endpoint.map_or_else(|| "-".to_string(), |e| e.to_string()),
-        status,
-        bytes,
-        request_id = f.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        duration_ms = f.start.elapsed().as_secs_f64() * 1000.0,
-        reason = reason.unwrap_or("-"),
-    );
+    access::write(|l| {
+        l.str("kind", "http")
+            .display("peer", f.peer)
+            .display("method", &f.method)
+            .display("path", &f.uri)
+            .opt_str("route", f.route.as_deref())
+            .opt_str("cluster", f.cluster.as_deref())
+            .opt_display("endpoint", f.endpoint)
+            .u64("status", u64::from(status))
+            .u64("bytes", bytes)
+            .opt_str("request_id", f.request_id.as_ref().and_then(|v| v.to_str().ok()))
+            .millis("duration_ms", f.start.elapsed())
+            .opt_str("reason", reason);
+    });
 }
