@@ -89,7 +89,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(args, log) {
+    let result = run(args, log);
+    // Access lines still batched (up to a second's worth) go out before the process does.
+    logging::access::flush();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -19,7 +19,7 @@ fn one_cluster(listen: std::net::SocketAddr, backend: std::net::SocketAddr) -> S
 async fn json_lines_carry_the_request() {
     let v1 = Backend::start("v1").await;
     let listen = free_addr();
-    let proxy = ProxyProcess::start_with(&one_cluster(listen, v1.addr), &["--log-format", "json"]).await;
+    let mut proxy = ProxyProcess::start_with(&one_cluster(listen, v1.addr), &["--log-format", "json"]).await;
     let mut c = HttpClient::connect(listen).await.unwrap();
     assert_eq!(c.get("/first?q=%22x%22", &[]).await.unwrap(), (200, "v1".into()));
     let line = proxy.wait_log("/first").await;
@@ -34,6 +34,13 @@ async fn json_lines_carry_the_request() {
     assert_eq!(v["status"], 200);
     assert_eq!(v["bytes"], 2);
     assert!(v["duration_ms"].as_f64().is_some_and(|d| d >= 0.0), "{line}");
+
+    // What is still batched when the proxy stops is written before it exits.
+    assert_eq!(c.get("/last", &[]).await.unwrap(), (200, "v1".into()));
+    drop(c);
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(proxy.wait_exit(Duration::from_secs(10)).await.success());
+    assert!(proxy.log_text().contains("\"path\":\"/last\""), "{}", proxy.log_text());
 }
 
 /// The proxy with its stderr a pipe this test never reads: killed on drop.
