@@ -8,7 +8,7 @@
 //!   bytes, with a bounded wait) where the plan leaves the protocol open;
 //! - [`http`]: a hyper server per downstream connection, a route per request, the request forwarded
 //!   on a connection from the endpoint's [`pool`];
-//! - [`tcp`]: a session per connection (routed or passthrough), bytes copied with half-close;
+//! - [`tcp`]: a session per connection (routed or passthrough), bytes spliced (zero-copy) with half-close;
 //!   [`inbound`]: to the local application from 127.0.0.6; [`socket`]: connecting upstream;
 //! - [`snapshot`]: the routing state the control side builds and swaps: the [`route`] table, the
 //!   [`cluster`]s with their endpoints (connecting, with one retry on another endpoint) and the

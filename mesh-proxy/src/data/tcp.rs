@@ -1,7 +1,10 @@
 //! Opaque TCP: a routed session (a cluster per connection), passthrough to the original
-//! destination, and the session's access-log line. The bytes are copied by
-//! [`splice`](mod@splice).
+//! destination, and the session's access-log line. Between two TCP sockets the bytes move by
+//! [`splice`](mod@splice) (zero-copy, through a pipe); other streams are joined by [`copy`](mod@copy).
+//! Both keep half-close and end a session idle for too long ([`idle`]).
 
+pub mod copy;
+mod idle;
 pub mod splice;
 
 use std::{
@@ -12,7 +15,8 @@ use std::{
 
 use tokio::net::TcpStream;
 
-pub use splice::{splice, Transfer};
+pub use copy::copy;
+pub use splice::splice;
 
 use prometheus_client::metrics::counter::Counter;
 
@@ -25,6 +29,15 @@ use crate::{
     },
     logging::access,
 };
+
+/// What a finished session moved.
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer {
+    /// Bytes from downstream to upstream.
+    pub sent: u64,
+    /// Bytes from upstream to downstream.
+    pub received: u64,
+}
 
 /// A TCP route: the rule for `dst`, one cluster per connection by weight, one endpoint by the
 /// cluster's policy — or `dst` itself for a passthrough cluster, when `original` allows it (with
