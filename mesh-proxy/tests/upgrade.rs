@@ -114,6 +114,23 @@ async fn upgrade_is_routed_by_header_rules_then_tunnels_with_half_close() {
     drop(proxy);
 }
 
+/// Bytes the client sends in the same segment as its upgrade request are read by the proxy with
+/// the request head; they must reach the backend once the tunnel is up (the splice starts after them).
+#[tokio::test]
+async fn bytes_right_behind_the_upgrade_request_are_passed_on() {
+    let a = echo_backend("a").await;
+    let listen = free_addr();
+    let proxy =
+        InProcess::start(&listener_route(listen, "http", "      - clusters: [{ name: a }]", &[("a", &[a])])).await;
+    let mut r = BufReader::new(TcpStream::connect(listen).await.unwrap());
+    let resp =
+        handshake(&mut r, "GET /x HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly\n").await;
+    assert!(resp.starts_with("HTTP/1.1 101"), "{resp}");
+    assert_eq!(read_line(&mut r).await, "a /x\n");
+    assert_eq!(read_line(&mut r).await, "early\n");
+    drop(proxy);
+}
+
 #[tokio::test]
 async fn a_refused_upgrade_is_a_plain_response_and_h2c_is_not_forwarded() {
     let a = echo_backend("a").await;

@@ -83,21 +83,20 @@ impl AccessLog {
     pub(super) fn tunnel(self, result: std::io::Result<crate::data::tcp::Transfer>) {
         if let Some(f) = self.fields {
             let (sent, received) = result.as_ref().map_or((0, 0), |t| (t.sent, t.received));
-            tracing::info!(
-                target: "access",
-                kind = "tunnel",
-                peer = %f.peer,
-                method = %f.method,
-                path = %f.uri,
-                route = f.route.as_deref().unwrap_or("-"),
-                cluster = f.cluster.as_deref().unwrap_or("-"),
-                endpoint = %f.endpoint.map_or_else(|| "-".to_string(), |e| e.to_string()),
-                status = f.status,
-                sent,
-                received,
-                duration_ms = f.start.elapsed().as_secs_f64() * 1000.0,
-                error = %result.err().map_or_else(|| "-".to_string(), |e| e.to_string()),
-            );
+            access::write(|l| {
+                l.str("kind", "tunnel")
+                    .display("peer", f.peer)
+                    .display("method", &f.method)
+                    .display("path", &f.uri)
+                    .opt_str("route", f.route.as_deref())
+                    .opt_str("cluster", f.cluster.as_deref())
+                    .opt_display("endpoint", f.endpoint)
+                    .u64("status", u64::from(f.status))
+                    .u64("sent", sent)
+                    .u64("received", received)
+                    .millis("duration_ms", f.start.elapsed())
+                    .opt_display("error", result.as_ref().err());
+            });
         }
     }
 

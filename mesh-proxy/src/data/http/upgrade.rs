@@ -1,20 +1,27 @@
 //! HTTP/1.1 upgrades (`Upgrade: websocket`, or any other protocol) and `CONNECT` tunnels: the
 //! handshake is an ordinary request (routed, balanced, forwarded on a pooled connection); when the
 //! upstream accepts it (`101 Switching Protocols`, or a 2xx to `CONNECT`), both connections leave
-//! HTTP and are joined as a TCP session ([`splice`]: half-close, idle timeout) whose bytes go into
-//! the request's access-log line.
+//! HTTP and are joined as a TCP session (half-close, idle timeout; zero-copy [`splice`] between the
+//! two sockets) whose bytes go into the request's access-log line.
 //!
 //! `Upgrade: h2c` is not an upgrade here: it is dropped (the request goes on as HTTP/1.1), so every
 //! request stays routed on its own instead of a whole HTTP/2 connection following the first one.
 
-use std::time::Duration;
+use std::{io, time::Duration};
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use hyper::{body::Incoming, upgrade::OnUpgrade};
+use hyper::{
+    body::Incoming,
+    upgrade::{OnUpgrade, Upgraded},
+};
 use hyper_util::rt::TokioIo;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use super::access_log::AccessLog;
-use crate::data::{cluster::RequestGuard, tcp::splice};
+use crate::data::{
+    cluster::RequestGuard,
+    tcp::{copy, splice, Transfer},
+};
 
 /// A request that asks to leave HTTP: its downstream connection, handed over by hyper once the
 /// response is sent, and what it asked for.
@@ -84,14 +91,38 @@ impl Upgrade {
             let _guard = guard;
             let (down, up) = tokio::join!(downstream, upstream);
             match (down, up) {
-                (Ok(down), Ok(up)) => {
-                    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                    log.tunnel(splice(&mut down, &mut up, idle).await);
-                }
+                (Ok(down), Ok(up)) => log.tunnel(relay(down, up, idle).await),
                 (Err(e), _) | (_, Err(e)) => log.tunnel(Err(std::io::Error::other(e))),
             }
         });
     }
+}
+
+/// Joins two upgraded connections until both sides are done. They are the TCP sockets hyper was
+/// given, so they are taken back and spliced, after the bytes hyper read past the handshake (what
+/// each side sent right behind it) are passed on; any other stream is copied.
+async fn relay(down: Upgraded, up: Upgraded, idle: Duration) -> io::Result<Transfer> {
+    let down = match down.downcast::<TokioIo<TcpStream>>() {
+        Ok(d) => d,
+        Err(down) => return copy(&mut TokioIo::new(down), &mut TokioIo::new(up), idle).await,
+    };
+    let early_up = down.read_buf.len() as u64;
+    let mut d = down.io.into_inner();
+    let t = match up.downcast::<TokioIo<TcpStream>>() {
+        Ok(up) => {
+            let mut u = up.io.into_inner();
+            u.write_all(&down.read_buf).await?;
+            d.write_all(&up.read_buf).await?;
+            let t = splice(&mut d, &mut u, idle).await?;
+            Transfer { received: t.received + up.read_buf.len() as u64, ..t }
+        }
+        Err(up) => {
+            let mut u = TokioIo::new(up);
+            u.write_all(&down.read_buf).await?;
+            copy(&mut d, &mut u, idle).await?
+        }
+    };
+    Ok(Transfer { sent: t.sent + early_up, ..t })
 }
 
 #[cfg(test)]
