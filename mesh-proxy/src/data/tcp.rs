@@ -68,7 +68,14 @@ pub async fn route(
     let mut cluster = &*target.cluster;
     if cluster.policy == LbPolicy::Passthrough {
         let Some(failures) = original else {
-            tracing::info!(target: "access", kind = "tcp", %peer, route = &*entry.name, reason = "a passthrough cluster for a connection that was not redirected (it would loop)", "connection refused");
+            log_unserved(
+                "connection refused",
+                peer,
+                Some(&entry.name),
+                Some(&cluster.name),
+                None,
+                &"a passthrough cluster for a connection that was not redirected (it would loop)",
+            );
             return;
         };
         passthrough = Cluster::passthrough(dst, cluster.dial.timeout, failures.clone());
