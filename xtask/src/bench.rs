@@ -251,6 +251,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 interrupt::check()?;
                 let path = &mut lab_paths[(i + r as usize) % n];
                 let kind = path.kind;
+                if !kind.runs(workload) {
+                    continue;
+                }
                 if let Err(e) = measure(path, workload, &settings, run.samples.get_mut(&kind).expect("measured path")) {
                     let msg = format!("repeat {}: {workload:?} on {kind}: {e:#}", r + 1);
                     eprintln!("bench: FAILED {msg}");

@@ -1,10 +1,15 @@
 //! The paths under test: how a client in a pod namespace reaches nginx in the backend namespace.
 //!
 //! Every path with a sidecar uses the same interception flags (`-p 15000 -z 15000 -i * -b *`, proxy UID 1337) and
-//! runs its sidecar as UID 1337 with one data-plane thread; only the interception mechanism and
-//! the proxy differ.
+//! runs its sidecar as UID 1337 with one data-plane thread; only the interception mechanism, the
+//! proxy, and whether it writes an access line per request differ.
 
-use std::{fmt, path::PathBuf, process::Command, time::Duration};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -22,26 +27,71 @@ pub enum PathKind {
     Direct,
     /// HAProxy as the sidecar behind the iptables redirect.
     Haproxy,
+    /// nginx as the sidecar (`proxy_pass` with upstream keep-alive) behind the iptables redirect.
+    Nginx,
+    /// Caddy as the sidecar (`reverse_proxy`, one Go thread) behind the iptables redirect.
+    Caddy,
     /// mesh-proxy behind the iptables redirect.
     MeshProxy,
     /// mesh-proxy behind `mesh-init ebpf`.
     Ebpf,
+    /// HAProxy logging every request (`option httplog` to stderr, a file).
+    HaproxyLog,
+    /// nginx logging every request (its default `access_log`, a file).
+    NginxLog,
+    /// mesh-proxy with its default access log on (stderr, a file).
+    MeshProxyLog,
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 4] = [PathKind::Direct, PathKind::Haproxy, PathKind::MeshProxy, PathKind::Ebpf];
+    pub const ALL: [PathKind; 9] = [
+        PathKind::Direct,
+        PathKind::Haproxy,
+        PathKind::Nginx,
+        PathKind::Caddy,
+        PathKind::MeshProxy,
+        PathKind::Ebpf,
+        PathKind::HaproxyLog,
+        PathKind::NginxLog,
+        PathKind::MeshProxyLog,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             PathKind::Direct => "direct",
             PathKind::Haproxy => "haproxy (iptables)",
+            PathKind::Nginx => "nginx (iptables)",
+            PathKind::Caddy => "caddy (iptables)",
             PathKind::MeshProxy => "mesh-proxy (iptables)",
             PathKind::Ebpf => "mesh-proxy (eBPF)",
+            PathKind::HaproxyLog => "haproxy + access log",
+            PathKind::NginxLog => "nginx + access log",
+            PathKind::MeshProxyLog => "mesh-proxy + access log",
         }
     }
 
     pub fn uses_ebpf(self) -> bool {
         matches!(self, PathKind::Ebpf)
+    }
+
+    /// Whether the path writes an access line per request.
+    pub fn logs(self) -> bool {
+        matches!(self, PathKind::HaproxyLog | PathKind::NginxLog | PathKind::MeshProxyLog)
+    }
+
+    /// Whether the path runs `workload`. nginx and Caddy cannot connect to a redirected
+    /// connection's original destination, so they have no TCP passthrough; the logging variants
+    /// differ from their plain path only per request, so their passthrough and idle memory would
+    /// repeat the plain path's figures.
+    pub fn runs(self, workload: crate::bench::Workload) -> bool {
+        use crate::bench::Workload;
+        match workload {
+            Workload::Passthrough => {
+                matches!(self, PathKind::Direct | PathKind::Haproxy | PathKind::MeshProxy | PathKind::Ebpf)
+            }
+            Workload::Idle => !self.logs(),
+            _ => true,
+        }
     }
 }
 
@@ -107,15 +157,34 @@ impl BenchPath {
         let tag = match kind {
             PathKind::Direct => "direct",
             PathKind::Haproxy => "haproxy",
+            PathKind::Nginx => "nginx",
+            PathKind::Caddy => "caddy",
             PathKind::MeshProxy => "meshproxy",
             PathKind::Ebpf => "ebpf",
+            PathKind::HaproxyLog => "haproxylog",
+            PathKind::NginxLog => "nginxlog",
+            PathKind::MeshProxyLog => "meshproxylog",
         };
         let pod = backend.pod(tag, kind.uses_ebpf());
         let dir = TempDir::new("bench-tmp");
         let mut path = BenchPath { kind, sidecar: None, ebpf: None, pod, dir, bins: bins.clone(), max_conns };
         match kind {
             PathKind::Direct => {}
-            PathKind::Haproxy | PathKind::MeshProxy => {
+            PathKind::Ebpf => {
+                let cgroup = path.pod.cgroup.as_ref().expect("eBPF pods have a cgroup").path().to_path_buf();
+                path.ebpf = Some(EbpfAttachment {
+                    mesh_init: bins.mesh_init.clone(),
+                    cgroup: cgroup.clone(),
+                    netns: path.pod.ns.name().to_string(),
+                });
+                let mut cmd = Command::new(&bins.mesh_init);
+                cmd.args(["ebpf", "--netns", path.pod.ns.name()])
+                    .args([format!("--{}", flags::ENVOY_PORT.long), PROXY_PORT.to_string()])
+                    .arg("--cgroup")
+                    .arg(&cgroup);
+                run(&mut cmd, Duration::from_secs(30))?;
+            }
+            _ => {
                 run(
                     Command::new(&bins.mesh_init).args([
                         "iptables",
@@ -132,20 +201,6 @@ impl BenchPath {
                     ]),
                     Duration::from_secs(20),
                 )?;
-            }
-            PathKind::Ebpf => {
-                let cgroup = path.pod.cgroup.as_ref().expect("eBPF pods have a cgroup").path().to_path_buf();
-                path.ebpf = Some(EbpfAttachment {
-                    mesh_init: bins.mesh_init.clone(),
-                    cgroup: cgroup.clone(),
-                    netns: path.pod.ns.name().to_string(),
-                });
-                let mut cmd = Command::new(&bins.mesh_init);
-                cmd.args(["ebpf", "--netns", path.pod.ns.name()])
-                    .args([format!("--{}", flags::ENVOY_PORT.long), PROXY_PORT.to_string()])
-                    .arg("--cgroup")
-                    .arg(&cgroup);
-                run(&mut cmd, Duration::from_secs(30))?;
             }
         }
         if kind != PathKind::Direct {
@@ -167,10 +222,11 @@ impl BenchPath {
         let log = self.dir.path().join(format!("sidecar-{}.log", self.dir_seq()));
         let mut proc = match self.kind {
             PathKind::Direct => bail!("the direct path has no sidecar"),
-            PathKind::Haproxy => {
-                let conf = self
-                    .dir
-                    .write("haproxy.cfg", &haproxy_conf(mode, &self.pod.backend.to_string(), self.max_conns + 40));
+            PathKind::Haproxy | PathKind::HaproxyLog => {
+                let conf = self.dir.write(
+                    "haproxy.cfg",
+                    &haproxy_conf(mode, &self.pod.backend.to_string(), self.max_conns + 40, self.kind.logs()),
+                );
                 // -db: foreground, no daemon; -f: our file only.
                 Proc::spawn_logged(
                     "haproxy",
@@ -178,16 +234,54 @@ impl BenchPath {
                     &log,
                 )
             }
+            PathKind::Nginx | PathKind::NginxLog => {
+                // nginx as UID 1337 writes its pid, temp and log files in a directory of its own.
+                let run_dir = self.dir.path().join(format!("nginx-{}", self.dir_seq()));
+                std::fs::create_dir(&run_dir)?;
+                std::os::unix::fs::chown(&run_dir, Some(PROXY_UID), Some(PROXY_GID))?;
+                let conf = self.dir.write(
+                    "nginx-sidecar.conf",
+                    &nginx_conf(&run_dir, &self.pod.backend.to_string(), self.max_conns + 40, self.kind.logs()),
+                );
+                Proc::spawn_logged(
+                    "nginx",
+                    self.pod.command_as(PROXY_UID, PROXY_GID, "nginx").args(["-e", "stderr", "-c"]).arg(&conf),
+                    &log,
+                )
+            }
+            PathKind::Caddy => {
+                // Caddy wants a writable home for its state even with automatic HTTPS off.
+                let home = self.dir.path().join(format!("caddy-{}", self.dir_seq()));
+                std::fs::create_dir(&home)?;
+                std::os::unix::fs::chown(&home, Some(PROXY_UID), Some(PROXY_GID))?;
+                let conf = self.dir.write("Caddyfile", &caddy_conf(&self.pod.backend.to_string()));
+                Proc::spawn_logged(
+                    "caddy",
+                    self.pod
+                        .command_as(PROXY_UID, PROXY_GID, "caddy")
+                        .args(["run", "--adapter", "caddyfile", "--config"])
+                        .arg(&conf)
+                        // One thread running Go code, as the other sidecars' one worker.
+                        .env("GOMAXPROCS", "1")
+                        .env("HOME", &home)
+                        .env("XDG_DATA_HOME", &home)
+                        .env("XDG_CONFIG_HOME", &home),
+                    &log,
+                )
+            }
             _ => {
                 let conf = self.dir.write("mesh-proxy.yaml", &mesh_proxy_conf(&self.pod.backend.to_string()));
+                // One data-plane thread, as HAProxy's nbthread 1. The access log is on by default
+                // (`info`); `warn` turns it off, as HAProxy's and nginx's plain paths have none.
+                let level = if self.kind.logs() { "info" } else { "warn" };
                 Proc::spawn_logged(
                     "mesh-proxy",
-                    self.pod
-                        .command_as(PROXY_UID, PROXY_GID, &self.bins.mesh_proxy)
-                        .arg("--config")
-                        .arg(&conf)
-                        // One data-plane thread, as HAProxy's nbthread 1; access log off, as HAProxy's.
-                        .args(["--workers", "1", "--log-level", "warn"]),
+                    self.pod.command_as(PROXY_UID, PROXY_GID, &self.bins.mesh_proxy).arg("--config").arg(&conf).args([
+                        "--workers",
+                        "1",
+                        "--log-level",
+                        level,
+                    ]),
                     &log,
                 )
             }
@@ -202,7 +296,9 @@ impl BenchPath {
     pub fn ensure_mode(&mut self, mode: SidecarMode) -> Result<()> {
         match &mut self.sidecar {
             None => Ok(()),
-            Some(s) if self.kind != PathKind::Haproxy || s.mode == mode => s.proc.ensure_running(),
+            Some(s) if !matches!(self.kind, PathKind::Haproxy | PathKind::HaproxyLog) || s.mode == mode => {
+                s.proc.ensure_running()
+            }
             Some(_) => self.start_sidecar(mode),
         }
     }
@@ -225,16 +321,48 @@ impl BenchPath {
 /// to the address the client connected to"; on a REDIRECTed socket HAProxy reads that address
 /// with SO_ORIGINAL_DST (when built with Linux TPROXY support, as Debian's is), so this is a
 /// real passthrough to the original destination, checked by the iperf3 run itself.
-fn haproxy_conf(mode: SidecarMode, backend: &str, maxconn: u32) -> String {
+///
+/// With `log`, one line per request (`option httplog`) written to stderr, which is a file here:
+/// HAProxy's own way of logging without a syslog daemon.
+fn haproxy_conf(mode: SidecarMode, backend: &str, maxconn: u32, log: bool) -> String {
     let (mode_line, server) = match mode {
         SidecarMode::Http => ("http", format!("{backend}:80")),
         SidecarMode::Tcp => ("tcp", "0.0.0.0:0".to_string()),
     };
+    let (global_log, defaults_log) =
+        if log { ("  log stderr format raw local0 info\n", "  log global\n  option httplog\n") } else { ("", "") };
     format!(
-        "global\n  nbthread 1\n  maxconn {maxconn}\n\
-         defaults\n  mode {mode_line}\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n  timeout http-keep-alive 300s\n\
+        "global\n  nbthread 1\n  maxconn {maxconn}\n{global_log}\
+         defaults\n  mode {mode_line}\n{defaults_log}  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n  timeout http-keep-alive 300s\n\
          frontend sidecar\n  bind 0.0.0.0:{PROXY_PORT}\n  default_backend upstream\n\
          backend upstream\n  server s1 {server}\n"
+    )
+}
+
+/// nginx as a sidecar: one worker, no master (so the measured process is the one serving),
+/// `proxy_pass` to a static upstream with keep-alive connections (nginx's default would open one
+/// per request), keep-alive limits as the backend's. With `log`, nginx's default access log
+/// (one unbuffered write per request) into a file.
+fn nginx_conf(dir: &Path, backend: &str, conns: u32, log: bool) -> String {
+    let d = dir.display();
+    let access = if log { format!("access_log {d}/access.log;") } else { "access_log off;".to_string() };
+    format!(
+        "worker_processes 1;\nmaster_process off;\ndaemon off;\nworker_rlimit_nofile 200000;\npid {d}/nginx.pid;\nerror_log stderr warn;\n\
+         events {{ worker_connections {conns}; }}\n\
+         http {{\n  {access}\n  keepalive_requests 10000000;\n  keepalive_timeout 300s;\n\
+           client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+           uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           upstream backend {{ server {backend}:80; keepalive 64; keepalive_requests 10000000; keepalive_timeout 300s; }}\n\
+           server {{\n    listen {PROXY_PORT} backlog=8192;\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n"
+    )
+}
+
+/// Caddy as a sidecar: plain HTTP on the redirect port, `reverse_proxy` to nginx (keep-alive
+/// upstream connections are its default), no admin endpoint, no access log (Caddy's default).
+fn caddy_conf(backend: &str) -> String {
+    format!(
+        "{{\n  admin off\n  auto_https off\n}}\n\
+         http://:{PROXY_PORT} {{\n  reverse_proxy {backend}:80\n}}\n"
     )
 }
 
@@ -254,8 +382,10 @@ fn mesh_proxy_conf(backend: &str) -> String {
 /// Why a path cannot be measured on this machine, or None when it can.
 pub fn unavailable(kind: PathKind, bins: &Bins) -> Option<String> {
     match kind {
-        PathKind::Direct | PathKind::MeshProxy => None,
-        PathKind::Haproxy => which("haproxy").err().map(|e| e.to_string()),
+        PathKind::Direct | PathKind::MeshProxy | PathKind::MeshProxyLog => None,
+        PathKind::Haproxy | PathKind::HaproxyLog => which("haproxy").err().map(|e| e.to_string()),
+        PathKind::Nginx | PathKind::NginxLog => which("nginx").err().map(|e| e.to_string()),
+        PathKind::Caddy => which("caddy").err().map(|e| e.to_string()),
         PathKind::Ebpf => {
             let out = Command::new(&bins.mesh_init).args(["ebpf", "--help"]).output();
             match out {

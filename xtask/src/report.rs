@@ -166,10 +166,11 @@ fn tool_versions() -> String {
             .unwrap_or_default()
     };
     format!(
-        "{}; {}; {}; {}",
+        "{}; {}; {}; caddy {}; {}",
         v("wrk", "--version").split(" Copyright").next().unwrap_or(""),
         v("haproxy", "-v").split(" - ").next().unwrap_or(""),
         v("nginx", "-v"),
+        v("caddy", "version"),
         v("iperf3", "--version")
     )
 }
@@ -237,7 +238,8 @@ pub fn markdown(run: &Run) -> Result<String> {
         o,
         "Each path has its own pod network namespace joined by a veth pair to one backend namespace running nginx \
          (1 worker, fixed 23-byte response, no access log) and an iperf3 server; nothing touches the machine's own namespace. \
-         Sidecars run as UID 1337 with one data-plane thread and no access log; the client runs in the pod as root, \
+         Sidecars run as UID 1337 with one data-plane thread, without an access log unless the path's name says \
+         \"+ access log\" (then one line per request into a file); the client runs in the pod as root, \
          so its connections are intercepted. \
          The direct path has no proxy: its CPU and memory cells are empty, and those figures have ratios to HAProxy only.\n"
     )?;
@@ -255,7 +257,26 @@ pub fn markdown(run: &Run) -> Result<String> {
         "- **mesh-proxy (iptables)**: the same rules, `mesh-proxy --workers 1 --log-level warn`, an `http` route for nginx; \
          iperf3's port matches no route and passes through to its original destination (`outbound_policy: allow_any`)."
     )?;
-    writeln!(o, "- **mesh-proxy (eBPF)**: `mesh-init ebpf --cgroup <a cgroup of the run> --netns <pod>`, client and proxy in that cgroup.\n")?;
+    writeln!(o, "- **mesh-proxy (eBPF)**: `mesh-init ebpf --cgroup <a cgroup of the run> --netns <pod>`, client and proxy in that cgroup.")?;
+    writeln!(
+        o,
+        "- **nginx (iptables)**: the same rules, nginx `worker_processes 1; master_process off`, `proxy_pass` to an \
+         `upstream` with `keepalive 64` and `proxy_http_version 1.1` (upstream keep-alive). No TCP passthrough: nginx \
+         cannot connect to a redirected connection's original destination."
+    )?;
+    writeln!(
+        o,
+        "- **caddy (iptables)**: the same rules, Caddy {} with `GOMAXPROCS=1`, `reverse_proxy` to nginx (keep-alive \
+         upstream by default), admin and automatic HTTPS off, no access log. No TCP passthrough (as nginx).",
+        sh("caddy", &["version"]).split_whitespace().next().unwrap_or("")
+    )?;
+    writeln!(
+        o,
+        "- **… + access log**: the same sidecar writing one line per request into a file: HAProxy `option httplog` to \
+         `log stderr`; nginx's default `access_log` (a write per request); mesh-proxy's default (`--log-level info`: \
+         lines formatted on the data-plane thread, written by another thread in batches). Not run for passthrough or \
+         idle memory (they would repeat the plain path's figures).\n"
+    )?;
     if !run.not_measured.is_empty() {
         writeln!(o, "**Not measured:**\n")?;
         for (k, why) in &run.not_measured {
@@ -307,7 +328,7 @@ pub fn markdown(run: &Run) -> Result<String> {
 
     writeln!(o, "\n## TCP bulk throughput through passthrough (iperf3, one stream, pod → backend)\n")?;
     writeln!(o, "| path | Gbit/s | × direct | × HAProxy |\n|---|---:|---:|---:|")?;
-    for (k, f) in &fig {
+    for (k, f) in fig.iter().filter(|(k, _)| k.runs(Workload::Passthrough)) {
         writeln!(
             o,
             "| {k} | {} | {} | {} |",
@@ -324,7 +345,7 @@ pub fn markdown(run: &Run) -> Result<String> {
          connections are open. *Peak*: VmHWM at that moment (the process's peak so far).\n"
     )?;
     writeln!(o, "| path | fresh RSS | RSS holding | peak RSS (VmHWM) | holding × HAProxy | held (failed) |\n|---|---:|---:|---:|---:|---:|")?;
-    for (k, f) in fig.iter().filter(|(k, _)| *k != PathKind::Direct) {
+    for (k, f) in fig.iter().filter(|(k, _)| *k != PathKind::Direct && k.runs(Workload::Idle)) {
         writeln!(
             o,
             "| {k} | {} | {} | {} | {} | {} ({}) |",
@@ -380,6 +401,24 @@ pub fn markdown(run: &Run) -> Result<String> {
         "| mesh-proxy keep-alive req/s ≥ HAProxy's | {} of HAProxy's | {} |",
         ratio_text(rps_ratio),
         met(rps_ratio.map(|r| r >= 1.0))
+    )?;
+    let mp_log = get(PathKind::MeshProxyLog);
+    let log_ratio = v(mp_log, |f| f.ka.rps).zip(v(get(PathKind::HaproxyLog), |h| h.ka.rps)).map(|(a, b)| a / b);
+    writeln!(
+        o,
+        "| keep-alive req/s, access log on, ≥ 1.0× HAProxy logging every request | {} | {} |",
+        ratio_text(log_ratio),
+        met(log_ratio.map(|r| r >= 1.0))
+    )?;
+    let peers = [PathKind::Haproxy, PathKind::Nginx, PathKind::Caddy];
+    let best = peers.iter().filter_map(|&k| v(get(k), |f| f.ka.rps).map(|r| (k, r))).max_by(|a, b| a.1.total_cmp(&b.1));
+    let best_ratio = v(mp, |f| f.ka.rps).zip(best).map(|(a, (_, b))| a / b);
+    writeln!(
+        o,
+        "| keep-alive req/s, access log off, ≥ 1.2× the best of HAProxy, nginx, Caddy | {}{} | {} |",
+        ratio_text(best_ratio),
+        best.map_or(String::new(), |(k, _)| format!(" of {k}'s (the best of those measured)")),
+        met(best_ratio.map(|r| r >= 1.2))
     )?;
     let p99_ratio = v(mp, |f| f.ka.lat[2]).zip(v(haproxy, |h| h.ka.lat[2])).map(|(a, b)| a / b);
     writeln!(
@@ -474,7 +513,8 @@ fn mem_total() -> String {
 // SVG
 // ---------------------------------------------------------------------------------------------
 
-const COLORS: [&str; 5] = ["#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756"];
+const COLORS: [&str; 9] =
+    ["#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756", "#72b7b2", "#eeca3b", "#9d755d", "#bab0ac"];
 
 /// Two panels of grouped bars (p50, p90, p99; one bar per path): the fixed-rate workload and the
 /// keep-alive workload.
