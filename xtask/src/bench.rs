@@ -101,6 +101,8 @@ pub enum Workload {
     Rate,
     Idle,
     Passthrough,
+    /// h2load, one connection, 100 concurrent streams (prior-knowledge h2c).
+    H2,
 }
 
 /// One wrk measurement.
@@ -117,6 +119,14 @@ pub struct WrkSample {
 pub struct RateSample {
     pub latency: Percentiles,
     pub sent: u64,
+    pub errors: u64,
+    pub cpu_per_1k: Option<f64>,
+}
+
+/// One h2load measurement.
+#[derive(Debug, Clone)]
+pub struct H2Sample {
+    pub rps: f64,
     pub errors: u64,
     pub cpu_per_1k: Option<f64>,
 }
@@ -140,6 +150,7 @@ pub struct PathSamples {
     pub close: Vec<WrkSample>,
     pub rate: Vec<RateSample>,
     pub passthrough_gbps: Vec<f64>,
+    pub h2: Vec<H2Sample>,
     pub idle: Vec<IdleSample>,
 }
 
@@ -166,7 +177,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("xtask bench needs root: it creates network namespaces and cgroups");
     }
-    for tool in ["wrk", "iperf3", "nginx", "haproxy", "nsenter", "ip", "iptables-restore"] {
+    for tool in ["wrk", "h2load", "iperf3", "nginx", "haproxy", "nsenter", "ip", "iptables-restore"] {
         paths::which(tool)?;
     }
     // Before anything of ours (the build included) runs: how busy the machine is with other work.
@@ -241,7 +252,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     for r in 0..settings.repeats {
-        for workload in [Workload::KeepAlive, Workload::Close, Workload::Rate, Workload::Passthrough, Workload::Idle] {
+        for workload in
+            [Workload::KeepAlive, Workload::Close, Workload::Rate, Workload::H2, Workload::Passthrough, Workload::Idle]
+        {
             if workload == Workload::Idle && r >= settings.idle_repeats {
                 continue;
             }
@@ -370,6 +383,13 @@ fn measure(path: &mut BenchPath, workload: Workload, s: &Settings, out: &mut Pat
                 errors: r.errors,
                 cpu_per_1k: per_1k(before, after, r.sent),
             });
+        }
+        Workload::H2 => {
+            let before = cpu(path)?;
+            let h = load::h2load(&path.pod, s.duration)?;
+            let after = cpu(path)?;
+            eprintln!("bench: H2 {kind}: {:.0} req/s, {} errors", h.rps, h.errors);
+            out.h2.push(H2Sample { rps: h.rps, errors: h.errors, cpu_per_1k: per_1k(before, after, h.requests) });
         }
         Workload::Passthrough => {
             let bps = load::iperf3(&path.pod, s.duration)?;

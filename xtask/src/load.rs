@@ -55,6 +55,54 @@ pub fn wrk(pod: &Pod, conns: u32, duration: Duration, close: bool) -> Result<Wrk
     parse_wrk(&stdout).with_context(|| format!("unexpected wrk output:\n{stdout}"))
 }
 
+/// What h2load reports.
+#[derive(Debug, Clone)]
+pub struct H2Result {
+    pub requests: u64,
+    pub rps: f64,
+    /// Requests that did not succeed, plus responses other than 2xx.
+    pub errors: u64,
+}
+
+/// `h2load -c1 -m100` for `duration` against the backend from the pod: HTTP/2 with prior
+/// knowledge (h2c), one connection carrying 100 concurrent streams. h2load reports throughput
+/// and mean latency only, so the table has no percentiles.
+pub fn h2load(pod: &Pod, duration: Duration) -> Result<H2Result> {
+    let mut cmd = pod.command("h2load");
+    cmd.args(["-t1", "-c1", "-m100", &format!("-D{}", duration.as_secs().max(1))])
+        .arg(format!("http://{}/", pod.backend));
+    let out = mesh_lab::run(&mut cmd, duration + Duration::from_secs(30))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    parse_h2load(&stdout).with_context(|| format!("unexpected h2load output:\n{stdout}"))
+}
+
+fn parse_h2load(text: &str) -> Result<H2Result> {
+    let (mut rps, mut requests, mut errors, mut ok_2xx) = (None, None, 0, None);
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().map(|w| w.trim_end_matches(',')).collect();
+        match words.as_slice() {
+            // "finished in 1.00s, 8123.45 req/s, 1.2MB/s"
+            ["finished", "in", _, r, "req/s", ..] => rps = Some(r.parse::<f64>()?),
+            // "requests: 100 total, 100 started, 100 done, 100 succeeded, 0 failed, 0 errored, 0 timeout"
+            ["requests:", _, "total", _, "started", done, "done", ok, "succeeded", ..] => {
+                let (done, ok) = (done.parse::<u64>()?, ok.parse::<u64>()?);
+                requests = Some(done);
+                errors += done - ok.min(done);
+            }
+            // "status codes: 100 2xx, 0 3xx, 0 4xx, 0 5xx"
+            ["status", "codes:", n, "2xx", ..] => ok_2xx = Some(n.parse::<u64>()?),
+            _ => {}
+        }
+    }
+    let (rps, requests, ok_2xx) = (
+        rps.context("no \"finished in\" line")?,
+        requests.context("no \"requests:\" line")?,
+        ok_2xx.context("no \"status codes:\" line")?,
+    );
+    anyhow::ensure!(requests > 0, "h2load completed no request");
+    Ok(H2Result { requests, rps, errors: errors.max(requests.saturating_sub(ok_2xx)) })
+}
+
 fn parse_wrk(text: &str) -> Result<WrkResult> {
     let mut r = WrkResult { requests: 0, rps: 0.0, latency: Percentiles::default(), errors: 0 };
     let mut seen = 0;
@@ -362,6 +410,16 @@ pub fn idle<T>(pod: &Pod, count: u32, sample: impl FnOnce() -> Result<T>) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_h2load_output() {
+        let text = "starting benchmark...\nfinished in 1.00s, 8191.00 req/s, 1.02MB/s\n\
+                    requests: 8200 total, 8300 started, 8200 done, 8190 succeeded, 10 failed, 0 errored, 0 timeout\n\
+                    status codes: 8180 2xx, 0 3xx, 0 4xx, 10 5xx\n";
+        let r = parse_h2load(text).unwrap();
+        assert_eq!((r.requests, r.rps, r.errors), (8200, 8191.0, 20));
+        assert!(parse_h2load("finished in 1.00s, 0.00 req/s, 0B/s\n").is_err());
+    }
 
     #[test]
     fn parses_wrk_output() {

@@ -31,6 +31,9 @@ pub enum PathKind {
     Nginx,
     /// Caddy as the sidecar (`reverse_proxy`, one Go thread) behind the iptables redirect.
     Caddy,
+    /// nghttpx as the sidecar (one worker; HTTP/1.1 and prior-knowledge h2c on one port): the
+    /// HTTP/2 peer.
+    Nghttpx,
     /// mesh-proxy behind the iptables redirect.
     MeshProxy,
     /// mesh-proxy behind `mesh-init ebpf`.
@@ -44,11 +47,12 @@ pub enum PathKind {
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 9] = [
+    pub const ALL: [PathKind; 10] = [
         PathKind::Direct,
         PathKind::Haproxy,
         PathKind::Nginx,
         PathKind::Caddy,
+        PathKind::Nghttpx,
         PathKind::MeshProxy,
         PathKind::Ebpf,
         PathKind::HaproxyLog,
@@ -62,6 +66,7 @@ impl PathKind {
             PathKind::Haproxy => "haproxy (iptables)",
             PathKind::Nginx => "nginx (iptables)",
             PathKind::Caddy => "caddy (iptables)",
+            PathKind::Nghttpx => "nghttpx (iptables)",
             PathKind::MeshProxy => "mesh-proxy (iptables)",
             PathKind::Ebpf => "mesh-proxy (eBPF)",
             PathKind::HaproxyLog => "haproxy + access log",
@@ -90,6 +95,9 @@ impl PathKind {
                 matches!(self, PathKind::Direct | PathKind::Haproxy | PathKind::MeshProxy | PathKind::Ebpf)
             }
             Workload::Idle => !self.logs(),
+            // The backend (nginx) speaks HTTP/1.1 only: the direct path has no HTTP/2; nginx
+            // 1.22 cannot serve HTTP/1.1 and h2c on one port, Caddy serves h2c only when told.
+            Workload::H2 => matches!(self, PathKind::Haproxy | PathKind::MeshProxy | PathKind::Nghttpx),
             _ => true,
         }
     }
@@ -159,6 +167,7 @@ impl BenchPath {
             PathKind::Haproxy => "haproxy",
             PathKind::Nginx => "nginx",
             PathKind::Caddy => "caddy",
+            PathKind::Nghttpx => "nghttpx",
             PathKind::MeshProxy => "meshproxy",
             PathKind::Ebpf => "ebpf",
             PathKind::HaproxyLog => "haproxylog",
@@ -269,6 +278,18 @@ impl BenchPath {
                     &log,
                 )
             }
+            PathKind::Nghttpx => Proc::spawn_logged(
+                "nghttpx",
+                self.pod
+                    .command_as(PROXY_UID, PROXY_GID, "nghttpx")
+                    // Clear text on the redirect port (HTTP/1.1 and prior-knowledge h2c), one
+                    // worker thread, HTTP/1.1 keep-alive to nginx, no access log (its default).
+                    .args(["--conf=/dev/null", "--workers=1", "--single-thread", "--no-ocsp"])
+                    .arg(format!("--frontend=*,{PROXY_PORT};no-tls"))
+                    .arg(format!("--backend={},80", self.pod.backend))
+                    .arg("--errorlog-file=/dev/stderr"),
+                &log,
+            ),
             _ => {
                 let conf = self.dir.write("mesh-proxy.yaml", &mesh_proxy_conf(&self.pod.backend.to_string()));
                 // One data-plane thread, as HAProxy's nbthread 1. The access log is on by default
@@ -386,6 +407,7 @@ pub fn unavailable(kind: PathKind, bins: &Bins) -> Option<String> {
         PathKind::Haproxy | PathKind::HaproxyLog => which("haproxy").err().map(|e| e.to_string()),
         PathKind::Nginx | PathKind::NginxLog => which("nginx").err().map(|e| e.to_string()),
         PathKind::Caddy => which("caddy").err().map(|e| e.to_string()),
+        PathKind::Nghttpx => which("nghttpx").err().map(|e| e.to_string()),
         PathKind::Ebpf => {
             let out = Command::new(&bins.mesh_init).args(["ebpf", "--help"]).output();
             match out {

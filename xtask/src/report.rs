@@ -21,6 +21,9 @@ struct Figures {
     rate_errors: u64,
     rate_sent: u64,
     gbps: Option<f64>,
+    h2_rps: Option<f64>,
+    h2_cpu: Option<f64>,
+    h2_errors: u64,
     fresh_kib: Option<f64>,
     held_kib: Option<f64>,
     peak_kib: Option<f64>,
@@ -66,6 +69,9 @@ fn figures(s: &PathSamples) -> Figures {
         rate_errors: s.rate.iter().map(|r| r.errors).sum(),
         rate_sent: s.rate.iter().map(|r| r.sent).sum(),
         gbps: m(s.passthrough_gbps.clone()),
+        h2_rps: m(s.h2.iter().map(|h| h.rps).collect()),
+        h2_cpu: m(s.h2.iter().filter_map(|h| h.cpu_per_1k).collect()),
+        h2_errors: s.h2.iter().map(|h| h.errors).sum(),
         fresh_kib: m(s.idle.iter().map(|i| i.fresh_kib as f64).collect()),
         held_kib: m(s.idle.iter().map(|i| i.held_kib as f64).collect()),
         peak_kib: m(s.idle.iter().map(|i| i.peak_kib as f64).collect()),
@@ -272,6 +278,11 @@ pub fn markdown(run: &Run) -> Result<String> {
     )?;
     writeln!(
         o,
+        "- **nghttpx (iptables)**: the same rules, nghttpx `--workers=1 --single-thread`, a clear-text frontend on \
+         :15000 (HTTP/1.1 and prior-knowledge h2c), nginx as its backend; the HTTP/2 peer. No TCP passthrough."
+    )?;
+    writeln!(
+        o,
         "- **… + access log**: the same sidecar writing one line per request into a file: HAProxy `option httplog` to \
          `log stderr`; nginx's default `access_log` (a write per request); mesh-proxy's default (`--log-level info`: \
          lines formatted on the data-plane thread, written by another thread in batches). Not run for passthrough or \
@@ -323,6 +334,28 @@ pub fn markdown(run: &Run) -> Result<String> {
             ratio(f.rate_cpu, haproxy.and_then(|h| h.rate_cpu)),
             f.rate_errors,
             f.rate_sent
+        )?;
+    }
+
+    writeln!(o, "\n## HTTP/2, one connection × 100 streams (h2load -t1 -c1 -m100, prior-knowledge h2c)\n")?;
+    writeln!(
+        o,
+        "The backend (nginx) speaks HTTP/1.1: each proxy takes HTTP/2 from the client and forwards HTTP/1.1 over \
+         keep-alive connections. Paths without HTTP/2 on the redirect port are not run. h2load reports throughput, \
+         not percentiles.\n"
+    )?;
+    let nghttpx = get(PathKind::Nghttpx);
+    writeln!(o, "| path | req/s | × HAProxy | × nghttpx | proxy CPU s / 1k req | errors (all repeats) |")?;
+    writeln!(o, "|---|---:|---:|---:|---:|---:|")?;
+    for (k, f) in fig.iter().filter(|(k, _)| k.runs(Workload::H2)) {
+        writeln!(
+            o,
+            "| {k} | {} | {} | {} | {} | {} |",
+            or_failed(run, *k, Workload::H2, num(f.h2_rps, 0)),
+            ratio(f.h2_rps, haproxy.and_then(|h| h.h2_rps)),
+            ratio(f.h2_rps, nghttpx.and_then(|n| n.h2_rps)),
+            num(f.h2_cpu, 4),
+            f.h2_errors
         )?;
     }
 
@@ -426,6 +459,15 @@ pub fn markdown(run: &Run) -> Result<String> {
         "| mesh-proxy keep-alive p99 ≤ HAProxy's | {} of HAProxy's | {} |",
         ratio_text(p99_ratio),
         met(p99_ratio.map(|r| r <= 1.0))
+    )?;
+    let h2 = [PathKind::Haproxy, PathKind::Nghttpx]
+        .map(|k| v(mp, |f| f.h2_rps).zip(v(get(k), |p| p.h2_rps)).map(|(a, b)| a / b));
+    writeln!(
+        o,
+        "| HTTP/2 (h2load, 1 connection × 100 streams) req/s ≥ 1.0× HAProxy and nghttpx | {} of HAProxy's, {} of nghttpx's | {} |",
+        ratio_text(h2[0]),
+        ratio_text(h2[1]),
+        met(h2[0].zip(h2[1]).map(|(a, b)| a >= 1.0 && b >= 1.0))
     )?;
     let added = v(mp, |f| f.rate[2]).zip(v(direct, |d| d.rate[2])).map(|(a, b)| a - b);
     writeln!(

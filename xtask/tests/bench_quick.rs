@@ -44,6 +44,7 @@ fn quick_mode_on_a_tiny_load_writes_every_table() {
         "## HTTP/1.1 keep-alive",
         "## A new connection per request",
         "## Fixed rate",
+        "## HTTP/2",
         "## TCP bulk throughput",
         "## Memory",
         "## Rule installation",
@@ -51,9 +52,9 @@ fn quick_mode_on_a_tiny_load_writes_every_table() {
     ] {
         assert!(md.contains(heading), "results.md lacks {heading:?}:\n{md}");
     }
-    // A row per path in each load table (4 of them; memory has no direct row), with numbers.
+    // A row per path in each load table it runs (direct: 4, no HTTP/2 and no memory; HAProxy: 6), with numbers.
     assert_eq!(md.matches("\n| direct | ").count(), 4, "direct rows:\n{md}");
-    assert_eq!(md.matches("\n| haproxy (iptables) | ").count(), 5, "haproxy rows:\n{md}");
+    assert_eq!(md.matches("\n| haproxy (iptables) | ").count(), 6, "haproxy rows:\n{md}");
     assert!(md.contains("\n| default rules | "), "default rules row:\n{md}");
     assert!(md.contains("\n| 1,000 excluded ports + 1,000 excluded CIDRs | "), "scale rules row:\n{md}");
     assert!(md.contains("cargo xtask bench --quick"), "the command is recorded:\n{md}");
