@@ -7,6 +7,8 @@
 //!   long-polling proxies, one endpoint change every 100 ms; writes `bench/pilot.md`.
 //! - `config-scale` ([`scale`]): mesh-proxy loading and reloading 10,000 routes × 10 endpoints,
 //!   and `/ready` meanwhile (issue 12).
+//! - `soak` ([`soak`]): mesh-proxy for 10 minutes (2 with `--quick`) under a steady load, slow
+//!   uploads, config rewrites every second, backend restarts and hostile clients (issue 12).
 //! - `load-rate`, `load-idle` (hidden, [`load`]): load clients Debian lacks, started by `bench`
 //!   inside a pod's namespace and cgroup.
 //!
@@ -22,6 +24,7 @@ mod pilot;
 mod report;
 mod rules;
 mod scale;
+mod soak;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -36,6 +39,8 @@ enum Cli {
     BenchPilot(pilot::PilotArgs),
     /// mesh-proxy with a large config: start and reload times, `/ready` meanwhile.
     ConfigScale(scale::ScaleArgs),
+    /// mesh-proxy for 10 minutes (2 with --quick) under load, reloads, backend restarts and hostile clients.
+    Soak(soak::SoakArgs),
     /// Fixed-rate open-loop HTTP client; prints its result as JSON.
     #[command(hide = true)]
     LoadRate(load::RateArgs),
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
         Cli::Bench(args) => mesh_lab::interrupt::install().and_then(|()| bench::run(args)),
         Cli::BenchPilot(args) => mesh_lab::interrupt::install().and_then(|()| pilot::run(args)),
         Cli::ConfigScale(args) => mesh_lab::interrupt::install().and_then(|()| scale::run(args)),
+        Cli::Soak(args) => mesh_lab::interrupt::install().and_then(|()| soak::run(args)),
         Cli::LoadRate(args) => load::rate_client(&args).and_then(|r| {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())

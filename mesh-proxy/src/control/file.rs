@@ -103,12 +103,15 @@ impl FileWatch {
                 let _ = tx.send(());
                 return;
             };
-            let changes = match event.kind {
-                EventKind::Create(_) | EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_)) => true,
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-                EventKind::Any | EventKind::Other => true,
-                _ => false,
-            };
+            let changes = matches!(
+                event.kind,
+                EventKind::Create(_)
+                    | EventKind::Remove(_)
+                    | EventKind::Modify(ModifyKind::Name(_))
+                    | EventKind::Access(AccessKind::Close(AccessMode::Write))
+                    | EventKind::Any
+                    | EventKind::Other
+            );
             if !changes {
                 return;
             }
