@@ -2,7 +2,7 @@
 //! and an error is answered as the fault of whoever made it: a client's invalid body is 400 and
 //! not held against the endpoint; a backend's invalid response is 502.
 
-use std::{io::Write, net::Shutdown};
+use std::{io::Write, net::Shutdown, time::Duration};
 
 use mesh_lab::privileged;
 
@@ -128,8 +128,11 @@ fn requests_reach_the_backend_as_http_says() {
         assert_eq!(seen(&head, "x-request-id"), ["abc-1"], "{head}");
         assert_eq!(seen(&head, "x-forwarded-for"), [format!("192.0.2.1, {}", mesh_e2e::POD_V4)], "{head}");
     });
-    let log = lab.log_text();
-    assert!(log.contains("request_id=\"abc-1\""), "the access log keeps the request id:\n{log}");
+    // Access lines are written in batches (about once a second).
+    let kept = mesh_lab::try_wait_until(Duration::from_secs(5), "the request id in the access log", || {
+        Ok(lab.log_text().lines().any(|l| l.contains("request_id") && l.contains("abc-1")).then_some(()))
+    });
+    assert!(kept.is_ok(), "the access log keeps the request id:\n{}", lab.log_text());
 }
 
 #[test]
