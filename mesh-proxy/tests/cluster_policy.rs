@@ -403,3 +403,22 @@ async fn an_upstream_connection_carries_at_most_max_requests() {
     let clusters = proxy.admin("/clusters").await.1;
     assert!(clusters.contains(&format!("c::{}::cx_total::3\n", b.addr)), "{clusters}");
 }
+
+/// `idle_timeout` (Istio's `connectionPool.http.idleTimeout`): a pooled upstream connection idle
+/// that long is closed by the proxy (within twice the timeout); the next request opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_upstream_connection_is_closed_after_idle_timeout() {
+    let b = Backend::start("i").await;
+    let listen = free_addr();
+    let proxy = InProcess::start(&config(listen, "idle_timeout: 300ms", &[b.addr])).await;
+    let mut c = HttpClient::connect(listen).await.unwrap();
+    assert_eq!(c.get("/", &[]).await.unwrap(), (200, "i".into()));
+    let active = format!("c::{}::cx_active::", b.addr);
+    assert!(proxy.admin("/clusters").await.1.contains(&format!("{active}1\n")));
+    wait_until_async(Duration::from_secs(2), "the idle connection closed", || async {
+        proxy.admin("/clusters").await.1.contains(&format!("{active}0\n")).then_some(())
+    })
+    .await;
+    assert_eq!(c.get("/", &[]).await.unwrap(), (200, "i".into()));
+    assert!(proxy.admin("/clusters").await.1.contains(&format!("c::{}::cx_total::2\n", b.addr)));
+}

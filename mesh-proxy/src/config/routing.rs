@@ -668,7 +668,6 @@ fn validate_cluster(field: &str, c: &RawCluster, connect_timeout: Duration) -> R
                     c.circuit_breakers.retry_budget_percent != CircuitBreakers::default().retry_budget_percent
                         || c.circuit_breakers.min_retry_concurrency != CircuitBreakers::default().min_retry_concurrency,
                 ),
-                ("idle_timeout", c.idle_timeout.is_some()),
             ],
         )?;
         Ok(c)

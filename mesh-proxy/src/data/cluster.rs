@@ -78,6 +78,8 @@ pub struct Endpoint {
     pub load: Arc<Load>,
     /// Its consecutive errors and ejection, for outlier detection.
     pub outlier: Arc<outlier::State>,
+    /// A task closes its connections idle past the cluster's `idle_timeout` (one at a time).
+    sweeping: std::sync::atomic::AtomicBool,
 }
 
 /// Decrements `active_connections` when the upstream connection it travels with closes.
@@ -110,7 +112,14 @@ impl RequestGuard {
 
 impl Endpoint {
     pub fn new(addr: SocketAddr, load: Arc<Load>) -> Self {
-        Self { addr, stats: EndpointStats::default(), pool: Pool::default(), load, outlier: Arc::default() }
+        Self {
+            addr,
+            stats: EndpointStats::default(),
+            pool: Pool::default(),
+            load,
+            outlier: Arc::default(),
+            sweeping: Default::default(),
+        }
     }
 
     /// Counts a request (or TCP session) until the guard drops.
@@ -155,10 +164,33 @@ impl Endpoint {
     }
 
     /// Returns a connection whose response was read to the end, and tells the requests waiting
-    /// for one under a connection limit.
-    pub fn checkin(&self, sender: Sender) {
-        self.pool.checkin(sender);
+    /// for one under a connection limit. Under an `idle_timeout`, makes sure a sweeper runs.
+    pub fn checkin(self: &Arc<Self>, sender: Sender) {
+        let timeout = self.load.idle_timeout();
+        self.pool.checkin(sender, timeout.map(|_| std::time::Instant::now()));
         self.load.wake();
+        if timeout.is_some() && !self.sweeping.swap(true, Ordering::AcqRel) {
+            tokio::spawn(self.clone().sweep());
+        }
+    }
+
+    /// Closes the connections idle past the cluster's `idle_timeout`, every `idle_timeout`, until
+    /// none is idle (a connection may so stay idle up to twice the timeout).
+    async fn sweep(self: Arc<Self>) {
+        loop {
+            let Some(t) = self.load.idle_timeout() else { break };
+            tokio::time::sleep(t).await;
+            let left = std::time::Instant::now().checked_sub(t).map_or(1, |d| self.pool.close_idle_before(d));
+            if left > 0 {
+                continue;
+            }
+            self.sweeping.store(false, Ordering::Release);
+            // A connection returned meanwhile saw the sweeper running: take it on again.
+            if self.pool.idle_connections() == 0 || self.sweeping.swap(true, Ordering::AcqRel) {
+                return;
+            }
+        }
+        self.sweeping.store(false, Ordering::Release);
     }
 
     /// A pooled connection of the given version if one is usable, else a new one: for HTTP/1.1
@@ -261,6 +293,7 @@ impl Cluster {
     pub fn new(c: &config::Cluster, registry: &mut Registered<'_>, metrics: &Metrics) -> Self {
         let name: Arc<str> = Arc::from(c.name.as_str());
         let load = registry.load(&name);
+        load.set_idle_timeout(c.idle_timeout);
         let endpoints = c.endpoints.iter().map(|a| registry.get(&name, *a, &load)).collect();
         let hash = c.consistent_hash.as_ref().map(|h| HashPolicy {
             key: h.key.clone(),

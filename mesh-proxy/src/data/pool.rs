@@ -77,7 +77,7 @@ impl Sender {
 pub struct Pool {
     /// HTTP/1.1 connections ready for another request. Most recently returned last: handed out
     /// first, as the least likely to have been closed by the peer's keep-alive timeout.
-    idle: Mutex<Vec<(SendRequest<RequestBody>, u32)>>,
+    idle: Mutex<Vec<(SendRequest<RequestBody>, u32, Option<std::time::Instant>)>>,
     /// The HTTP/2 connection every request to this endpoint shares, while it is usable.
     h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
     /// Held while an HTTP/2 connection is being opened, so that the requests that find none wait
@@ -97,7 +97,7 @@ impl Pool {
     /// An idle pooled HTTP/1.1 connection that is still usable, if there is one.
     pub async fn checkout(&self) -> Option<Sender> {
         loop {
-            let (mut sender, served) = self.idle.lock().expect("pool lock poisoned").pop()?;
+            let (mut sender, served, _) = self.idle.lock().expect("pool lock poisoned").pop()?;
             // Closed by the peer while idle: dropped here, never handed out.
             if sender.is_closed() {
                 continue;
@@ -112,18 +112,19 @@ impl Pool {
 
     /// Returns a connection after its response was read to the end. When the pool is full, the
     /// connections the peer closed meanwhile are evicted first to make room. An HTTP/2 handle is
-    /// just dropped: the connection stays shared in the pool.
-    pub fn checkin(&self, sender: Sender) {
+    /// just dropped: the connection stays shared in the pool. `since`: when it became idle, for a
+    /// cluster that closes idle connections ([`Pool::close_idle_before`]).
+    pub fn checkin(&self, sender: Sender, since: Option<std::time::Instant>) {
         let Sender::Http1(sender, served) = sender else { return };
         if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().expect("pool lock poisoned");
         if idle.len() >= MAX_IDLE_PER_ENDPOINT {
-            idle.retain(|(s, _)| !s.is_closed());
+            idle.retain(|(s, ..)| !s.is_closed());
         }
         if idle.len() < MAX_IDLE_PER_ENDPOINT {
-            idle.push((sender, served));
+            idle.push((sender, served, since));
         }
     }
 
@@ -131,6 +132,13 @@ impl Pool {
     /// limit for a request to another endpoint.
     pub fn evict_idle(&self) -> bool {
         self.idle.lock().expect("pool lock poisoned").pop().is_some()
+    }
+
+    /// Closes the idle HTTP/1.1 connections idle since before `deadline`; returns how many stay idle.
+    pub fn close_idle_before(&self, deadline: std::time::Instant) -> usize {
+        let mut idle = self.idle.lock().expect("pool lock poisoned");
+        idle.retain(|(s, _, since)| !s.is_closed() && since.is_none_or(|t| t >= deadline));
+        idle.len()
     }
 
     /// The shared HTTP/2 connection if it is usable.
@@ -167,7 +175,7 @@ impl Pool {
     /// the shared HTTP/2 connection.
     pub fn idle_connections(&self) -> usize {
         let mut idle = self.idle.lock().expect("pool lock poisoned");
-        idle.retain(|(s, _)| !s.is_closed());
+        idle.retain(|(s, ..)| !s.is_closed());
         idle.len() + usize::from(self.shared_h2().is_some())
     }
 }

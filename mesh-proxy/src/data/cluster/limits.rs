@@ -47,6 +47,9 @@ pub struct Load {
     requests: AtomicU64,
     /// Woken when a connection goes back to a pool or closes, for the requests waiting for one.
     freed: Notify,
+    /// The cluster's `idle_timeout` in milliseconds (0: none), as the latest snapshot says: the
+    /// endpoints, which outlive snapshots, read it when a connection becomes idle.
+    idle_timeout_ms: AtomicU64,
 }
 
 /// A request past a circuit breaker's bound.
@@ -70,6 +73,18 @@ impl Load {
     pub fn wake(&self) {
         if self.pending.load(Ordering::Acquire) > 0 {
             self.freed.notify_waiters();
+        }
+    }
+
+    pub fn set_idle_timeout(&self, t: Option<std::time::Duration>) {
+        let ms = t.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1));
+        self.idle_timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn idle_timeout(&self) -> Option<std::time::Duration> {
+        match self.idle_timeout_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
         }
     }
 
