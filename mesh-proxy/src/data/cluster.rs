@@ -177,8 +177,7 @@ impl Endpoint {
     /// Closes the connections idle past the cluster's `idle_timeout`, every `idle_timeout`, until
     /// none is idle (a connection may so stay idle up to twice the timeout).
     async fn sweep(self: Arc<Self>) {
-        loop {
-            let Some(t) = self.load.idle_timeout() else { break };
+        while let Some(t) = self.load.idle_timeout() {
             tokio::time::sleep(t).await;
             let left = std::time::Instant::now().checked_sub(t).map_or(1, |d| self.pool.close_idle_before(d));
             if left > 0 {
@@ -343,7 +342,7 @@ impl Cluster {
                 }
                 // Without a ttl the cookie is only read, never issued (Istio's semantics).
                 let ttl = (*ttl)?;
-                let value = format!("{:016x}", balance::with_rng(|r| rand::Rng::random::<u64>(r)));
+                let value = format!("{:016x}", balance::with_rng(rand::Rng::random::<u64>));
                 let mut set = format!("{name}={value}");
                 if !ttl.is_zero() {
                     set.push_str(&format!("; Max-Age={}", ttl.as_secs().max(1)));

@@ -72,12 +72,16 @@ impl Sender {
     }
 }
 
+/// An idle HTTP/1.1 connection, the requests it has carried, and since when it is idle (kept only
+/// under a cluster's `idle_timeout`).
+type Idle = (SendRequest<RequestBody>, u32, Option<std::time::Instant>);
+
 /// The connections of one endpoint. Plain mutexes: each is held for a push, a pop or a clone.
 #[derive(Debug, Default)]
 pub struct Pool {
     /// HTTP/1.1 connections ready for another request. Most recently returned last: handed out
     /// first, as the least likely to have been closed by the peer's keep-alive timeout.
-    idle: Mutex<Vec<(SendRequest<RequestBody>, u32, Option<std::time::Instant>)>>,
+    idle: Mutex<Vec<Idle>>,
     /// The HTTP/2 connection every request to this endpoint shares, while it is usable.
     h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
     /// Held while an HTTP/2 connection is being opened, so that the requests that find none wait
