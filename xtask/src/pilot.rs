@@ -331,6 +331,8 @@ pub fn run(args: PilotArgs) -> Result<()> {
     ]);
     let mut server = Proc::spawn_logged("mesh-pilot", &mut cmd, &dir.path().join("pilot.log"));
     let pid = server.pid();
+    // Read before pinning: afterwards this process sees one CPU.
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     pin_to_cpu(1)?;
     let listen: SocketAddr = format!("127.0.0.1:{listen}").parse()?;
     let admin: SocketAddr = format!("127.0.0.1:{admin}").parse()?;
@@ -420,7 +422,7 @@ pub fn run(args: PilotArgs) -> Result<()> {
         let mut out = String::new();
         let date = String::from_utf8(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?.stdout)?;
         let _ = writeln!(out, "# mesh-pilot at scale\n");
-        let _ = writeln!(out, "`{}` on {} ({} cores; load before: {load_before}; the machine is shared with other engineers' builds).\n", crate::bench::command_line(), date.trim(), std::thread::available_parallelism().map_or(0, |n| n.get()));
+        let _ = writeln!(out, "`{}` on {} ({} cores; load before: {load_before}; the machine is shared with other engineers' builds).\n", crate::bench::command_line(), date.trim(), cores);
         let _ = writeln!(
             out,
             "{} services × {} endpoints (with their Pods, a DestinationRule with two subsets, a 90/10 VirtualService) in {} namespaces; \
