@@ -134,6 +134,14 @@ pub struct Settings {
     #[arg(long = "proxy-status-port", default_value_t = mesh_common::ports::ISTIO_MERGED_METRICS)]
     pub status_port: u16,
 
+    /// mesh-pilot's discovery address (`host:port`, e.g. `mesh-pilot.mesh-system:15010`, Istio's
+    /// `discoveryAddress`): the sidecar takes its listeners, routes, clusters and endpoints from
+    /// mesh-pilot's scope for the pod's namespace, over its ConfigMap's `discovery.url`. Sets
+    /// `MESH_PROXY_DISCOVERY_ADDRESS`, and `POD_NAME`/`POD_NAMESPACE` from the downward API (the
+    /// scope, and the proxy's name in `mesh-pilot status`).
+    #[arg(long = "discovery-address")]
+    pub discovery_address: Option<String>,
+
     /// ConfigMap holding the sidecar's `config.yaml` [default: WORKLOAD-mesh-proxy, after the workload's name].
     #[arg(long = "config-map")]
     pub config_map: Option<String>,
@@ -201,7 +209,26 @@ impl Settings {
                 "--hub {hub:?} is not a registry host: a name without '.', ':' or '/' is read as docker.io/library/... on a node"
             )));
         }
+        if let Some(address) = &self.discovery_address {
+            check_discovery_address(address).map_err(|r| Error::Flag(format!("--discovery-address: {r}")))?;
+        }
         Ok(())
+    }
+}
+
+/// A `host:port` mesh-proxy's `--discovery-address` accepts (a DNS name, an IPv4 address or a
+/// bracketed IPv6 one, and a port), so that a bad one is refused here rather than by a sidecar
+/// that never starts.
+fn check_discovery_address(address: &str) -> Result<(), String> {
+    let bad = || format!("{address:?}: expected host:port, e.g. mesh-pilot.mesh-system:15010");
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'),
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && host_ok => Ok(()),
+        _ => Err(bad()),
     }
 }
 

@@ -203,6 +203,13 @@ fn bad_flags_are_refused_before_reading() {
     args.settings.capture.service_exclude_cidr = "10.0.0.0/33".into();
     let e = inject::inject("", "-", &args.settings).unwrap_err().to_string();
     assert!(e.contains("--istio-service-exclude-cidr"), "{e}");
+    let mut args = args_of("");
+    args.settings.discovery_address = Some("http://mesh-pilot:15010".into());
+    let e = inject::inject("", "-", &args.settings).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "--discovery-address: \"http://mesh-pilot:15010\": expected host:port, e.g. mesh-pilot.mesh-system:15010"
+    );
 }
 
 /// The deploy/ examples are the injector's own output: injecting them again changes nothing.

@@ -157,11 +157,57 @@ impl RawConfig {
     }
 }
 
+/// What the command line sets over the file's bootstrap. [`load`] applies it at start and on every
+/// reload alike, so a reloaded file is compared with the running bootstrap like for like (applied
+/// at start only, every reload would be refused as a `discovery.url` change).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// Replaces (or supplies) `discovery.url`; the file's `poll_interval` and `node` stay.
+    pub discovery_url: Option<String>,
+}
+
+impl Overrides {
+    /// `--discovery-address host:port` (mesh-pilot's discovery port): this pod's namespace scope
+    /// there, `http://host:port/ns/<namespace>`, the URL mesh-pilot serves each namespace at.
+    pub fn discovery_address(address: &str, namespace: Option<&str>) -> Result<Self, Error> {
+        const FLAG: &str = "--discovery-address";
+        let authority = address
+            .parse::<http::uri::Authority>()
+            .ok()
+            .filter(|a| a.port_u16().is_some() && !a.as_str().contains('@') && !a.host().is_empty())
+            .ok_or_else(|| {
+                invalid(FLAG, format!("{address:?}: expected host:port, e.g. mesh-pilot.mesh-system:15010"))
+            })?;
+        let namespace = namespace.map(str::trim).filter(|n| !n.is_empty()).ok_or_else(|| {
+            invalid(FLAG, "needs the pod's namespace: --pod-namespace or POD_NAMESPACE (mesh-init inject sets it)")
+        })?;
+        let label = namespace.len() <= 63
+            && namespace.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !namespace.starts_with('-')
+            && !namespace.ends_with('-');
+        if !label {
+            return Err(invalid("--pod-namespace", format!("{namespace:?} is not a Kubernetes namespace name")));
+        }
+        Ok(Self { discovery_url: Some(format!("http://{authority}/ns/{namespace}")) })
+    }
+
+    fn apply(&self, bootstrap: &mut RawBootstrap) {
+        if let Some(url) = &self.discovery_url {
+            match &mut bootstrap.discovery {
+                Some(d) => d.url = url.clone(),
+                None => bootstrap.discovery = Some(RawDiscovery { url: url.clone(), poll_interval: None, node: None }),
+            }
+        }
+    }
+}
+
 /// The config file, read: its bootstrap validated, its routing parsed (validated once merged with
 /// any discovery answers, by the control side).
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub path: PathBuf,
+    /// Applied to this file's bootstrap, and to the next reload's.
+    pub overrides: Overrides,
     /// A short hash of the content: the file's version in `/config_dump`.
     pub version: String,
     pub bootstrap: Bootstrap,
@@ -177,9 +223,10 @@ pub struct LoadError {
     pub error: Error,
 }
 
-/// Reads, parses and checks the config file: at start and on every reload.
-pub fn load(path: &Path) -> Result<Loaded, LoadError> {
-    read(path)?.parse()
+/// Reads, parses and checks the config file, with the command line's `overrides`: at start and on
+/// every reload.
+pub fn load(path: &Path, overrides: &Overrides) -> Result<Loaded, LoadError> {
+    read(path)?.parse(overrides)
 }
 
 /// The config file's content, read but not parsed: its version tells a reload whether there is
@@ -199,15 +246,16 @@ pub fn read(path: &Path) -> Result<FileText, LoadError> {
 }
 
 impl FileText {
-    /// Parses the content and checks its bootstrap.
-    pub fn parse(self) -> Result<Loaded, LoadError> {
+    /// Parses the content and checks its bootstrap, with the command line's `overrides` applied.
+    pub fn parse(self, overrides: &Overrides) -> Result<Loaded, LoadError> {
         let FileText { path, version, text } = self;
         let checked = RawConfig::from_yaml(&path.display().to_string(), &text).and_then(|raw| {
-            let (bootstrap, routing) = raw.split();
+            let (mut bootstrap, routing) = raw.split();
+            overrides.apply(&mut bootstrap);
             Ok((bootstrap.validate()?, routing))
         });
         match checked {
-            Ok((bootstrap, routing)) => Ok(Loaded { path, version, bootstrap, routing }),
+            Ok((bootstrap, routing)) => Ok(Loaded { path, overrides: overrides.clone(), version, bootstrap, routing }),
             Err(error) => Err(LoadError { version: Some(version), error }),
         }
     }
@@ -528,5 +576,18 @@ discovery:
         assert!(parse_destination("10.0.0.1").is_err());
         assert!(parse_destination("fd00::1:80").is_err());
         assert!(parse_destination("a b:80").is_err());
+    }
+
+    #[test]
+    fn discovery_address_is_the_namespace_scope_and_bad_values_name_the_flag() {
+        let o = Overrides::discovery_address("mesh-pilot.mesh-system:15010", Some("bookinfo")).unwrap();
+        assert_eq!(o.discovery_url.as_deref(), Some("http://mesh-pilot.mesh-system:15010/ns/bookinfo"));
+        let err = |a: &str, ns: Option<&str>| Overrides::discovery_address(a, ns).unwrap_err().to_string();
+        let want = "--discovery-address: \"mesh-pilot\": expected host:port, e.g. mesh-pilot.mesh-system:15010";
+        assert_eq!(err("mesh-pilot", Some("a")), want);
+        assert!(err("http://x:1", Some("a")).starts_with("--discovery-address: "));
+        assert!(err("u@x:1", Some("a")).starts_with("--discovery-address: "));
+        assert!(err("x:1", None).contains("POD_NAMESPACE"));
+        assert_eq!(err("x:1", Some("Bad_NS")), "--pod-namespace: \"Bad_NS\" is not a Kubernetes namespace name");
     }
 }

@@ -113,6 +113,8 @@ pub struct Control {
     pub listeners: Listeners,
     registry: EndpointRegistry,
     path: PathBuf,
+    /// The command line's, applied to every reload as at start.
+    overrides: config::Overrides,
     /// `file:<path>`: the source of a snapshot no discovery answer contributed to.
     file_source: String,
     /// Where the admin API is bound: one of the proxy's own addresses.
@@ -134,7 +136,7 @@ impl Control {
         metrics: Arc<Metrics>,
         tproxy: Option<u32>,
     ) -> Result<Self, UpdateError> {
-        let Loaded { path, version, bootstrap, routing: raw } = loaded;
+        let Loaded { path, overrides, version, bootstrap, routing: raw } = loaded;
         let file_source = format!("file:{}", path.display());
         let routing = raw.validate(&bootstrap)?;
         let listeners = Listeners::new(data, drain, tproxy);
@@ -162,6 +164,7 @@ impl Control {
             listeners,
             registry,
             path,
+            overrides,
             file_source,
             admin,
             state: Mutex::new(state),
@@ -198,7 +201,7 @@ impl Control {
         state.file_seen = version;
         let loaded = text.and_then(|t| {
             tracing::info!(version = %t.version, path = %t.path.display(), "config file read; applying it");
-            t.parse()
+            t.parse(&self.overrides)
         });
         let loaded = match loaded {
             Ok(l) => l,

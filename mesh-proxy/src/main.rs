@@ -1,5 +1,5 @@
-//! `mesh-proxy --config FILE [--workers N] [--status-address ADDR]` and `mesh-proxy wait`: see the
-//! crate docs and README.md.
+//! `mesh-proxy --config FILE [--workers N] [--status-address ADDR] [--discovery-address ADDR]` and
+//! `mesh-proxy wait`: see the crate docs and README.md.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -65,6 +65,14 @@ struct Args {
     /// The pod's IP, where the application's probes go (the downward API's status.podIP).
     #[arg(long, env = "INSTANCE_IP")]
     pod_ip: Option<IpAddr>,
+    /// mesh-pilot's discovery address (`host:port`): the config is fetched from
+    /// `http://ADDR/ns/<the pod's namespace>`, over the file's `discovery.url` (set by `mesh-init
+    /// inject --discovery-address`).
+    #[arg(long, env = "MESH_PROXY_DISCOVERY_ADDRESS")]
+    discovery_address: Option<String>,
+    /// The pod's namespace (the downward API's metadata.namespace): the discovery scope.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: Option<String>,
     /// Serve DNS on 127.0.0.1:15053 and [::1]:15053 even if the config has no `dns` section: set
     /// by `mesh-init inject --redirect-dns`, whose rules send the pod's queries there.
     #[arg(long, env = "MESH_PROXY_DNS_CAPTURE")]
@@ -124,7 +132,11 @@ fn wait(args: WaitArgs) -> ExitCode {
 
 fn run(args: Args, log: logging::LogHandle) -> anyhow::Result<()> {
     let path = args.config.expect("clap requires --config without a subcommand");
-    let config = config::load(&path)?;
+    let overrides = match &args.discovery_address {
+        Some(address) => config::Overrides::discovery_address(address, args.pod_namespace.as_deref())?,
+        None => config::Overrides::default(),
+    };
+    let config = config::load(&path, &overrides)?;
     let status = match args.status_address {
         Some(address) => Some(status::Settings::new(
             address,

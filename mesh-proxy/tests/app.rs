@@ -63,3 +63,30 @@ async fn a_reload_keeps_the_file_source_and_refuses_a_bootstrap_change() {
     assert_eq!(dump["config"]["drain_timeout"], "5s");
     assert_eq!(dump["config"]["routes"][0]["rules"][0]["clusters"][0]["name"], "v2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_discovery_address_holds_across_reloads() {
+    let v1 = Backend::start("v1").await;
+    let listen = free_addr();
+    let rules = |c: &str| format!("      - clusters: [{{ name: {c} }}]");
+    let yaml = |c: &str| listener_route(listen, "http", &rules(c), &[("v1", &[v1.addr]), ("v2", &[v1.addr])]);
+    // Nothing listens there: the proxy keeps polling and serves the file meanwhile.
+    let overrides = mesh_proxy::config::Overrides::discovery_address("127.0.0.1:9", Some("bookinfo")).unwrap();
+    let file =
+        |c: &str| format!("discovery: {{ url: http://127.0.0.1:8500/elsewhere, poll_interval: 2s }}\n{}", yaml(c));
+    let proxy = InProcess::start_with(&file("v1"), &overrides).await;
+    let dump = proxy.config_dump().await;
+    assert_eq!(dump["config"]["discovery"]["url"], "http://127.0.0.1:9/ns/bookinfo");
+    assert_eq!(dump["config"]["discovery"]["poll_interval"], "2s", "the file's other discovery fields stay");
+
+    // The reloaded file gets the flag too: the same bootstrap, so its routing change is applied,
+    // not refused as a discovery.url change.
+    proxy.rewrite(&file("v2"));
+    let dump = wait_until_async(Duration::from_secs(5), "the reload", || async {
+        let dump = proxy.config_dump().await;
+        (dump["config"]["routes"][0]["rules"][0]["clusters"][0]["name"] == "v2").then_some(dump)
+    })
+    .await;
+    assert!(dump["last_rejected"].is_null(), "{dump}");
+    assert_eq!(dump["config"]["discovery"]["url"], "http://127.0.0.1:9/ns/bookinfo");
+}

@@ -79,11 +79,11 @@ async fn a_bad_hosts_section_is_refused_naming_the_field() {
     let dir = TempDir::new("dns");
     let cfg = |hosts: &str| config(&dir, hosts).replace("{admin}", "127.0.0.1:0");
     let path = dir.write("proxy.yaml", &cfg("  - { name: \"bad name\", addresses: [10.0.0.1] }\n"));
-    let loaded = mesh_proxy::config::load(&path).unwrap();
+    let loaded = mesh_proxy::config::load(&path, &Default::default()).unwrap();
     let err = loaded.routing.validate(&loaded.bootstrap).unwrap_err().to_string();
     assert_eq!(err, "hosts[0].name: \"bad name\" is not a DNS name (labels of letters, digits, '-', '_')");
     let path = dir.write("proxy.yaml", &cfg("  - { name: a.example, addresses: [10.0.0.256] }\n"));
-    let loaded = mesh_proxy::config::load(&path).unwrap();
+    let loaded = mesh_proxy::config::load(&path, &Default::default()).unwrap();
     let err = loaded.routing.validate(&loaded.bootstrap).unwrap_err().to_string();
     assert_eq!(err, "hosts[0].addresses[0]: \"10.0.0.256\" is not an IPv4 or IPv6 address");
 }

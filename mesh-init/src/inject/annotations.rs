@@ -173,6 +173,8 @@ pub struct ProxyConfig {
     pub interception_mode: Option<String>,
     /// Worker threads: mesh-proxy's `--workers`. 0 means one per core, mesh-proxy's default.
     pub concurrency: Option<u16>,
+    /// `--discovery-address` for this workload.
+    pub discovery_address: Option<String>,
     /// Everything else, named in a note.
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,

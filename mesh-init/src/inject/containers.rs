@@ -31,6 +31,8 @@ pub const PROXY_BINARY: &str = "/usr/local/bin/mesh-proxy";
 /// The variable through which mesh-proxy learns where to serve the status port (application
 /// probes, merged metrics): mesh-proxy's `--status-address`.
 pub const STATUS_ADDRESS_ENV: &str = "MESH_PROXY_STATUS_ADDRESS";
+/// mesh-proxy's `--discovery-address`: mesh-pilot's `host:port`.
+pub const DISCOVERY_ADDRESS_ENV: &str = "MESH_PROXY_DISCOVERY_ADDRESS";
 
 /// Finds the pod's own cgroup in the node's tree from the pod UID (the downward API's
 /// `metadata.uid`), then runs `mesh-init ebpf` on it with the capture flags ("$@"). The name is
@@ -76,6 +78,8 @@ pub struct Sidecar {
     pub resources: Resources,
     /// mesh-proxy's `--workers` (Istio's `concurrency`).
     pub workers: Option<u16>,
+    /// mesh-pilot's `host:port`, where the proxy takes its config from.
+    pub discovery_address: Option<String>,
     /// [`probes::PROBERS_ENV`]: the application's original probes.
     pub probers: Option<String>,
     /// [`metrics::PROMETHEUS_ENV`]: the application's own scrape annotations.
@@ -391,6 +395,17 @@ impl Sidecar {
                 value: None,
                 value_from: Some(EnvVarSource { field_ref: FieldRef { field_path: "status.podIP" } }),
             });
+        }
+        if let Some(address) = &self.discovery_address {
+            env.push(EnvVar { name: DISCOVERY_ADDRESS_ENV, value: Some(address.clone()), value_from: None });
+            // The namespace is the discovery scope; the name identifies the proxy to mesh-pilot.
+            for (name, field_path) in [("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")] {
+                env.push(EnvVar {
+                    name,
+                    value: None,
+                    value_from: Some(EnvVarSource { field_ref: FieldRef { field_path } }),
+                });
+            }
         }
         for (name, value) in [(probes::PROBERS_ENV, &self.probers), (metrics::PROMETHEUS_ENV, &self.prometheus)] {
             if let Some(value) = value {

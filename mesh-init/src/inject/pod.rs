@@ -265,6 +265,14 @@ fn decide(
             return Err(bad(n, "must be at least 1".into()));
         }
     }
+    let discovery_address = match &pc.discovery_address {
+        Some(address) => {
+            let (_, name) = annotations.get(Key::ProxyConfig).expect("a ProxyConfig field comes from its annotation");
+            super::check_discovery_address(address).map_err(|r| bad(name, format!("discoveryAddress: {r}")))?;
+            Some(address.clone())
+        }
+        None => settings.discovery_address.clone(),
+    };
     let proxy_image = match annotations.get(Key::ProxyImage) {
         Some((image, _)) => image.trim().to_string(),
         None => settings.proxy_image(),
@@ -285,6 +293,7 @@ fn decide(
             proxy_gid,
             resources,
             workers: pc.concurrency.filter(|&n| n > 0),
+            discovery_address,
             probers: None,
             prometheus: None,
             metrics_merged: false,

@@ -123,10 +123,15 @@ pub struct InProcess {
 impl InProcess {
     /// Starts the proxy with two data-plane workers; `{admin}` in `yaml` becomes `127.0.0.1:0`.
     pub async fn start(yaml: &str) -> Self {
+        Self::start_with(yaml, &Default::default()).await
+    }
+
+    /// [`InProcess::start`] with the command line's overrides (`--discovery-address`).
+    pub async fn start_with(yaml: &str, overrides: &mesh_proxy::config::Overrides) -> Self {
         let dir = TempDir::new("proxy");
         let config = dir.path().join("proxy.yaml");
         std::fs::write(&config, yaml.replace("{admin}", "127.0.0.1:0")).unwrap();
-        let loaded = mesh_proxy::config::load(&config).unwrap();
+        let loaded = mesh_proxy::config::load(&config, overrides).unwrap();
         let options = mesh_proxy::app::Options {
             workers: 2,
             log: None,
