@@ -13,7 +13,8 @@
 //! - [`snapshot`]: the routing state the control side builds and swaps: the [`route`] table, the
 //!   [`cluster`]s with their endpoints (connecting, with one retry on another endpoint) and the
 //!   [`names`] the DNS proxy answers;
-//!   [`balance`]: the load-balancing choices.
+//!   [`balance`]: the load-balancing choices; [`policy`]: a rule's and a cluster's traffic
+//!   policies (retries, fault injection, the retry budget) as the request path applies them.
 //!
 //! [`Proxy`] is what every connection task shares. Nothing here imports the control side, and no
 //! two files here import each other: the leaves ([`socket`], [`pool`], [`balance`]) know nothing
@@ -29,6 +30,7 @@ pub mod http;
 pub mod inbound;
 pub mod names;
 pub mod orig_dst;
+pub mod policy;
 pub mod pool;
 pub mod route;
 pub mod snapshot;

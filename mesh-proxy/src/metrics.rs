@@ -84,6 +84,20 @@ pub struct DnsLabels {
     pub answer: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabels {
+    pub route: String,
+    /// `delay` or `abort`.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub cluster: String,
+    /// `retry` (one sent), `overflow` (not sent: the retry budget was spent) or `per_try_timeout`.
+    pub event: String,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     /// Owns the descriptions; only read when encoding.
@@ -101,6 +115,8 @@ pub struct Metrics {
     /// Discovery polls that got no usable answer (unreachable, non-200); not a rejection.
     pub discovery_fetch_errors: Counter,
     pub dns_queries: Family<DnsLabels, Counter>,
+    pub faults: Family<FaultLabels, Counter>,
+    pub retry_events: Family<RetryLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -125,6 +141,8 @@ impl Metrics {
             config_updates: Family::default(),
             discovery_fetch_errors: Counter::default(),
             dns_queries: Family::default(),
+            faults: Family::default(),
+            retry_events: Family::default(),
         };
         registry.register("downstream_connections", "Connections accepted", m.downstream_connections.clone());
         registry.register(
@@ -164,6 +182,12 @@ impl Metrics {
             "Access-log lines dropped because their writer fell behind",
             access.dropped.clone(),
         );
+        registry.register("faults_injected", "Delays and aborts injected by route", m.faults.clone());
+        registry.register(
+            "upstream_retry_events",
+            "Retries sent, retries refused by the retry budget, and tries past their per-try timeout",
+            m.retry_events.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -202,6 +226,14 @@ impl Metrics {
 
     pub fn dns_query(&self, transport: &str, answer: &str) -> Counter {
         self.dns_queries.get_or_create(&DnsLabels { transport: transport.into(), answer: answer.into() }).clone()
+    }
+
+    pub fn fault(&self, route: &str, kind: &str) -> Counter {
+        self.faults.get_or_create(&FaultLabels { route: route.into(), kind: kind.into() }).clone()
+    }
+
+    pub fn retry_counter(&self, cluster: &str, event: &str) -> Counter {
+        self.retry_events.get_or_create(&RetryLabels { cluster: cluster.into(), event: event.into() }).clone()
     }
 
     pub fn config_update(&self, source: &str, applied: bool) {

@@ -785,8 +785,6 @@ fn validate_rule(field: &str, rule: &RawRule, clusters: &HashMap<&str, usize>) -
             ("direct_response", validated.direct_response.is_some()),
             ("rewrite", validated.rewrite.is_some()),
             ("headers", validated.headers.is_some() || validated.clusters.iter().any(|c| c.headers.is_some())),
-            ("retries", validated.retries.is_some()),
-            ("fault", validated.fault.is_some()),
             ("mirrors", !validated.mirrors.is_empty()),
             ("rate_limit", validated.rate_limit.is_some()),
         ],

@@ -44,6 +44,7 @@ use crate::{
             self,
             hash::{key_hash, HashTable},
         },
+        policy::RetryBudget,
         pool::{self, Pool, Sender, Upstream},
         socket,
     },
@@ -260,6 +261,9 @@ pub struct Cluster {
     connect_failures: Counter,
     /// Requests answered 503 by a circuit breaker.
     overflows: Counter,
+    /// Bounds the retries of every rule that sends here (`data::policy`); none for the
+    /// passthrough cluster, which no rule (so no retry policy) sends to.
+    pub retry_budget: Option<RetryBudget>,
 }
 
 /// A cluster's consistent hashing: what the key is, and the table built from its endpoints.
@@ -317,6 +321,7 @@ impl Cluster {
             }),
             rr: AtomicUsize::new(0),
             overflows: metrics.overflows(&c.name),
+            retry_budget: Some(RetryBudget::new(&c.name, &c.circuit_breakers, metrics)),
         }
     }
 
@@ -386,6 +391,7 @@ impl Cluster {
             rr: AtomicUsize::new(0),
             connect_failures,
             overflows: Counter::default(),
+            retry_budget: None,
         }
     }
 
@@ -462,6 +468,11 @@ impl Cluster {
                 tracing::warn!(cluster = %self.name, endpoint = %ep.addr, ?outcome, "endpoint ejected by outlier detection");
             }
         }
+    }
+
+    /// Requests (or TCP sessions) in flight to all its endpoints.
+    pub fn in_flight(&self) -> u64 {
+        self.endpoints.iter().map(|e| e.stats.active_requests.load(Ordering::Relaxed)).sum()
     }
 
     pub fn record_connect_failure(&self, endpoint: &Endpoint, error: &io::Error) {

@@ -7,6 +7,8 @@
 //!
 //! - [`server`]: the downstream connection and the route decision per request;
 //! - [`forward`]: the request sent upstream and its response headers awaited;
+//! - [`retry`]: a rule's retry policy, a loop of tries around [`forward`]'s one;
+//! - [`fault`]: a rule's fault injection (delay, abort) before the request is forwarded;
 //! - [`headers`]: what changes between the two hops (hop-by-hop headers, request form);
 //! - [`body`]: the response body, local or streamed from upstream, which returns the upstream
 //!   connection to its pool when it ends;
@@ -16,8 +18,10 @@
 
 pub mod access_log;
 pub mod body;
+pub mod fault;
 pub mod forward;
 pub mod headers;
+pub mod retry;
 pub mod server;
 pub mod upgrade;
 

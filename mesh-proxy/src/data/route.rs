@@ -18,7 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::{
     config::{self, Destination, PathMatch, Protocol, StringMatch},
-    data::{balance, cluster::Cluster},
+    data::{balance, cluster::Cluster, policy::RulePolicy},
     metrics::{Metrics, RequestCounters},
     parse::{self, Host},
 };
@@ -41,6 +41,8 @@ pub struct RuleEntry {
     cumulative: Vec<u32>,
     /// None: no timeout.
     pub timeout: Option<Duration>,
+    /// Retries, fault injection; none for most rules, which then pay one branch for them.
+    pub policy: Option<Box<RulePolicy>>,
 }
 
 /// What rules look at in a request.
@@ -214,7 +216,13 @@ impl RouteTable {
                             Some(*sum)
                         })
                         .collect();
-                    RuleEntry { matches: rule.matches.clone(), targets, cumulative, timeout: rule.timeout }
+                    RuleEntry {
+                        matches: rule.matches.clone(),
+                        targets,
+                        cumulative,
+                        timeout: rule.timeout,
+                        policy: RulePolicy::new(&r.name, rule, metrics),
+                    }
                 })
                 .collect();
             t.routes.push(RouteEntry { name: r.name.as_str().into(), protocol: r.protocol, rules });

@@ -32,17 +32,22 @@ use crate::data::{
 /// error status as a protocol error, losing the reason).
 pub(super) fn local_response(grpc: bool, status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     if grpc {
-        let mut resp = Response::new(ProxyBody::Local(None));
-        let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        h.insert("grpc-status", HeaderValue::from(grpc_status(status)));
-        // The messages are printable ASCII, which grpc-message carries without percent-encoding.
-        h.insert("grpc-message", HeaderValue::from_static(body));
-        return resp;
+        return grpc_response(grpc_status(status), body);
     }
     let mut resp = Response::new(ProxyBody::Local(Some(Bytes::from_static(body.as_bytes()))));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// A trailers-only gRPC response with status `code` (also for fault injection's gRPC aborts).
+pub(super) fn grpc_response(code: u16, message: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::Local(None));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(code));
+    // The messages are printable ASCII, which grpc-message carries without percent-encoding.
+    h.insert("grpc-message", HeaderValue::from_static(message));
     resp
 }
 

@@ -6,9 +6,12 @@
 //! already absorbs the failure that is nobody's fault — a pooled connection the peer closed just
 //! as it was reused — by sending the request again on a fresh connection to the same endpoint,
 //! when that is safe. Retries by policy (another endpoint, another try after a 5xx) are a loop
-//! of attempts around it.
+//! of [`one_try`]s around it, in [`retry`](super::retry).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use http::{request, HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty};
@@ -18,12 +21,13 @@ use super::{
     access_log::AccessLog,
     body::{is_grpc, local_response, Done, IdleTimer, ProxyBody, RequestEnd, UpstreamBody},
     headers::{prepare_downstream_response, prepare_upstream_request},
+    retry,
     upgrade::Upgrade,
 };
 use crate::{
-    config::UpstreamProtocol,
+    config::{Retries, UpstreamProtocol},
     data::{
-        cluster::{outlier::Outcome, Affinity, Cluster, ConnectError, Endpoint},
+        cluster::{outlier::Outcome, Affinity, Cluster, ConnectError, Endpoint, RequestGuard},
         pool::{BoxError, RequestBody, Sender, Upstream},
     },
     metrics::RequestCounters,
@@ -40,11 +44,13 @@ pub(super) struct Idle {
 
 /// Sends `req` to an endpoint of `cluster` (the one its `affinity` hashes to, if it has one, and
 /// the cookie it must be issued goes with the response); a failed connect is retried once on
-/// another endpoint.
+/// another endpoint, and the rule's `retries` policy, when it has one, tries again as it says
+/// ([`retry::send`]).
 /// The response headers must come within `timeout` (or `idle.stream` without one) from the end of
-/// the request — not its start: a slow upload is not the upstream's delay (Envoy). A gRPC
-/// call's `grpc-timeout` replaces `timeout` (as Envoy does when `max_grpc_timeout` is set: the
-/// client's deadline is the call's), and the errors the proxy answers it with are gRPC statuses.
+/// the request — not its start: a slow upload is not the upstream's delay (Envoy); with retries,
+/// `timeout` bounds all the tries. A gRPC call's `grpc-timeout` replaces `timeout` (as Envoy does
+/// when `max_grpc_timeout` is set: the client's deadline is the call's), and the errors the proxy
+/// answers it with are gRPC statuses.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn forward(
     cluster: &Cluster,
@@ -53,6 +59,7 @@ pub(super) async fn forward(
     mut req: Request<Incoming>,
     affinity: Option<Affinity>,
     timeout: Option<Duration>,
+    retries: Option<&Retries>,
     idle: Idle,
     log: AccessLog,
 ) -> Response<ProxyBody> {
@@ -68,62 +75,23 @@ pub(super) async fn forward(
             UpstreamProtocol::Http2 => true,
             UpstreamProtocol::Auto => downstream_h2,
         };
-    let (req, sent) = RequestEnd::watch(req.map(|body| body.map_err(BoxError::from).boxed_unsync()));
-    let mut req = req;
+    let mut req = req.map(|body| body.map_err(BoxError::from).boxed_unsync());
     prepare_upstream_request(&mut req, h2);
     if let Some(u) = &upgrade {
         u.restore_request_headers(req.headers_mut());
     }
     let hash = affinity.as_ref().map(|a| a.hash);
-    let connected = match cluster.admit() {
-        Ok(permit) => cluster.connect(hash, |ep| cluster.http(ep, h2)).await.map(|c| (c, permit)),
-        Err(e) => Err(e),
+    let timed = timeout.is_some() || retries.is_some_and(|r| r.per_try_timeout.is_some());
+    let tried = match retries {
+        // An upgrade hands its connection over: it is not tried twice.
+        Some(r) if upgrade.is_none() => retry::send(cluster, r, req, hash, h2, grpc, timeout, idle.stream).await,
+        _ => one_try(cluster, req, hash, h2, timeout.unwrap_or(idle.stream), None).await,
     };
-    let ((ep, upstream), permit) = match connected {
-        Ok(c) => c,
-        Err(e) => {
-            counters.record(503);
-            let (why, body) = match e {
-                ConnectError::Failed { addr, source, .. } => {
-                    (format!("no endpoint could be connected to; last: {addr}: {source}"), "no healthy upstream")
-                }
-                ConnectError::NoEndpoints { .. } => ("the cluster has no endpoints".to_string(), "no healthy upstream"),
-                // Envoy's words and header for a circuit breaker's refusal.
-                ConnectError::Overflow { source, .. } => (
-                    format!("upstream_rq_pending_overflow: {source}"),
-                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
-                ),
-            };
-            log.local(StatusCode::SERVICE_UNAVAILABLE, &why, body);
-            let mut resp = local_response(grpc, StatusCode::SERVICE_UNAVAILABLE, body);
-            if why.starts_with("upstream_rq_pending_overflow") {
-                resp.headers_mut().insert("x-envoy-overloaded", http::HeaderValue::from_static("true"));
-            }
-            return resp;
-        }
-    };
-    // Not on an upgrade, whose connection leaves HTTP anyway.
-    if upgrade.is_none() && cluster.max_requests_per_connection.is_some_and(|max| upstream.sender.is_last(max)) {
-        req.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-    }
-    let guard = ep.start_request().with(permit);
-    let log = log.with_endpoint(ep.addr);
-    let limit = timeout.unwrap_or(idle.stream);
-    let expired = async {
-        if let Some(rx) = sent {
-            let _ = rx.await; // sent, or the body failed: either way the request is over
-        }
-        tokio::time::sleep(limit).await
-    };
-    let outcome = tokio::select! {
-        r = attempt(cluster, ep, upstream, req, h2) => Ok(r),
-        () = expired => Err(()),
-    };
-    match outcome {
-        Ok(Ok((mut resp, sender))) => {
+    match tried {
+        Try::Response { mut resp, sender, ep, guard } => {
+            let log = log.with_endpoint(ep.addr);
             counters.record(resp.status().as_u16());
             let status = resp.status();
-            cluster.record_outcome(ep, Outcome::Status(status.as_u16()));
             if let Some(u) = upgrade.filter(|u| u.accepted(status)) {
                 // The upstream connection leaves HTTP (and its pool) for the tunnel.
                 drop(sender);
@@ -150,7 +118,27 @@ pub(super) async fn forward(
                 })
             })
         }
-        Ok(Err(e)) => {
+        Try::NoUpstream(e) => {
+            counters.record(503);
+            let (why, body) = match e {
+                ConnectError::Failed { addr, source, .. } => {
+                    (format!("no endpoint could be connected to; last: {addr}: {source}"), "no healthy upstream")
+                }
+                ConnectError::NoEndpoints { .. } => ("the cluster has no endpoints".to_string(), "no healthy upstream"),
+                // Envoy's words and header for a circuit breaker's refusal.
+                ConnectError::Overflow { source, .. } => (
+                    format!("upstream_rq_pending_overflow: {source}"),
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                ),
+            };
+            log.local(StatusCode::SERVICE_UNAVAILABLE, &why, body);
+            let mut resp = local_response(grpc, StatusCode::SERVICE_UNAVAILABLE, body);
+            if why.starts_with("upstream_rq_pending_overflow") {
+                resp.headers_mut().insert("x-envoy-overloaded", http::HeaderValue::from_static("true"));
+            }
+            resp
+        }
+        Try::Reset(ep, e) => {
             let (status, body) = if e.is_client_body() {
                 (StatusCode::BAD_REQUEST, "invalid request body")
             } else if e.is_invalid_response() {
@@ -158,21 +146,88 @@ pub(super) async fn forward(
             } else {
                 (StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers")
             };
-            if status != StatusCode::BAD_REQUEST {
+            counters.record(status.as_u16());
+            log.with_endpoint(ep.addr).local(status, &format!("{body}: {e}"), body);
+            local_response(grpc, status, body)
+        }
+        Try::Timeout(ep) => {
+            counters.record(504);
+            let why = if timed { "upstream request timeout" } else { "stream idle timeout" };
+            log.with_endpoint(ep.addr).local(StatusCode::GATEWAY_TIMEOUT, why, why);
+            local_response(grpc, StatusCode::GATEWAY_TIMEOUT, why)
+        }
+    }
+}
+
+/// How one try of a request ended.
+pub(super) enum Try<'a> {
+    /// Response headers arrived (any status).
+    Response { resp: Response<Incoming>, sender: Sender, ep: &'a Arc<Endpoint>, guard: RequestGuard },
+    /// No endpoint could be connected to, or there is none.
+    NoUpstream(ConnectError),
+    /// The exchange failed before the response headers.
+    Reset(&'a Arc<Endpoint>, AttemptError),
+    /// No response headers in time.
+    Timeout(&'a Arc<Endpoint>),
+}
+
+/// One try: an endpoint picked and connected to, `req` sent ([`attempt`]), its response headers
+/// awaited for `limit` from the end of the request, and not past `deadline`; `hash` is the
+/// request's consistent-hash key, if the cluster hashes. A failure that is
+/// not the client's is counted against the endpoint.
+pub(super) async fn one_try(
+    cluster: &Cluster,
+    mut req: Request<RequestBody>,
+    hash: Option<u64>,
+    h2: bool,
+    limit: Duration,
+    deadline: Option<Instant>,
+) -> Try<'_> {
+    let connected = match cluster.admit() {
+        Ok(permit) => cluster.connect(hash, |ep| cluster.http(ep, h2)).await.map(|c| (c, permit)),
+        Err(e) => Err(e),
+    };
+    let ((ep, upstream), permit) = match connected {
+        Ok(c) => c,
+        Err(e) => return Try::NoUpstream(e),
+    };
+    // Not on an upgrade, whose connection leaves HTTP anyway.
+    let upgrading = req.method() == http::Method::CONNECT || req.headers().contains_key(http::header::UPGRADE);
+    if !upgrading && cluster.max_requests_per_connection.is_some_and(|max| upstream.sender.is_last(max)) {
+        req.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    let (req, sent) = RequestEnd::watch(req);
+    let guard = ep.start_request().with(permit);
+    let expired = async {
+        if let Some(rx) = sent {
+            let _ = rx.await; // sent, or the body failed: either way the request is over
+        }
+        let mut end = Instant::now() + limit;
+        if let Some(d) = deadline {
+            end = end.min(d);
+        }
+        tokio::time::sleep_until(end.into()).await
+    };
+    let outcome = tokio::select! {
+        r = attempt(cluster, ep, upstream, req, h2) => Ok(r),
+        () = expired => Err(()),
+    };
+    match outcome {
+        Ok(Ok((resp, sender))) => {
+            cluster.record_outcome(ep, Outcome::Status(resp.status().as_u16()));
+            Try::Response { resp, sender, ep, guard }
+        }
+        Ok(Err(e)) => {
+            if !e.is_client_body() {
                 ep.record_error();
                 cluster.record_outcome(ep, Outcome::Failed);
             }
-            counters.record(status.as_u16());
-            log.local(status, &format!("{body}: {e}"), body);
-            local_response(grpc, status, body)
+            Try::Reset(ep, e)
         }
         Err(()) => {
             ep.record_error();
             cluster.record_outcome(ep, Outcome::Status(504));
-            counters.record(504);
-            let why = if timeout.is_some() { "upstream request timeout" } else { "stream idle timeout" };
-            log.local(StatusCode::GATEWAY_TIMEOUT, why, why);
-            local_response(grpc, StatusCode::GATEWAY_TIMEOUT, why)
+            Try::Timeout(ep)
         }
     }
 }

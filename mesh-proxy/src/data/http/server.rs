@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use super::{
     access_log::AccessLog,
     body::{is_grpc, local_response, ProxyBody},
+    fault,
     forward::{forward, Idle},
     headers::{looped, prepare_downstream_request},
 };
@@ -266,7 +267,7 @@ async fn respond(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<ProxyBod
             Fallback::Passthrough(dst) => {
                 let cluster = ctx.passthrough.get_or_init(|| Arc::new(ctx.proxy.passthrough_cluster(dst)));
                 let counters = &ctx.proxy.passthrough_counters;
-                forward(cluster, counters, &ctx.proxy.passthrough_route, req, None, None, idle, log).await
+                forward(cluster, counters, &ctx.proxy.passthrough_route, req, None, None, None, idle, log).await
             }
             Fallback::Refuse(why) => {
                 let status = match why {
@@ -288,6 +289,17 @@ async fn respond(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<ProxyBod
         return local_response(grpc, StatusCode::NOT_FOUND, why);
     };
     let target = rule.pick();
+    let mut retries = None;
+    let mut log = log;
+    if let Some(p) = &rule.policy {
+        if let Some(f) = &p.fault {
+            log = match fault::inject(f, grpc, log.with_route(&route.name)).await {
+                Ok(log) => log,
+                Err(aborted) => return aborted,
+            };
+        }
+        retries = p.retries.as_ref();
+    }
     let mut cluster = &target.cluster;
     if cluster.policy == LbPolicy::Passthrough {
         // Istio's PASSTHROUGH (Envoy's ORIGINAL_DST): the destination the application dialled,
@@ -300,7 +312,7 @@ async fn respond(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<ProxyBod
         cluster = ctx.passthrough.get_or_init(|| Arc::new(ctx.proxy.passthrough_cluster(ctx.orig_dst)));
     }
     let affinity = cluster.affinity(req.uri(), req.headers(), ctx.peer);
-    forward(cluster, &target.requests, &route.name, req, affinity, rule.timeout, idle, log).await
+    forward(cluster, &target.requests, &route.name, req, affinity, rule.timeout, retries, idle, log).await
 }
 
 /// The request's authority: the absolute URI's, else the Host header.
