@@ -11,7 +11,7 @@ use mesh_pilot::{
     model::{Registry, Store},
     translate::{self, Options, ScopeConfig, Translator},
 };
-use mesh_proxy::config::{RawConfig, RawEndpoints};
+use mesh_proxy::config::{Percent, RawConfig, RawEndpoints};
 
 fn testdata(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata").join(p)
@@ -288,11 +288,12 @@ spec:
 ",
     );
     let fs = findings(&s);
+    for field in ["spec.http[0].retries", "spec.http[0].fault"] {
+        assert!(!fs.iter().any(|f| f.field.starts_with(field)), "{field} is carried: {fs:?}");
+    }
     for (field, line) in [
         ("spec.http[0].match[0].uri.regex", 8),
         ("spec.http[0].match[1].method", 10),
-        ("spec.http[0].retries", 15),
-        ("spec.http[0].fault", 16),
         ("spec.trafficPolicy.connectionPool.http", 31),
         ("spec.trafficPolicy.connectionPool.tcp.maxConnections", 30),
         ("spec.trafficPolicy.outlierDetection", 32),
@@ -309,6 +310,13 @@ spec:
         (Some("/v2"), Some("1"))
     );
     assert_eq!(r.rules[0].timeout.as_deref(), Some("3s"));
+    let retries = r.rules[0].retries.as_ref().unwrap();
+    assert_eq!((retries.attempts, retries.per_try_timeout.as_deref()), (3, Some("2s")));
+    assert!(retries.retry_on.is_empty(), "Istio's default conditions, applied by the proxy");
+    let abort = r.rules[0].fault.as_ref().and_then(|f| f.abort.as_ref()).unwrap();
+    assert_eq!((abort.http_status, abort.percentage), (Some(500), Some(Percent(10.0))));
+    // Istio's default retry policy is not emitted for a rule without `retries`.
+    assert_eq!(r.rules[1].retries, None);
     let c = raw.clusters.iter().find(|c| c.name == "outbound|9080|v1|ratings.default.svc.cluster.local").unwrap();
     assert_eq!(c.lb_policy, mesh_proxy::config::LbPolicy::LeastRequest);
     assert_eq!(c.connect_timeout.as_deref(), Some("250ms"));
@@ -320,4 +328,72 @@ fn an_empty_endpoint_set_is_served_as_empty() {
     let v2 = "outbound|9080|v2|ratings.default.svc.cluster.local";
     assert!(cfg.clusters.iter().any(|c| c.name == v2));
     assert_eq!(endpoints(&raw, v2), [] as [String; 0]);
+}
+
+const RATINGS: &str = "ratings.default.svc.cluster.local";
+
+/// BookInfo's fault-injection steps: jason's requests to ratings are delayed 7s, or aborted with 500.
+#[test]
+fn bookinfo_fault_injection_for_jason() {
+    let base = ["bookinfo/platform.yaml", "bookinfo/rules/destination-rule-all.yaml"];
+    for file in [
+        "bookinfo/rules/virtual-service-ratings-test-delay.yaml",
+        "bookinfo/rules/virtual-service-ratings-test-abort.yaml",
+    ] {
+        let mut paths = base.to_vec();
+        paths.push(file);
+        let s = store(&paths);
+        let fs = findings(&s);
+        assert!(!fs.iter().any(|f| f.code == Code::NotCarriedByProxy), "{file}: {fs:?}");
+        let (_, raw) = scope(&s, "default");
+        let r = route(&raw, &format!("{RATINGS}:9080"));
+        assert_eq!(r.rules.len(), 2, "{file}");
+        assert_eq!(r.rules[0].matcher[0].headers.get("end-user").and_then(|h| h.exact.as_deref()), Some("jason"));
+        assert_eq!(r.rules[0].clusters[0].name, format!("outbound|9080|v1|{RATINGS}"));
+        let fault = r.rules[0].fault.as_ref().unwrap_or_else(|| panic!("{file}: no fault"));
+        if file.ends_with("delay.yaml") {
+            let d = fault.delay.as_ref().unwrap();
+            assert_eq!((d.fixed_delay.as_str(), d.percentage), ("7s", Some(Percent::ALL)));
+            assert_eq!(fault.abort, None);
+        } else {
+            let a = fault.abort.as_ref().unwrap();
+            assert_eq!((a.http_status, a.grpc_status.as_deref(), a.percentage), (Some(500), None, Some(Percent::ALL)));
+            assert_eq!(fault.delay, None);
+        }
+        // Everyone else: no fault.
+        assert!(r.rules[1].matcher.is_empty());
+        assert_eq!(r.rules[1].fault, None);
+    }
+}
+
+#[test]
+fn retries_are_carried_and_unknown_conditions_reported() {
+    let s = store_with(
+        "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings}
+spec:
+  hosts: [ratings]
+  http:
+  - route:
+    - destination: {host: ratings, subset: v1}
+    retries: {attempts: 4, perTryTimeout: 500ms, retryOn: \"gateway-error,retriable-headers,503,connect-failure\"}
+    fault:
+      delay: {percent: 20, fixedDelay: 1s}
+      abort: {grpcStatus: UNAVAILABLE}
+",
+    );
+    let fs = findings(&s);
+    let f = finding(&fs, Code::NotCarriedByProxy, "spec.http[0].retries.retryOn");
+    assert!(f.message.contains("retriable-headers"), "{f}");
+    let (_, raw) = scope(&s, "default");
+    let rule = &route(&raw, &format!("{RATINGS}:9080")).rules[0];
+    let r = rule.retries.as_ref().unwrap();
+    assert_eq!((r.attempts, r.per_try_timeout.as_deref()), (4, Some("500ms")));
+    assert_eq!(r.retry_on, ["gateway-error", "503", "connect-failure"]);
+    let fault = rule.fault.as_ref().unwrap();
+    assert_eq!(fault.delay.as_ref().map(|d| d.percentage), Some(Some(Percent(20.0))));
+    let a = fault.abort.as_ref().unwrap();
+    assert_eq!((a.http_status, a.grpc_status.as_deref(), a.percentage), (None, Some("UNAVAILABLE"), None));
 }

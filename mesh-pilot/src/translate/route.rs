@@ -4,9 +4,13 @@
 //! What cannot be carried is never approximated in a way that widens a rule: a match block with
 //! a condition the proxy cannot test (a regex, a method, source labels) is left out, so the
 //! requests it would have matched fall through to the next rule, and it is reported. Actions the
-//! proxy lacks (retries, fault injection, mirroring...) are reported and the rule keeps routing.
+//! proxy lacks (mirroring, rewrites...) are reported and the rule keeps routing.
+//!
+//! Istio's default retry policy (applied when a route has no `retries`) is NOT emitted: it would
+//! put the same `retries` on every rule of every scope for a behaviour only failures exercise;
+//! routes without `retries` are served without retries (see notes/pilot.md, session 2).
 
-use mesh_proxy::config::{RawMatch, RawRule, RawWeightedCluster};
+use mesh_proxy::config::{Percent, RawAbort, RawDelay, RawFault, RawMatch, RawRetries, RawRule, RawWeightedCluster};
 
 use super::{
     applies_to_sidecars, default_rule, proxy_protocol, resolve_host, ClusterOut, RouteOut, ServiceOut, Translator,
@@ -81,11 +85,15 @@ fn http_rules(
         let clusters =
             weighted(t, meta, &path, hr.route.iter().map(|d| (&d.destination, d.weight, &d.other)), svc, port, f, refs);
         let timeout = timeout(meta, &path, hr, f);
+        let retries = hr.retries.as_ref().map(|r| retries(meta, &format!("{path}.retries"), r, f));
+        let fault = hr.fault.as_ref().and_then(|x| fault(meta, &format!("{path}.fault"), x, f));
         for matcher in matches {
             rules.push(RawRule {
                 matcher: matcher.into_iter().collect(),
                 clusters: clusters.clone(),
                 timeout: timeout.clone(),
+                retries: retries.clone(),
+                fault: fault.clone(),
                 ..Default::default()
             });
         }
@@ -193,6 +201,79 @@ fn timeout(meta: &Meta, path: &str, hr: &HttpRoute, f: &mut Findings) -> Option<
             Some(t.clone())
         }
     }
+}
+
+/// The `retryOn` conditions this build of mesh-proxy applies (its `RetryCondition`); any other
+/// would make the proxy refuse the whole config, so it is left out of the list and reported.
+const RETRY_ON: [&str; 11] = [
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "resource-exhausted",
+    "unavailable",
+];
+
+/// `retries` as written; `attempts` 0 (or left out, as Istio reads it) turns retrying off, and
+/// an empty `retryOn` is Istio's default list (the proxy's too).
+fn retries(meta: &Meta, path: &str, r: &crate::istio::HttpRetry, f: &mut Findings) -> RawRetries {
+    f.not_carried(meta, path, &r.other);
+    let attempts = r.attempts.unwrap_or(0);
+    let attempts = u32::try_from(attempts).unwrap_or_else(|_| {
+        f.add(Code::SchemaValidationError, meta, format!("{path}.attempts"), "attempts cannot be negative");
+        0
+    });
+    let mut retry_on = Vec::new();
+    for item in r.retry_on.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty()) {
+        if RETRY_ON.contains(&item) || item.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c)) {
+            retry_on.push(item.to_string());
+        } else {
+            let msg = format!("retry condition {item:?} is not carried by mesh-proxy: left out of retryOn");
+            f.add(Code::NotCarriedByProxy, meta, format!("{path}.retryOn"), msg);
+        }
+    }
+    RawRetries { attempts, per_try_timeout: r.per_try_timeout.clone(), retry_on, backoff: None }
+}
+
+/// `fault`: a fixed delay and an HTTP or gRPC abort, each for a percentage of requests (100 when
+/// left out, as Istio). A part the proxy cannot apply is reported and left out.
+fn fault(meta: &Meta, path: &str, x: &crate::istio::HttpFault, f: &mut Findings) -> Option<RawFault> {
+    f.not_carried(meta, path, &x.other);
+    let percent = |p: &Option<crate::istio::Percentage>, legacy: Option<i64>| {
+        p.as_ref().map(|p| Percent(p.value)).or(legacy.map(|n| Percent(n as f64)))
+    };
+    let delay = x.delay.as_ref().and_then(|d| {
+        let dpath = format!("{path}.delay");
+        f.not_carried(meta, &dpath, &d.other);
+        let Some(fixed) = &d.fixed_delay else {
+            f.add(Code::NotCarriedByProxy, meta, dpath, "only a fixedDelay is carried by mesh-proxy: no delay");
+            return None;
+        };
+        Some(RawDelay { fixed_delay: fixed.clone(), percentage: percent(&d.percentage, d.percent) })
+    });
+    let abort = x.abort.as_ref().and_then(|a| {
+        let apath = format!("{path}.abort");
+        f.not_carried(meta, &apath, &a.other);
+        let http_status = match a.http_status.map(u16::try_from) {
+            None => None,
+            Some(Ok(s)) => Some(s),
+            Some(Err(_)) => {
+                f.add(Code::SchemaValidationError, meta, format!("{apath}.httpStatus"), "not an HTTP status");
+                return None;
+            }
+        };
+        if http_status.is_none() && a.grpc_status.is_none() {
+            f.add(Code::NotCarriedByProxy, meta, apath, "only httpStatus or grpcStatus is carried by mesh-proxy");
+            return None;
+        }
+        Some(RawAbort { http_status, grpc_status: a.grpc_status.clone(), percentage: percent(&a.percentage, None) })
+    });
+    (delay.is_some() || abort.is_some()).then_some(RawFault { delay, abort })
 }
 
 fn tcp_rules(
