@@ -224,6 +224,8 @@ pub struct TrafficPolicy {
     #[serde(default)]
     pub connection_pool: Option<ConnectionPool>,
     #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicy>,
     #[serde(flatten)]
     pub other: Other,
@@ -238,6 +240,8 @@ pub struct PortTrafficPolicy {
     pub load_balancer: Option<LoadBalancer>,
     #[serde(default)]
     pub connection_pool: Option<ConnectionPool>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
     #[serde(flatten)]
     pub other: Other,
 }
@@ -256,6 +260,8 @@ pub struct LoadBalancer {
 pub struct ConnectionPool {
     #[serde(default)]
     pub tcp: Option<TcpSettings>,
+    #[serde(default)]
+    pub http: Option<HttpSettings>,
     #[serde(flatten)]
     pub other: Other,
 }
@@ -265,6 +271,61 @@ pub struct ConnectionPool {
 pub struct TcpSettings {
     #[serde(default)]
     pub connect_timeout: Option<String>,
+    #[serde(default)]
+    pub max_connections: Option<i64>,
+    #[serde(default)]
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpKeepalive {
+    #[serde(default)]
+    pub probes: Option<u32>,
+    #[serde(default)]
+    pub time: Option<String>,
+    #[serde(default)]
+    pub interval: Option<String>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `ConnectionPoolSettings.HTTPSettings`; Istio's 0 for a limit means "unlimited".
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSettings {
+    #[serde(default)]
+    pub http1_max_pending_requests: Option<i64>,
+    #[serde(default)]
+    pub http2_max_requests: Option<i64>,
+    #[serde(default)]
+    pub max_requests_per_connection: Option<i64>,
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    #[serde(default, rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<u32>,
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// Deprecated: the same as `consecutiveGatewayErrors`.
+    #[serde(default)]
+    pub consecutive_errors: Option<u32>,
+    #[serde(default)]
+    pub interval: Option<String>,
+    #[serde(default)]
+    pub base_ejection_time: Option<String>,
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+    #[serde(default)]
+    pub min_health_percent: Option<u32>,
     #[serde(flatten)]
     pub other: Other,
 }

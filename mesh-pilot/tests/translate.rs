@@ -283,20 +283,32 @@ spec:
     loadBalancer: {simple: LEAST_REQUEST}
     connectionPool:
       tcp: {maxConnections: 1, connectTimeout: 250ms}
-      http: {http1MaxPendingRequests: 1}
+      http: {http1MaxPendingRequests: 1, maxRetries: 3, http2MaxRequests: 0, idleTimeout: 30s}
     outlierDetection: {consecutive5xxErrors: 1}
+  subsets:
+  - name: pooled
+    labels: {version: v1}
+    trafficPolicy:
+      connectionPool:
+        tcp: {tcpKeepalive: {time: 10s}}
+        http: {maxRequestsPerConnection: 5}
+      outlierDetection: {consecutiveErrors: 2, baseEjectionTime: 1m}
 ",
     );
     let fs = findings(&s);
-    for field in ["spec.http[0].retries", "spec.http[0].fault"] {
+    for field in [
+        "spec.http[0].retries",
+        "spec.http[0].fault",
+        "spec.trafficPolicy.connectionPool.tcp",
+        "spec.trafficPolicy.outlierDetection",
+        "spec.subsets[0].trafficPolicy",
+    ] {
         assert!(!fs.iter().any(|f| f.field.starts_with(field)), "{field} is carried: {fs:?}");
     }
     for (field, line) in [
         ("spec.http[0].match[0].uri.regex", 8),
         ("spec.http[0].match[1].method", 10),
-        ("spec.trafficPolicy.connectionPool.http", 31),
-        ("spec.trafficPolicy.connectionPool.tcp.maxConnections", 30),
-        ("spec.trafficPolicy.outlierDetection", 32),
+        ("spec.trafficPolicy.connectionPool.http.maxRetries", 31),
     ] {
         assert_eq!(finding(&fs, Code::NotCarriedByProxy, field).line, Some(line), "{field}");
     }
@@ -320,6 +332,25 @@ spec:
     let c = raw.clusters.iter().find(|c| c.name == "outbound|9080|v1|ratings.default.svc.cluster.local").unwrap();
     assert_eq!(c.lb_policy, mesh_proxy::config::LbPolicy::LeastRequest);
     assert_eq!(c.connect_timeout.as_deref(), Some("250ms"));
+    // Pool limits merge field by field (Istio's 0 = unlimited: left out); the subset's outlier
+    // detection replaces the rule's whole (the deprecated consecutiveErrors = gateway errors).
+    let c = raw.clusters.iter().find(|c| c.name == "outbound|9080|pooled|ratings.default.svc.cluster.local").unwrap();
+    let cb = c.circuit_breakers.as_ref().unwrap();
+    assert_eq!(
+        (cb.max_connections, cb.max_pending_requests, cb.max_requests, cb.max_retries),
+        (Some(1), Some(1), None, None)
+    );
+    assert_eq!(c.idle_timeout.as_deref(), Some("30s"));
+    assert_eq!(c.max_requests_per_connection, Some(5));
+    assert_eq!(c.tcp_keepalive.as_ref().and_then(|k| k.time.as_deref()), Some("10s"));
+    let od = c.outlier_detection.as_ref().unwrap();
+    assert_eq!(
+        (od.consecutive_5xx_errors, od.consecutive_gateway_errors, od.base_ejection_time.as_deref()),
+        (None, Some(2), Some("1m"))
+    );
+    let top = raw.clusters.iter().find(|c| c.name == "outbound|9080|v1|ratings.default.svc.cluster.local").unwrap();
+    assert_eq!(top.outlier_detection.as_ref().and_then(|o| o.consecutive_5xx_errors), Some(1));
+    assert_eq!((top.max_requests_per_connection, top.tcp_keepalive.as_ref()), (None, None));
 }
 
 #[test]

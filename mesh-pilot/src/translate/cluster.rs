@@ -5,15 +5,18 @@
 //! oldest rule that has one. A setting is taken from the most specific place that sets it: the subset's port-level
 //! settings, the subset's policy, the rule's port-level settings, the rule's policy.
 //! `exportTo` on a DestinationRule is not honoured (every rule applies mesh-wide) and is reported.
+//! Connection-pool limits merge field by field; an `outlierDetection` is taken whole from the most
+//! specific place that has one. Not carried yet (reported): `http.maxRetries`, `consistentHash`,
+//! `PASSTHROUGH`.
 
 use std::collections::{BTreeMap, HashMap};
 
-use mesh_proxy::config::{LbPolicy, RawCluster};
+use mesh_proxy::config::{LbPolicy, RawCircuitBreakers, RawCluster, RawOutlierDetection, RawTcpKeepalive};
 
 use super::{age_order, cluster_name, resolve_host, ClusterOut, EdsKey, Options};
 use crate::{
     analysis::{Code, Findings},
-    istio::{ConnectionPool, LoadBalancer, Subset, TrafficPolicy},
+    istio::{ConnectionPool, LoadBalancer, OutlierDetection, Subset, TrafficPolicy},
     model::{self, Health, Registry, Store},
     resource::{Body, Kind, Meta, Object},
 };
@@ -30,6 +33,7 @@ struct MergedSubset<'a> {
 struct Layer<'a> {
     lb: Option<&'a LoadBalancer>,
     pool: Option<&'a ConnectionPool>,
+    outlier: Option<&'a OutlierDetection>,
 }
 
 /// Every service's clusters, and each host's subsets (name → labels).
@@ -153,6 +157,7 @@ fn report_rule(dr: &Object, f: &mut Findings) {
     for (path, tp) in policies {
         f.not_carried(meta, &path, &tp.other);
         report_settings(meta, &path, tp.load_balancer.as_ref(), tp.connection_pool.as_ref(), f);
+        report_outlier(meta, &path, tp.outlier_detection.as_ref(), f);
         for (j, pl) in tp.port_level_settings.iter().enumerate() {
             let p = format!("{path}.portLevelSettings[{j}]");
             f.not_carried(meta, &p, &pl.other);
@@ -160,6 +165,7 @@ fn report_rule(dr: &Object, f: &mut Findings) {
                 f.not_carried(meta, &format!("{p}.port"), &sel.other);
             }
             report_settings(meta, &p, pl.load_balancer.as_ref(), pl.connection_pool.as_ref(), f);
+            report_outlier(meta, &p, pl.outlier_detection.as_ref(), f);
         }
     }
 }
@@ -188,37 +194,96 @@ fn report_settings(
                     f.add(Code::SchemaValidationError, meta, format!("{path}.connectionPool.tcp.connectTimeout"), e);
                 }
             }
+            if let Some(k) = &tcp.tcp_keepalive {
+                f.not_carried(meta, &format!("{path}.connectionPool.tcp.tcpKeepalive"), &k.other);
+            }
+        }
+        if let Some(http) = &pool.http {
+            // `maxRetries` bounds retries in flight: this build of mesh-proxy refuses it.
+            f.not_carried(meta, &format!("{path}.connectionPool.http"), &http.other);
         }
     }
 }
 
+fn report_outlier(meta: &Meta, path: &str, od: Option<&OutlierDetection>, f: &mut Findings) {
+    if let Some(od) = od {
+        f.not_carried(meta, &format!("{path}.outlierDetection"), &od.other);
+    }
+}
+
+/// An Istio limit: 0 (or less) means "unlimited", which the proxy reads as the field left out.
+fn limit(v: Option<i64>) -> Option<u32> {
+    v.filter(|n| *n > 0).map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
 /// Adds a traffic policy and, above it, its port-level settings for `port`.
 fn push_policy<'a>(layers: &mut Vec<Layer<'a>>, tp: &'a TrafficPolicy, port: u16) {
-    layers.push(Layer { lb: tp.load_balancer.as_ref(), pool: tp.connection_pool.as_ref() });
+    layers.push(Layer {
+        lb: tp.load_balancer.as_ref(),
+        pool: tp.connection_pool.as_ref(),
+        outlier: tp.outlier_detection.as_ref(),
+    });
     for pl in &tp.port_level_settings {
         if pl.port.as_ref().and_then(|p| p.number) == Some(u32::from(port)) {
-            layers.push(Layer { lb: pl.load_balancer.as_ref(), pool: pl.connection_pool.as_ref() });
+            layers.push(Layer {
+                lb: pl.load_balancer.as_ref(),
+                pool: pl.connection_pool.as_ref(),
+                outlier: pl.outlier_detection.as_ref(),
+            });
         }
     }
 }
 
 /// A cluster from its policy layers, least specific first.
 fn cluster(name: &str, layers: &[Layer], eds: EdsKey) -> ClusterOut {
-    let mut policy = LbPolicy::default();
-    let mut connect_timeout = None;
+    let mut c = RawCluster { name: name.to_string(), ..Default::default() };
+    let mut cb = RawCircuitBreakers::default();
     for l in layers {
         if let Some(Ok(p)) = l.lb.and_then(|lb| lb.simple.as_deref()).map(lb_policy) {
-            policy = p;
+            c.lb_policy = p;
         }
-        if let Some(t) = l.pool.and_then(|p| p.tcp.as_ref()).and_then(|t| t.connect_timeout.clone()) {
-            // Passed as written: a value the proxy refuses is its NACK, and analysis reports it.
-            connect_timeout = Some(t);
+        // Durations are passed as written: a value the proxy refuses is its NACK, and analysis reports it.
+        if let Some(tcp) = l.pool.and_then(|p| p.tcp.as_ref()) {
+            if let Some(t) = &tcp.connect_timeout {
+                c.connect_timeout = Some(t.clone());
+            }
+            if tcp.max_connections.is_some() {
+                cb.max_connections = limit(tcp.max_connections);
+            }
+            if let Some(k) = &tcp.tcp_keepalive {
+                c.tcp_keepalive =
+                    Some(RawTcpKeepalive { probes: k.probes, time: k.time.clone(), interval: k.interval.clone() });
+            }
+        }
+        if let Some(http) = l.pool.and_then(|p| p.http.as_ref()) {
+            if http.http1_max_pending_requests.is_some() {
+                cb.max_pending_requests = limit(http.http1_max_pending_requests);
+            }
+            if http.http2_max_requests.is_some() {
+                cb.max_requests = limit(http.http2_max_requests);
+            }
+            if http.max_requests_per_connection.is_some() {
+                c.max_requests_per_connection = limit(http.max_requests_per_connection);
+            }
+            if let Some(t) = &http.idle_timeout {
+                c.idle_timeout = Some(t.clone());
+            }
+        }
+        if let Some(od) = l.outlier {
+            c.outlier_detection = Some(RawOutlierDetection {
+                consecutive_5xx_errors: od.consecutive_5xx_errors,
+                consecutive_gateway_errors: od.consecutive_gateway_errors.or(od.consecutive_errors),
+                interval: od.interval.clone(),
+                base_ejection_time: od.base_ejection_time.clone(),
+                max_ejection_percent: od.max_ejection_percent,
+                min_health_percent: od.min_health_percent,
+            });
         }
     }
-    ClusterOut {
-        cluster: RawCluster { name: name.to_string(), lb_policy: policy, connect_timeout, ..Default::default() },
-        eds: Some(eds),
+    if cb != RawCircuitBreakers::default() {
+        c.circuit_breakers = Some(cb);
     }
+    ClusterOut { cluster: c, eds: Some(eds) }
 }
 
 /// Istio's `loadBalancer.simple` → the proxy's balancer.
