@@ -251,6 +251,60 @@ pub struct PortTrafficPolicy {
 pub struct LoadBalancer {
     #[serde(default)]
     pub simple: Option<String>,
+    #[serde(default)]
+    pub consistent_hash: Option<ConsistentHash>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistentHash {
+    #[serde(default)]
+    pub http_header_name: Option<String>,
+    #[serde(default)]
+    pub http_cookie: Option<HttpCookie>,
+    #[serde(default)]
+    pub use_source_ip: bool,
+    #[serde(default)]
+    pub http_query_parameter_name: Option<String>,
+    #[serde(default)]
+    pub ring_hash: Option<RingHash>,
+    #[serde(default)]
+    pub maglev: Option<Maglev>,
+    /// Deprecated: the same as `ringHash.minimumRingSize`.
+    #[serde(default)]
+    pub minimum_ring_size: Option<u32>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCookie {
+    pub name: String,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub ttl: Option<String>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RingHash {
+    #[serde(default)]
+    pub minimum_ring_size: Option<u32>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Maglev {
+    #[serde(default)]
+    pub table_size: Option<u32>,
     #[serde(flatten)]
     pub other: Other,
 }

@@ -289,6 +289,8 @@ spec:
   - name: pooled
     labels: {version: v1}
     trafficPolicy:
+      loadBalancer:
+        consistentHash: {httpCookie: {name: user, ttl: 0s}, minimumRingSize: 1024}
       connectionPool:
         tcp: {tcpKeepalive: {time: 10s}}
         http: {maxRequestsPerConnection: 5}
@@ -302,6 +304,7 @@ spec:
         "spec.trafficPolicy.connectionPool.tcp",
         "spec.trafficPolicy.outlierDetection",
         "spec.subsets[0].trafficPolicy",
+        "spec.trafficPolicy.loadBalancer",
     ] {
         assert!(!fs.iter().any(|f| f.field.starts_with(field)), "{field} is carried: {fs:?}");
     }
@@ -343,6 +346,11 @@ spec:
     assert_eq!(c.idle_timeout.as_deref(), Some("30s"));
     assert_eq!(c.max_requests_per_connection, Some(5));
     assert_eq!(c.tcp_keepalive.as_ref().and_then(|k| k.time.as_deref()), Some("10s"));
+    // The subset's consistent hash replaces the rule's LEAST_REQUEST.
+    assert_eq!(c.lb_policy, mesh_proxy::config::LbPolicy::RoundRobin);
+    let h = c.consistent_hash.as_ref().unwrap();
+    assert_eq!(h.http_cookie.as_ref().map(|k| (k.name.as_str(), k.ttl.as_deref())), Some(("user", Some("0s"))));
+    assert_eq!(h.ring_hash.as_ref().and_then(|r| r.minimum_ring_size), Some(1024));
     let od = c.outlier_detection.as_ref().unwrap();
     assert_eq!(
         (od.consecutive_5xx_errors, od.consecutive_gateway_errors, od.base_ejection_time.as_deref()),

@@ -6,17 +6,20 @@
 //! settings, the subset's policy, the rule's port-level settings, the rule's policy.
 //! `exportTo` on a DestinationRule is not honoured (every rule applies mesh-wide) and is reported.
 //! Connection-pool limits merge field by field; an `outlierDetection` is taken whole from the most
-//! specific place that has one. Not carried yet (reported): `http.maxRetries`, `consistentHash`,
-//! `PASSTHROUGH`.
+//! specific place that has one; `consistentHash` and `simple` replace each other. Not carried yet
+//! (reported): `http.maxRetries`, `PASSTHROUGH`.
 
 use std::collections::{BTreeMap, HashMap};
 
-use mesh_proxy::config::{LbPolicy, RawCircuitBreakers, RawCluster, RawOutlierDetection, RawTcpKeepalive};
+use mesh_proxy::config::{
+    LbPolicy, RawCircuitBreakers, RawCluster, RawConsistentHash, RawHttpCookie, RawMaglev, RawOutlierDetection,
+    RawRingHash, RawTcpKeepalive,
+};
 
 use super::{age_order, cluster_name, resolve_host, ClusterOut, EdsKey, Options};
 use crate::{
     analysis::{Code, Findings},
-    istio::{ConnectionPool, LoadBalancer, OutlierDetection, Subset, TrafficPolicy},
+    istio::{ConnectionPool, ConsistentHash, LoadBalancer, OutlierDetection, Subset, TrafficPolicy},
     model::{self, Health, Registry, Store},
     resource::{Body, Kind, Meta, Object},
 };
@@ -184,6 +187,19 @@ fn report_settings(
                 f.add(msg.0, meta, format!("{path}.loadBalancer.simple"), msg.1);
             }
         }
+        if let Some(h) = &lb.consistent_hash {
+            let hpath = format!("{path}.loadBalancer.consistentHash");
+            f.not_carried(meta, &hpath, &h.other);
+            if let Some(c) = &h.http_cookie {
+                f.not_carried(meta, &format!("{hpath}.httpCookie"), &c.other);
+            }
+            if let Some(r) = &h.ring_hash {
+                f.not_carried(meta, &format!("{hpath}.ringHash"), &r.other);
+            }
+            if let Some(m) = &h.maglev {
+                f.not_carried(meta, &format!("{hpath}.maglev"), &m.other);
+            }
+        }
     }
     if let Some(pool) = pool {
         f.not_carried(meta, &format!("{path}.connectionPool"), &pool.other);
@@ -239,8 +255,14 @@ fn cluster(name: &str, layers: &[Layer], eds: EdsKey) -> ClusterOut {
     let mut c = RawCluster { name: name.to_string(), ..Default::default() };
     let mut cb = RawCircuitBreakers::default();
     for l in layers {
+        // `simple` and `consistentHash` are one choice in Istio: the more specific replaces the other.
         if let Some(Ok(p)) = l.lb.and_then(|lb| lb.simple.as_deref()).map(lb_policy) {
             c.lb_policy = p;
+            c.consistent_hash = None;
+        }
+        if let Some(h) = l.lb.and_then(|lb| lb.consistent_hash.as_ref()) {
+            c.lb_policy = LbPolicy::default();
+            c.consistent_hash = Some(consistent_hash(h));
         }
         // Durations are passed as written: a value the proxy refuses is its NACK, and analysis reports it.
         if let Some(tcp) = l.pool.and_then(|p| p.tcp.as_ref()) {
@@ -284,6 +306,23 @@ fn cluster(name: &str, layers: &[Layer], eds: EdsKey) -> ClusterOut {
         c.circuit_breakers = Some(cb);
     }
     ClusterOut { cluster: c, eds: Some(eds) }
+}
+
+/// Istio's `consistentHash`, field by field (an httpCookie without ttl is read, never issued).
+fn consistent_hash(h: &ConsistentHash) -> RawConsistentHash {
+    let ring_size = h.ring_hash.as_ref().and_then(|r| r.minimum_ring_size).or(h.minimum_ring_size);
+    RawConsistentHash {
+        http_header_name: h.http_header_name.clone(),
+        http_cookie: h.http_cookie.as_ref().map(|c| RawHttpCookie {
+            name: c.name.clone(),
+            path: c.path.clone(),
+            ttl: c.ttl.clone(),
+        }),
+        use_source_ip: h.use_source_ip,
+        http_query_parameter_name: h.http_query_parameter_name.clone(),
+        ring_hash: ring_size.map(|n| RawRingHash { minimum_ring_size: Some(n) }),
+        maglev: h.maglev.as_ref().map(|m| RawMaglev { table_size: m.table_size }),
+    }
 }
 
 /// Istio's `loadBalancer.simple` → the proxy's balancer.
