@@ -436,3 +436,25 @@ spec:
     let a = fault.abort.as_ref().unwrap();
     assert_eq!((a.http_status, a.grpc_status.as_deref(), a.percentage), (None, Some("UNAVAILABLE"), None));
 }
+
+#[test]
+fn passthrough_clusters_take_no_endpoints() {
+    let s = store_with(
+        "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: details-passthrough}
+spec:
+  host: details
+  trafficPolicy:
+    loadBalancer: {simple: PASSTHROUGH}
+",
+    );
+    assert!(!findings(&s).iter().any(|f| f.field.contains("loadBalancer")));
+    let (cfg, raw) = scope(&s, "default");
+    let name = "outbound|9080||details.default.svc.cluster.local";
+    let i = cfg.clusters.iter().position(|c| c.name == name).unwrap();
+    assert_eq!(cfg.clusters[i].lb_policy, mesh_proxy::config::LbPolicy::Passthrough);
+    assert_eq!(cfg.eds[i], None);
+    assert_eq!(endpoints(&raw, name), [] as [String; 0]);
+}

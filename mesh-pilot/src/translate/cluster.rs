@@ -7,7 +7,7 @@
 //! `exportTo` on a DestinationRule is not honoured (every rule applies mesh-wide) and is reported.
 //! Connection-pool limits merge field by field; an `outlierDetection` is taken whole from the most
 //! specific place that has one; `consistentHash` and `simple` replace each other. Not carried yet
-//! (reported): `http.maxRetries`, `PASSTHROUGH`.
+//! (reported): `http.maxRetries`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -305,7 +305,10 @@ fn cluster(name: &str, layers: &[Layer], eds: EdsKey) -> ClusterOut {
     if cb != RawCircuitBreakers::default() {
         c.circuit_breakers = Some(cb);
     }
-    ClusterOut { cluster: c, eds: Some(eds) }
+    // A passthrough cluster forwards to the address the application dialled: the proxy refuses
+    // endpoints for it, so it has no EDS entry.
+    let eds = (c.lb_policy != LbPolicy::Passthrough).then_some(eds);
+    ClusterOut { cluster: c, eds }
 }
 
 /// Istio's `consistentHash`, field by field (an httpCookie without ttl is read, never issued).
@@ -331,10 +334,7 @@ fn lb_policy(simple: &str) -> Result<LbPolicy, (Code, String)> {
         "UNSPECIFIED" | "ROUND_ROBIN" => Ok(LbPolicy::RoundRobin),
         "LEAST_REQUEST" | "LEAST_CONN" => Ok(LbPolicy::LeastRequest),
         "RANDOM" => Ok(LbPolicy::Random),
-        "PASSTHROUGH" => Err((
-            Code::NotCarriedByProxy,
-            "PASSTHROUGH (to the original destination) is not carried by mesh-proxy: round robin applies".into(),
-        )),
+        "PASSTHROUGH" => Ok(LbPolicy::Passthrough),
         other => Err((
             Code::SchemaValidationError,
             format!("{other:?} is not a load balancer: expected ROUND_ROBIN, LEAST_REQUEST, LEAST_CONN, RANDOM or PASSTHROUGH"),
