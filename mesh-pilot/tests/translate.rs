@@ -293,7 +293,7 @@ spec:
         consistentHash: {httpCookie: {name: user, ttl: 0s}, minimumRingSize: 1024}
       connectionPool:
         tcp: {tcpKeepalive: {time: 10s}}
-        http: {maxRequestsPerConnection: 5}
+        http: {maxRequestsPerConnection: 5, http1MaxPendingRequests: 2}
       outlierDetection: {consecutiveErrors: 2, baseEjectionTime: 1m}
 ",
     );
@@ -335,15 +335,12 @@ spec:
     let c = raw.clusters.iter().find(|c| c.name == "outbound|9080|v1|ratings.default.svc.cluster.local").unwrap();
     assert_eq!(c.lb_policy, mesh_proxy::config::LbPolicy::LeastRequest);
     assert_eq!(c.connect_timeout.as_deref(), Some("250ms"));
-    // Pool limits merge field by field (Istio's 0 = unlimited: left out); the subset's outlier
-    // detection replaces the rule's whole (the deprecated consecutiveErrors = gateway errors).
+    // The subset's sections replace the rule's whole, as in Istio (its pool sets no maxConnections,
+    // connectTimeout or idleTimeout); the deprecated consecutiveErrors = gateway errors.
     let c = raw.clusters.iter().find(|c| c.name == "outbound|9080|pooled|ratings.default.svc.cluster.local").unwrap();
     let cb = c.circuit_breakers.as_ref().unwrap();
-    assert_eq!(
-        (cb.max_connections, cb.max_pending_requests, cb.max_requests, cb.max_retries),
-        (Some(1), Some(1), None, None)
-    );
-    assert_eq!(c.idle_timeout.as_deref(), Some("30s"));
+    assert_eq!((cb.max_connections, cb.max_pending_requests), (None, Some(2)));
+    assert_eq!((c.connect_timeout.as_deref(), c.idle_timeout.as_deref()), (None, None));
     assert_eq!(c.max_requests_per_connection, Some(5));
     assert_eq!(c.tcp_keepalive.as_ref().and_then(|k| k.time.as_deref()), Some("10s"));
     // The subset's consistent hash replaces the rule's LEAST_REQUEST.
@@ -359,6 +356,13 @@ spec:
     let top = raw.clusters.iter().find(|c| c.name == "outbound|9080|v1|ratings.default.svc.cluster.local").unwrap();
     assert_eq!(top.outlier_detection.as_ref().and_then(|o| o.consecutive_5xx_errors), Some(1));
     assert_eq!((top.max_requests_per_connection, top.tcp_keepalive.as_ref()), (None, None));
+    // Istio's 0 = unlimited is left out; maxRetries is not carried.
+    let cb = top.circuit_breakers.as_ref().unwrap();
+    assert_eq!(
+        (cb.max_connections, cb.max_pending_requests, cb.max_requests, cb.max_retries),
+        (Some(1), Some(1), None, None)
+    );
+    assert_eq!(top.idle_timeout.as_deref(), Some("30s"));
 }
 
 #[test]

@@ -2,12 +2,11 @@
 //!
 //! Several DestinationRules for one host are merged as Istio merges them: the subsets of all (a
 //! subset name defined twice is a conflict, the older definition wins), the traffic policy of the
-//! oldest rule that has one. A setting is taken from the most specific place that sets it: the subset's port-level
-//! settings, the subset's policy, the rule's port-level settings, the rule's policy.
+//! oldest rule that has one. Each section (`loadBalancer`, `connectionPool`, `outlierDetection`) is
+//! taken whole from the most specific place that sets it: the subset's port-level settings, the
+//! subset's policy, the rule's port-level settings, the rule's policy.
 //! `exportTo` on a DestinationRule is not honoured (every rule applies mesh-wide) and is reported.
-//! Connection-pool limits merge field by field; an `outlierDetection` is taken whole from the most
-//! specific place that has one; `consistentHash` and `simple` replace each other. Not carried yet
-//! (reported): `http.maxRetries`.
+//! Not carried yet (reported): `connectionPool.http.maxRetries`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -254,53 +253,44 @@ fn push_policy<'a>(layers: &mut Vec<Layer<'a>>, tp: &'a TrafficPolicy, port: u16
 fn cluster(name: &str, layers: &[Layer], eds: EdsKey) -> ClusterOut {
     let mut c = RawCluster { name: name.to_string(), ..Default::default() };
     let mut cb = RawCircuitBreakers::default();
-    for l in layers {
-        // `simple` and `consistentHash` are one choice in Istio: the more specific replaces the other.
-        if let Some(Ok(p)) = l.lb.and_then(|lb| lb.simple.as_deref()).map(lb_policy) {
-            c.lb_policy = p;
-            c.consistent_hash = None;
-        }
-        if let Some(h) = l.lb.and_then(|lb| lb.consistent_hash.as_ref()) {
-            c.lb_policy = LbPolicy::default();
-            c.consistent_hash = Some(consistent_hash(h));
-        }
-        // Durations are passed as written: a value the proxy refuses is its NACK, and analysis reports it.
-        if let Some(tcp) = l.pool.and_then(|p| p.tcp.as_ref()) {
-            if let Some(t) = &tcp.connect_timeout {
-                c.connect_timeout = Some(t.clone());
-            }
-            if tcp.max_connections.is_some() {
-                cb.max_connections = limit(tcp.max_connections);
-            }
-            if let Some(k) = &tcp.tcp_keepalive {
-                c.tcp_keepalive =
-                    Some(RawTcpKeepalive { probes: k.probes, time: k.time.clone(), interval: k.interval.clone() });
-            }
-        }
-        if let Some(http) = l.pool.and_then(|p| p.http.as_ref()) {
-            if http.http1_max_pending_requests.is_some() {
-                cb.max_pending_requests = limit(http.http1_max_pending_requests);
-            }
-            if http.http2_max_requests.is_some() {
-                cb.max_requests = limit(http.http2_max_requests);
-            }
-            if http.max_requests_per_connection.is_some() {
-                c.max_requests_per_connection = limit(http.max_requests_per_connection);
-            }
-            if let Some(t) = &http.idle_timeout {
-                c.idle_timeout = Some(t.clone());
-            }
-        }
-        if let Some(od) = l.outlier {
-            c.outlier_detection = Some(RawOutlierDetection {
-                consecutive_5xx_errors: od.consecutive_5xx_errors,
-                consecutive_gateway_errors: od.consecutive_gateway_errors.or(od.consecutive_errors),
-                interval: od.interval.clone(),
-                base_ejection_time: od.base_ejection_time.clone(),
-                max_ejection_percent: od.max_ejection_percent,
-                min_health_percent: od.min_health_percent,
-            });
-        }
+    // Each section is taken whole from the most specific layer that has it (Istio's merge: fields
+    // a more specific section leaves out get their defaults, not the outer section's values).
+    let lb = layers.iter().rev().find_map(|l| l.lb);
+    let pool = layers.iter().rev().find_map(|l| l.pool);
+    let outlier = layers.iter().rev().find_map(|l| l.outlier);
+    if let Some(Ok(p)) = lb.and_then(|lb| lb.simple.as_deref()).map(lb_policy) {
+        c.lb_policy = p;
+    }
+    // `simple` and `consistentHash` are one choice: the proxy refuses both.
+    if let Some(h) = lb.and_then(|lb| lb.consistent_hash.as_ref()) {
+        c.lb_policy = LbPolicy::default();
+        c.consistent_hash = Some(consistent_hash(h));
+    }
+    // Durations are passed as written: a value the proxy refuses is its NACK, and analysis reports it.
+    if let Some(tcp) = pool.and_then(|p| p.tcp.as_ref()) {
+        c.connect_timeout = tcp.connect_timeout.clone();
+        cb.max_connections = limit(tcp.max_connections);
+        c.tcp_keepalive = tcp.tcp_keepalive.as_ref().map(|k| RawTcpKeepalive {
+            probes: k.probes,
+            time: k.time.clone(),
+            interval: k.interval.clone(),
+        });
+    }
+    if let Some(http) = pool.and_then(|p| p.http.as_ref()) {
+        cb.max_pending_requests = limit(http.http1_max_pending_requests);
+        cb.max_requests = limit(http.http2_max_requests);
+        c.max_requests_per_connection = limit(http.max_requests_per_connection);
+        c.idle_timeout = http.idle_timeout.clone();
+    }
+    if let Some(od) = outlier {
+        c.outlier_detection = Some(RawOutlierDetection {
+            consecutive_5xx_errors: od.consecutive_5xx_errors,
+            consecutive_gateway_errors: od.consecutive_gateway_errors.or(od.consecutive_errors),
+            interval: od.interval.clone(),
+            base_ejection_time: od.base_ejection_time.clone(),
+            max_ejection_percent: od.max_ejection_percent,
+            min_health_percent: od.min_health_percent,
+        });
     }
     if cb != RawCircuitBreakers::default() {
         c.circuit_breakers = Some(cb);
