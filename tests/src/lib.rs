@@ -44,6 +44,29 @@ pub fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
 }
 
+/// Installs `mesh-init iptables` in `pod` as the proxy suites run it: one proxy port (15000) for
+/// both directions, everything captured, the proxy's UID 1337 exempt, and the inbound ports
+/// `exclude_inbound` (`-d`, e.g. the admin port) left to reach their listeners.
+pub fn capture_everything(pod: &Netns, exclude_inbound: &str) {
+    check(Command::new(bin("mesh-init")).args([
+        "iptables",
+        "--netns",
+        pod.name(),
+        "-p",
+        "15000",
+        "-z",
+        "15000",
+        "-i",
+        "*",
+        "-b",
+        "*",
+        "-u",
+        "1337",
+        "-d",
+        exclude_inbound,
+    ]));
+}
+
 /// Starts `py/origdst_server.py` on `ports` through `cmd` (a `python3` command already placed in
 /// the right namespace, user and cgroup) and returns once every socket listens.
 pub fn origdst_server(mut cmd: Command, ports: &[u16]) -> Proc {

@@ -14,7 +14,6 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     path::Path,
-    process::Command,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -23,8 +22,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_e2e::{bin, PodNet, REMOTE_V4};
-use mesh_lab::{check, privileged, try_wait_until, wait_until, write_atomic, Proc, TempDir};
+use mesh_e2e::{bin, capture_everything, script, PodNet, REMOTE_V4};
+use mesh_lab::{privileged, try_wait_until, wait_until, write_atomic, Proc, TempDir};
 
 /// reviews' ClusterIP: no host has it.
 const SERVICE: &str = "10.200.100.1:9080";
@@ -32,29 +31,6 @@ const ADMIN: &str = "127.0.0.1:15090";
 const PILOT_ADMIN: &str = "127.0.0.1:15014";
 const RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../mesh-pilot/tests/testdata/bookinfo/rules");
 const REVIEWS: &str = "reviews.default.svc.cluster.local";
-
-/// An HTTP/1.1 keep-alive server answering every GET with its name.
-const BACKEND_PY: &str = r#"
-import sys, http.server
-name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    def do_GET(self):
-        body = name.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-class S(http.server.ThreadingHTTPServer):
-    allow_reuse_address = True
-    daemon_threads = True
-s = S((host, port), H)
-print("ready", flush=True)
-s.serve_forever()
-"#;
 
 const PLATFORM: &str = "\
 apiVersion: v1
@@ -92,7 +68,8 @@ impl Mesh {
         let mut mesh = Mesh { net, config, dir, procs: Vec::new() };
         for (v, ip) in [("v1", "10.200.1.1"), ("v2", "10.200.1.2"), ("v3", "10.200.1.3")] {
             mesh.net.add_remote_addr(&format!("{ip}/32"));
-            let mut p = Proc::spawn(mesh.net.remote.command("python3").args(["-c", BACKEND_PY, v, ip, "9080"]));
+            let mut p =
+                Proc::spawn(mesh.net.remote.command("python3").arg(script("name_server.py")).args([v, ip, "9080"]));
             p.wait_for_line("ready");
             mesh.procs.push(p);
         }
@@ -110,23 +87,7 @@ impl Mesh {
         pilot.wait_for_line("mesh-pilot: discovery on");
         mesh.procs.push(pilot);
 
-        check(Command::new(bin("mesh-init")).args([
-            "iptables",
-            "--netns",
-            mesh.net.pod.name(),
-            "-p",
-            "15000",
-            "-z",
-            "15000",
-            "-i",
-            "*",
-            "-b",
-            "*",
-            "-u",
-            "1337",
-            "-d",
-            "15090",
-        ]));
+        capture_everything(&mesh.net.pod, "15090");
         let proxy_yaml = mesh.dir.write(
             "proxy.yaml",
             &format!(

@@ -10,7 +10,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Stdio,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -19,8 +19,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_e2e::{bin, PodNet, POD_V4, POD_V6, REMOTE_V4, REMOTE_V6};
-use mesh_lab::{check, privileged, try_wait_until, wait_until, write_atomic, Proc, TempDir};
+use mesh_e2e::{bin, capture_everything, script, PodNet, POD_V4, POD_V6, REMOTE_V4, REMOTE_V6};
+use mesh_lab::{privileged, try_wait_until, wait_until, write_atomic, Proc, TempDir};
 
 /// What the application dials: a service address with no host behind it.
 const SERVICE: &str = "10.200.100.1:9080";
@@ -33,32 +33,6 @@ const V3: &str = "10.200.1.3:8080";
 /// An address on the remote where nothing listens (until the test starts something).
 const DEAD: &str = "10.200.1.9:8080";
 const ADMIN: &str = "127.0.0.1:15090";
-
-/// An HTTP/1.1 keep-alive server answering every GET with its name.
-const BACKEND_PY: &str = r#"
-import sys, socket, http.server
-name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body are two writes: without this, Nagle holds the body for the client's
-    # delayed ACK (40 ms a request).
-    disable_nagle_algorithm = True
-    def do_GET(self):
-        body = name.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-class S(http.server.ThreadingHTTPServer):
-    allow_reuse_address = True
-    daemon_threads = True
-    address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-s = S((host, port), H)
-print("ready", flush=True)
-s.serve_forever()
-"#;
 
 /// A server-first protocol (SMTP-like): greets, then answers QUIT.
 const GREETER_PY: &str = r#"
@@ -105,23 +79,7 @@ impl Mesh {
         for (name, addr) in [("v1", V1), ("v2", V2), ("v3", V3)] {
             mesh.backend_remote(name, addr);
         }
-        check(Command::new(bin("mesh-init")).args([
-            "iptables",
-            "--netns",
-            mesh.net.pod.name(),
-            "-p",
-            "15000",
-            "-z",
-            "15000",
-            "-i",
-            "*",
-            "-b",
-            "*",
-            "-u",
-            "1337",
-            "-d",
-            "15090",
-        ]));
+        capture_everything(&mesh.net.pod, "15090");
         mesh.write_config(config);
         let mut cmd = mesh.net.pod.command_as(1337, 1337, bin("mesh-proxy"));
         cmd.arg("--config").arg(&mesh.config).args(["--workers", "1"]);
@@ -142,7 +100,8 @@ impl Mesh {
     fn backend_remote(&mut self, name: &str, addr: &str) {
         let (ip, port) = addr.rsplit_once(':').unwrap();
         let ip = ip.trim_start_matches('[').trim_end_matches(']');
-        let mut p = Proc::spawn(self.net.remote.command("python3").args(["-c", BACKEND_PY, name, ip, port]));
+        let mut p =
+            Proc::spawn(self.net.remote.command("python3").arg(script("name_server.py")).args([name, ip, port]));
         p.wait_for_line("ready");
         self.procs.push(p);
     }
@@ -456,7 +415,8 @@ fn proxy_passthrough_inbound_dead_backend_registry_only() {
     greeter.wait_for_line("ready");
     mesh.procs.push(greeter);
     // The pod's own application, for inbound traffic (dual-stack: `::`).
-    let mut app = Proc::spawn(mesh.net.pod.command("python3").args(["-c", BACKEND_PY, "pod-app", "::", "9999"]));
+    let mut app =
+        Proc::spawn(mesh.net.pod.command("python3").arg(script("name_server.py")).args(["pod-app", "::", "9999"]));
     app.wait_for_line("ready");
     mesh.procs.push(app);
 

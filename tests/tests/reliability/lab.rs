@@ -6,7 +6,6 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     path::PathBuf,
-    process::Command,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -15,8 +14,8 @@ use std::{
     time::Duration,
 };
 
-use mesh_e2e::{bin, PodNet};
-use mesh_lab::{check, try_wait_until, wait_until, write_atomic, Proc, TempDir};
+use mesh_e2e::{bin, capture_everything, PodNet};
+use mesh_lab::{try_wait_until, wait_until, write_atomic, Proc, TempDir};
 
 /// What the application dials: a service address with no host behind it.
 pub const SERVICE: &str = "10.200.100.1:9080";
@@ -45,23 +44,7 @@ impl Lab {
             net.add_remote_addr(&format!("{ip}/32"));
         }
         let dir = TempDir::new(&format!("rel-{tag}"));
-        check(Command::new(bin("mesh-init")).args([
-            "iptables",
-            "--netns",
-            net.pod.name(),
-            "-p",
-            "15000",
-            "-z",
-            "15000",
-            "-i",
-            "*",
-            "-b",
-            "*",
-            "-u",
-            "1337",
-            "-d",
-            "15090,15021",
-        ]));
+        capture_everything(&net.pod, "15090,15021");
         Lab {
             config: dir.path().join("proxy.yaml"),
             log: dir.path().join("proxy.log"),
